@@ -1,0 +1,166 @@
+"""The frozen diffusion backbone: a diffusers UNet2DModel + DDPMScheduler, and multi-timestep feature read-out.
+
+Features are the outputs of chosen decoder modules (forward hooks) after noising the image to a few timesteps with
+one fixed, seeded noise tensor, so an image's features are deterministic and can be cached.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+from .config import BackboneConfig
+
+
+def build_unet(cfg: BackboneConfig) -> UNet2DModel:
+    """A fresh UNet of the configured architecture, initialised from `cfg.init_seed` so it can be rebuilt."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.init_seed)
+        return UNet2DModel(
+            sample_size=cfg.image_size,
+            in_channels=cfg.in_channels,
+            out_channels=cfg.in_channels,
+            layers_per_block=cfg.layers_per_block,
+            block_out_channels=tuple(cfg.block_out_channels),
+            down_block_types=tuple(cfg.down_block_types),
+            up_block_types=tuple(cfg.up_block_types),
+            norm_num_groups=min(32, min(cfg.block_out_channels)),
+        )
+
+
+def build_scheduler(cfg: BackboneConfig) -> DDPMScheduler:
+    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule="linear")
+
+
+def load_diffusion(source: str) -> tuple[UNet2DModel, DDPMScheduler]:
+    """Load a UNet2DModel and its scheduler from a diffusers folder or hub id (pipeline layout or bare unet).
+
+    A pipeline folder has `unet/` and `scheduler/`; a bare model folder has config.json and the scheduler config
+    beside it (as in google/ddpm-* checkpoints).
+    """
+    try:
+        if Path(source, "unet").is_dir():
+            unet = UNet2DModel.from_pretrained(source, subfolder="unet")
+            scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler")
+        else:
+            unet = UNet2DModel.from_pretrained(source)
+            scheduler = DDPMScheduler.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(
+            f"cannot load a diffusers UNet2DModel + DDPMScheduler from '{source}': {err}. "
+            "Pass a folder written by `textdiff pretrain` or a diffusers checkpoint (folder or hub id)."
+        ) from err
+    return unet, scheduler
+
+
+def save_diffusion(unet: UNet2DModel, scheduler: DDPMScheduler, target: str | Path) -> Path:
+    """Write `unet/` and `scheduler/` into `target` atomically: a crash never leaves a half-written model."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    unet.save_pretrained(staging / "unet")
+    scheduler.save_pretrained(staging / "scheduler")
+    old = target.with_name(f".{target.name}.old")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+class _Captured(Exception):
+    """Raised by the last hook to skip the rest of the UNet once every feature has been read."""
+
+
+class DiffusionFeatureExtractor(torch.nn.Module):
+    """Frozen UNet whose decoder activations at several noise steps become per-scale feature maps.
+
+    All timesteps of all images go through the UNet in one batched forward. For a batch of B images, the output is
+    one tensor per hooked layer of shape (B, len(timesteps) * C_layer, h_layer, w_layer).
+    """
+
+    def __init__(self, unet: UNet2DModel, scheduler: DDPMScheduler, cfg: BackboneConfig):
+        super().__init__()
+        self.unet = unet.eval().requires_grad_(False)
+        # The weights decide the input size and channels, whatever the config's defaults say.
+        cfg = dataclasses.replace(cfg, image_size=unet.config.sample_size, in_channels=unet.config.in_channels)
+        self.cfg = cfg
+        self.timesteps = torch.tensor(cfg.timesteps, dtype=torch.long)
+        self.alphas_cumprod = scheduler.alphas_cumprod.clone()
+        size = cfg.image_size
+        generator = torch.Generator().manual_seed(cfg.noise_seed)
+        self.register_buffer("noise", torch.randn(1, unet.config.in_channels, size, size, generator=generator))
+        modules = dict(unet.named_modules())
+        missing = [name for name in cfg.feature_layers if name not in modules]
+        if missing:
+            decoder = [n for n in modules if n.startswith("up_blocks.") and n.count(".") <= 2]
+            raise ValueError(f"feature layer(s) {missing} not in the UNet; decoder modules: {decoder}")
+        self._order = list(cfg.feature_layers)
+        self._store: dict[str, torch.Tensor] = {}
+        for name in self._order:
+            modules[name].register_forward_hook(self._hook(name))
+
+    def _hook(self, name: str):
+        def capture(_module, _inputs, output):
+            self._store[name] = output[0] if isinstance(output, tuple) else output
+            if len(self._store) == len(self._order):
+                raise _Captured
+
+        return capture
+
+    def train(self, mode: bool = True):
+        """The backbone is frozen: it stays in eval mode whatever the parent module does."""
+        return super().train(False)
+
+    @property
+    def feature_channels(self) -> list[int]:
+        """Channels per returned feature map (timesteps concatenated), found by one dry run."""
+        with torch.no_grad():
+            dummy = torch.zeros(1, self.unet.config.in_channels, self.cfg.image_size, self.cfg.image_size)
+            return [f.shape[1] for f in self(dummy.to(self.noise.device))]
+
+    def noised(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q_sample every image at every timestep with the shared fixed noise: (B*T, C, H, W) and the steps."""
+        batch, steps = images.shape[0], len(self.timesteps)
+        alpha_bar = self.alphas_cumprod.to(images.device)[self.timesteps].view(1, steps, 1, 1, 1)
+        x = images.unsqueeze(1)
+        noisy = alpha_bar.sqrt() * x + (1 - alpha_bar).sqrt() * self.noise.unsqueeze(1)
+        t = self.timesteps.to(images.device).repeat(batch)
+        return noisy.flatten(0, 1), t
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        if images.shape[-2:] != self.noise.shape[-2:] or images.shape[1] != self.noise.shape[1]:
+            raise ValueError(
+                f"backbone expects images of shape (B, {self.noise.shape[1]}, {self.cfg.image_size}, "
+                f"{self.cfg.image_size}), got {tuple(images.shape)}"
+            )
+        noisy, t = self.noised(images)
+        self._store = {}
+        autocast = torch.autocast("cuda", dtype=torch.float16, enabled=images.is_cuda)
+        try:
+            with autocast:
+                self.unet(noisy.to(self.noise.dtype), t)
+        except _Captured:
+            pass
+        batch, steps = images.shape[0], len(self.timesteps)
+        features = [self._store[name].float() for name in self._order]
+        self._store = {}
+        return [f.reshape(batch, steps * f.shape[1], *f.shape[2:]) for f in features]
+
+
+def make_extractor(cfg: BackboneConfig, weights: str | None = None) -> DiffusionFeatureExtractor:
+    """Extractor over pretrained weights (folder/hub id in `weights` or cfg.pretrained) or a random-init UNet."""
+    source = weights or cfg.pretrained
+    if source:
+        unet, scheduler = load_diffusion(source)
+    else:
+        unet, scheduler = build_unet(cfg), build_scheduler(cfg)
+    return DiffusionFeatureExtractor(unet, scheduler, cfg)

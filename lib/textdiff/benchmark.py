@@ -1,0 +1,202 @@
+"""`textdiff benchmark`: test-split Dice against the number of labeled training images, for TextDiff, its ablations
+and a MONAI UNet trained from scratch, plus the feature cache's speed-up, inference latency and peak memory.
+
+Labeled subsets are drawn (seeded) from the training pool, whose masks are in `<data>/train-groundtruth/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import resource
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from monai.losses import DiceCELoss
+from monai.networks.nets import UNet
+
+from .backbone import make_extractor
+from .config import TextDiffConfig
+from .data import Case, find_by_id, load_case, read_studies
+from .features import FeatureCache
+from .inference import score_masks, segment_items, to_original_size
+from .model import TextDiffModel
+from .plots import plot_curves
+from .text import TextEncoder
+from .train import dice_per_image, split_train_val, train_head
+
+METHODS = {
+    "textdiff": "TextDiff (pretrained backbone + report)",
+    "empty_text": "TextDiff, empty report",
+    "no_cross_attention": "diffusion features, no cross-attention",
+    "unet": "MONAI UNet from scratch",
+    "random_backbone": "TextDiff, random backbone",
+}
+
+
+@dataclass
+class BenchmarkSettings:
+    label_counts: tuple[int, ...] = (5, 10, 20)
+    seeds: tuple[int, ...] = (0,)
+    epochs: int = 40
+    methods: tuple[str, ...] = tuple(METHODS)
+
+
+def _pool(data: Path) -> list[Case]:
+    """Training pool with every image's ground-truth mask (for simulated labeling)."""
+    truth = data / "train-groundtruth"
+    return [dataclasses.replace(c, label=find_by_id(truth, c.id)) for c in read_studies(data / "train")]
+
+
+def _subset(items: list[dict], count: int, seed: int) -> list[dict]:
+    order = list(range(len(items)))
+    random.Random(1000 + seed).shuffle(order)
+    return [items[i] for i in sorted(order[:count])]
+
+
+def _without_text(items: list[dict]) -> list[dict]:
+    return [{**item, "report": ""} for item in items]
+
+
+def _train_unet(train: list[dict], val: list[dict], epochs: int, batch_size: int, seed: int, device) -> torch.nn.Module:
+    """The from-scratch baseline: same loss, epochs, batch size and model selection as TextDiff's head."""
+    torch.manual_seed(seed)
+    net = UNet(2, train[0]["image"].shape[0], 2, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=2).to(device)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=1.0, lambda_dice=1.5)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
+    selection = val or train
+    rng, best, best_state = random.Random(seed), -1.0, None
+    for _ in range(epochs):
+        net.train()
+        order = list(range(len(train)))
+        rng.shuffle(order)
+        for begin in range(0, len(order), batch_size):
+            chunk = [train[i] for i in order[begin : begin + batch_size]]
+            images = torch.stack([it["image"] for it in chunk]).to(device)
+            labels = torch.stack([it["label"] for it in chunk]).to(device)
+            loss = loss_fn(net(images), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        net.eval()
+        with torch.no_grad():
+            logits = net(torch.stack([it["image"] for it in selection]).to(device)).cpu()
+        dice = dice_per_image(logits, torch.stack([it["label"] for it in selection]), 2).mean().item()
+        if dice > best:
+            best, best_state = dice, {k: v.clone() for k, v in net.state_dict().items()}
+    net.load_state_dict(best_state)
+    return net.eval()
+
+
+def _unet_dice(net, test: list[dict], device) -> float:
+    with torch.no_grad():
+        logits = net(torch.stack([it["image"] for it in test]).to(device)).cpu()
+    masks = [to_original_size(lg, it["original_shape"]) for lg, it in zip(logits, test)]
+    return score_masks(masks, test, 2)["mean"]["dice"]
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_benchmark(data: Path, backbone: str | None, out: Path, settings: BenchmarkSettings, cfg: TextDiffConfig) -> dict:
+    """Run every method x label count x seed; print a table, write results.json and dice_vs_labels.png into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    text_encoder = TextEncoder(cfg.text)
+    pretrained_cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, pretrained=backbone))
+    models, caches = {}, {}
+
+    def model_for(method: str) -> TextDiffModel:
+        """Models share one backbone and its feature cache per backbone kind (pretrained or random)."""
+        kind = "random" if method == "random_backbone" else "pretrained"
+        base = cfg if kind == "random" else pretrained_cfg
+        if kind not in caches:
+            caches[kind] = FeatureCache(make_extractor(base.backbone).to(device))
+        head = dataclasses.replace(base.head, use_text=method != "no_cross_attention")
+        return TextDiffModel(dataclasses.replace(base, head=head), caches[kind].extractor, text_encoder).to(device)
+
+    probe = model_for("textdiff")
+    size, channels = probe.image_size, probe.cfg.backbone.in_channels
+    pool = [load_case(c, size, channels, 2) for c in _pool(data)]
+    test = [load_case(c, size, channels, 2) for c in read_studies(data / "test")]
+    rows = []
+    for count in settings.label_counts:
+        for seed in settings.seeds:
+            labeled = _subset(pool, count, seed)
+            train, val = split_train_val(labeled, cfg.train.val_fraction, seed)
+            for method in settings.methods:
+                start = time.perf_counter()
+                if method == "unet":
+                    net = _train_unet(train, val, settings.epochs, cfg.train.batch_size, seed, device)
+                    dice = _unet_dice(net, test, device)
+                else:
+                    model = model_for(method)
+                    cache = caches["random" if method == "random_backbone" else "pretrained"]
+                    strip = _without_text if method == "empty_text" else (lambda items: items)
+                    train_cfg = dataclasses.replace(cfg.train, epochs=settings.epochs, seed=seed)
+                    train_head(model, strip(train), strip(val), train_cfg, cache=cache, progress=False)
+                    masks = segment_items(model, strip(test), cache=cache)
+                    dice = score_masks(masks, test, 2)["mean"]["dice"]
+                    models[method] = model
+                rows.append({"method": method, "labels": count, "seed": seed, "dice": dice,
+                             "seconds": time.perf_counter() - start})
+                print(f"{METHODS[method]:<42} labels={count:<3} seed={seed} dice={dice:.4f}", flush=True)
+    timing = _timings(models.get("textdiff") or probe, pool, test, cfg, settings, seed=settings.seeds[0])
+    summary = _summarise(rows)
+    result = {"rows": rows, "summary": summary, "timing": timing, "settings": dataclasses.asdict(settings),
+              "backbone": backbone, "device": str(device)}
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    curves = {METHODS[m]: {n: v for n, v in summary[m].items()} for m in settings.methods}
+    plot_curves(curves, out / "dice_vs_labels.png", "labeled training images", "Sample data: test Dice vs labels")
+    print(format_table(summary, settings.label_counts))
+    print(json.dumps(timing, indent=1))
+    return result
+
+
+def _summarise(rows: list[dict]) -> dict[str, dict[int, tuple[float, float]]]:
+    summary: dict[str, dict[int, tuple[float, float]]] = {}
+    for row in rows:
+        summary.setdefault(row["method"], {}).setdefault(row["labels"], []).append(row["dice"])
+    return {m: {n: (statistics.mean(v), statistics.pstdev(v)) for n, v in by.items()} for m, by in summary.items()}
+
+
+def format_table(summary: dict, counts: tuple[int, ...]) -> str:
+    header = "| method | " + " | ".join(f"{n} labels" for n in counts) + " |"
+    lines = [header, "|" + "---|" * (len(counts) + 1)]
+    for method, by in summary.items():
+        cells = [f"{by[n][0]:.3f} ± {by[n][1]:.3f}" if n in by else "-" for n in counts]
+        lines.append(f"| {METHODS[method]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _timings(model: TextDiffModel, pool: list[dict], test: list[dict], cfg: TextDiffConfig,
+             settings: BenchmarkSettings, seed: int) -> dict:
+    """Epoch time with and without the feature cache (10 labels), latency for one image, peak memory."""
+    labeled = _subset(pool, 10, seed)
+    train, val = split_train_val(labeled, cfg.train.val_fraction, seed)
+    result = {}
+    for cached in (True, False):
+        cache = FeatureCache(model.extractor, enabled=cached)
+        start = time.perf_counter()
+        history = train_head(model, train, val, dataclasses.replace(cfg.train, epochs=3, seed=seed), cache=cache,
+                             progress=False).history
+        total = time.perf_counter() - start
+        name = "cached" if cached else "uncached"
+        result[f"{name}_first_epoch_s"] = total - sum(h["seconds"] for h in history[1:])
+        result[f"{name}_later_epoch_s"] = statistics.mean(h["seconds"] for h in history[1:])
+    result["cache_speedup_later_epochs"] = result["uncached_later_epoch_s"] / result["cached_later_epoch_s"]
+    latencies = []
+    for item in test[:10]:
+        start = time.perf_counter()
+        segment_items(model, [item])
+        latencies.append(time.perf_counter() - start)
+    result["latency_one_image_median_s"] = statistics.median(latencies)
+    result["peak_memory_mb"] = _peak_memory_mb()
+    return result

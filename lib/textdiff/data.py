@@ -1,0 +1,195 @@
+"""Reading a MONAI Label studies folder (images, `labels/final` masks, `reports.csv`) into model-ready tensors.
+
+Layout: images in the folder itself; masks under `labels/final/` with the same image id; an optional
+`reports.csv` with columns `image` (file name), `report` and `label` (image-level class, e.g. normal / infection).
+An image with no report gets the empty text: it still gets a mask.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import EnsureChannelFirst, LoadImage, Resize, ScaleIntensityRangePercentiles
+
+IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".png", ".jpg", ".jpeg", ".dcm")
+REPORTS_FILE = "reports.csv"
+REPORT_COLUMNS = ("image", "report", "label")
+MAX_REPORT_CHARS = 2000
+
+
+class DataError(ValueError):
+    """Bad input data, with a message that says which file and what is wrong."""
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    image: Path
+    label: Path | None = None
+    report: str = ""
+    image_label: str | None = None
+
+
+def image_id(path: str | Path) -> str:
+    """The MONAI Label image id: the file name without its (possibly double) extension."""
+    name = Path(path).name
+    for ext in IMAGE_EXTENSIONS:
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return Path(name).stem
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(IMAGE_EXTENSIONS) and not path.name.startswith(".")
+
+
+def check_report(report: object, where: str) -> str:
+    """A report must be text of sane length; None/NaN means no report."""
+    if report is None or (isinstance(report, float) and np.isnan(report)):
+        return ""
+    if not isinstance(report, str):
+        raise DataError(f"{where}: the report must be text, got {type(report).__name__} {report!r}")
+    if len(report) > MAX_REPORT_CHARS:
+        raise DataError(f"{where}: the report has {len(report)} characters; at most {MAX_REPORT_CHARS} are accepted")
+    return report.strip()
+
+
+def read_reports(folder: str | Path) -> dict[str, tuple[str, str | None]]:
+    """Map image id -> (report, image-level label) from `reports.csv`, empty when the file is absent."""
+    path = Path(folder) / REPORTS_FILE
+    if not path.exists():
+        return {}
+    with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: Excel writes a byte-order mark
+        reader = csv.DictReader(handle)
+        if not reader.fieldnames or not {"image", "report"} <= set(reader.fieldnames):
+            raise DataError(f"{path}: needs columns 'image' and 'report' (and optionally 'label'), has {reader.fieldnames}")
+        rows = {}
+        for line, row in enumerate(reader, start=2):
+            report = check_report(row["report"], f"{path} line {line}")
+            rows[image_id(row["image"])] = (report, (row.get("label") or "").strip() or None)
+    return rows
+
+
+def write_reports(folder: str | Path, rows: dict[str, tuple[str, str | None]], names: dict[str, str]) -> Path:
+    """Write `reports.csv` atomically; `names` maps image id -> image file name."""
+    path = Path(folder) / REPORTS_FILE
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(REPORT_COLUMNS)
+        for key in sorted(rows):
+            report, label = rows[key]
+            writer.writerow([names[key], report, label or ""])
+    tmp.replace(path)
+    return path
+
+
+def find_by_id(folder: Path, key: str) -> Path | None:
+    if not folder.is_dir():
+        return None
+    matches = [p for p in sorted(folder.iterdir()) if is_image_file(p) and image_id(p) == key]
+    return matches[0] if matches else None
+
+
+def read_studies(folder: str | Path, label_tag: str = "final") -> list[Case]:
+    """All images of a studies folder, sorted by id, with their mask (if any) and report."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"studies folder '{folder}' does not exist")
+    reports = read_reports(folder)
+    labels_dir = folder / "labels" / label_tag
+    cases = []
+    for path in sorted(p for p in folder.iterdir() if is_image_file(p)):
+        key = image_id(path)
+        report, image_label = reports.get(key, ("", None))
+        cases.append(Case(key, path, find_by_id(labels_dir, key), report, image_label))
+    if not cases:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in '{folder}'")
+    return cases
+
+
+def read_2d(path: Path, what: str) -> MetaTensor:
+    """Load one file channel-first; any reader failure becomes a DataError naming the file."""
+    if not path.is_file():
+        raise DataError(f"{what} file '{path}' does not exist")
+    try:
+        data = LoadImage(image_only=True)(str(path))
+        data = EnsureChannelFirst()(data)
+    except Exception as err:  # readers raise many types for corrupt files
+        raise DataError(f"cannot read {what} '{path}': it is corrupt or not a supported image ({err})") from err
+    return as_slice(data, path)
+
+
+def as_slice(data: MetaTensor, path: Path | str) -> MetaTensor:
+    """Drop singleton spatial dimensions so single-slice NIfTI/NRRD/DICOM become 2D; reject true volumes."""
+    spatial = data.shape[1:]
+    while len(spatial) > 2 and 1 in spatial:
+        data = data.squeeze(1 + list(spatial).index(1))
+        spatial = data.shape[1:]
+    if len(spatial) != 2:
+        raise DataError(f"'{path}' has spatial shape {tuple(spatial)}: the model is 2D (volumes go slice by slice)")
+    return data
+
+
+def to_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
+    """Match the backbone's input channels: average colour to grey, or repeat grey to colour."""
+    if image.shape[0] == channels:
+        return image
+    if channels == 1:
+        return image[:3].mean(0, keepdim=True)
+    if image.shape[0] == 1:
+        return image.repeat(channels, 1, 1)
+    raise DataError(f"cannot turn a {image.shape[0]}-channel image into {channels} channels")
+
+
+def preprocess_image(image: torch.Tensor, size: int, channels: int) -> torch.Tensor:
+    """Channel-first 2D image -> (channels, size, size) in [-1, 1] (robust percentile scaling, as DDPMs expect)."""
+    image = to_channels(torch.as_tensor(image).float(), channels)
+    image = ScaleIntensityRangePercentiles(lower=0.5, upper=99.5, b_min=-1.0, b_max=1.0, clip=True)(image)
+    return torch.as_tensor(Resize((size, size), mode="bilinear", anti_aliasing=True)(image))
+
+
+def check_mask(mask: torch.Tensor, image_shape: tuple[int, ...], num_classes: int, path: Path) -> torch.Tensor:
+    """A mask must match the image size and hold only known class indices."""
+    if tuple(mask.shape[1:]) != tuple(image_shape):
+        raise DataError(f"mask '{path}' is {tuple(mask.shape[1:])} but its image is {tuple(image_shape)}")
+    values = torch.unique(torch.as_tensor(mask))
+    unknown = [v.item() for v in values if v < 0 or v >= num_classes or v != v.round()]
+    if unknown:
+        raise DataError(
+            f"mask '{path}' has unknown label value(s) {unknown[:5]}: expected class indices 0..{num_classes - 1}"
+            + (" (0/255 masks: import them with `textdiff import-lvit`, which maps 255 to 1)" if 255 in unknown else "")
+        )
+    return mask[:1]
+
+
+def preprocess_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
+    return torch.as_tensor(Resize((size, size), mode="nearest")(torch.as_tensor(mask).float())).long()
+
+
+def load_case(case: Case, size: int, channels: int, num_classes: int) -> dict:
+    """Image (C, size, size) in [-1, 1], mask (1, size, size) long or None, report, and the original image and mask.
+
+    The original (unresized) image keeps its geometry (meta) so masks can be written back onto it, and the original
+    mask is kept for evaluation at full resolution.
+    """
+    image = read_2d(case.image, "image")
+    item = {
+        "id": case.id,
+        "image": preprocess_image(image, size, channels),
+        "report": case.report,
+        "original_shape": tuple(image.shape[1:]),
+        "original_image": image,
+        "label": None,
+        "original_label": None,
+    }
+    if case.label is not None:
+        mask = check_mask(read_2d(case.label, "mask"), item["original_shape"], num_classes, case.label)
+        item["label"] = preprocess_mask(mask, size)
+        item["original_label"] = torch.as_tensor(mask).long()
+    return item

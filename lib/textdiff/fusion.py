@@ -1,0 +1,79 @@
+"""The trained part of TextDiff: text-to-image cross-attention shared by all scales, and the pixel classifier."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import HeadConfig
+
+
+class CrossAttentionBlock(nn.Module):
+    """Image tokens attend to text tokens (no self-attention, no positional encoding), as in the TextDiff paper.
+
+    Pre-LayerNorm cross-attention layers with residuals, then a GELU feed-forward with a residual.
+    """
+
+    def __init__(self, dim: int, heads: int, layers: int, ff_mult: int):
+        super().__init__()
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(layers))
+        self.attentions = nn.ModuleList(nn.MultiheadAttention(dim, heads, batch_first=True) for _ in range(layers))
+        self.ff = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * ff_mult), nn.GELU(), nn.Linear(dim * ff_mult, dim))
+
+    def forward(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        ignore = ~text_mask.bool()
+        x = image_tokens
+        for norm, attention in zip(self.norms, self.attentions):
+            attended, _ = attention(norm(x), text_tokens, text_tokens, key_padding_mask=ignore, need_weights=False)
+            x = x + attended
+        return x + self.ff(x)
+
+
+def _conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class TextDiffHead(nn.Module):
+    """Reduce each diffusion scale to `dim` channels, fuse it with the report tokens, upsample, concatenate, classify.
+
+    The classifier runs at the finest feature scale; its logits are then upsampled to `out_size` (the image size).
+
+    With `cfg.use_text` False the cross-attention is skipped, which gives the "diffusion features only" ablation.
+    """
+
+    def __init__(self, feature_channels: list[int], text_dim: int, cfg: HeadConfig, out_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.out_size = out_size
+        self.reduce = nn.ModuleList(nn.Conv2d(c, cfg.dim, 1) for c in feature_channels)
+        if cfg.use_text:
+            self.text_proj = nn.Linear(text_dim, cfg.dim)
+            self.fusion = CrossAttentionBlock(cfg.dim, cfg.heads, cfg.cross_attention_layers, cfg.ff_mult)
+        widths = [cfg.dim * len(feature_channels), *cfg.head_channels]
+        self.classifier = nn.Sequential(
+            *(_conv_bn_relu(a, b) for a, b in zip(widths[:-1], widths[1:])),
+            nn.Conv2d(widths[-1], cfg.num_classes, 3, padding=1),
+        )
+
+    def forward(
+        self, features: list[torch.Tensor], text_tokens: torch.Tensor | None = None, text_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if self.cfg.use_text and (text_tokens is None or text_mask is None):
+            raise ValueError("this head fuses text: pass text_tokens and text_mask (an empty report is fine)")
+        text = self.text_proj(text_tokens) if self.cfg.use_text else None
+        finest = max(f.shape[-1] for f in features)
+        fused = []
+        for reduce, feature in zip(self.reduce, features):
+            x = reduce(feature)
+            if text is not None:
+                b, c, h, w = x.shape
+                tokens = self.fusion(x.flatten(2).transpose(1, 2), text, text_mask)
+                x = tokens.transpose(1, 2).reshape(b, c, h, w)
+            fused.append(F.interpolate(x, size=(finest, finest), mode="bilinear", align_corners=False))
+        logits = self.classifier(torch.cat(fused, dim=1))
+        return F.interpolate(logits, size=(self.out_size, self.out_size), mode="bilinear", align_corners=False)

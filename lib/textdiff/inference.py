@@ -1,0 +1,50 @@
+"""Segmentation at the image's own resolution, and Dice / IoU evaluation against its masks."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from monai.metrics import DiceMetric, MeanIoU
+from monai.networks.utils import one_hot
+from tqdm.auto import tqdm
+
+from .features import FeatureCache
+from .model import TextDiffModel
+from .train import predict_logits
+
+
+def to_original_size(logits: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Upsample (C, h, w) logits to the image's own size and take the class per pixel: (1, H, W) uint8."""
+    full = F.interpolate(logits[None].float(), size=shape, mode="bilinear", align_corners=False)[0]
+    return full.argmax(0, keepdim=True).to(torch.uint8)
+
+
+def segment_items(model: TextDiffModel, items: list[dict], cache: FeatureCache | None = None,
+                  batch_size: int = 8, progress: bool = False) -> list[torch.Tensor]:
+    """One (1, H, W) label map per item, at the item's original size."""
+    cache = cache or FeatureCache(model.extractor, enabled=False)
+    masks = []
+    for start in tqdm(range(0, len(items), batch_size), desc="segment", disable=not progress):
+        chunk = items[start : start + batch_size]
+        logits = predict_logits(model, chunk, cache, batch_size)
+        masks += [to_original_size(lg, item["original_shape"]) for lg, item in zip(logits, chunk)]
+    return masks
+
+
+def score_masks(masks: list[torch.Tensor], items: list[dict], num_classes: int) -> dict:
+    """Foreground Dice and IoU per image and their means; an empty mask predicted empty scores 1."""
+    dice_metric = DiceMetric(include_background=False, reduction="none", ignore_empty=False)
+    iou_metric = MeanIoU(include_background=False, reduction="none", ignore_empty=False)
+    rows = []
+    for mask, item in zip(masks, items):
+        if item.get("original_label") is None:
+            raise ValueError(f"image '{item['id']}' has no mask to evaluate against")
+        pred = one_hot(mask[None].long(), num_classes)
+        truth = one_hot(item["original_label"][None].long(), num_classes)
+        rows.append({
+            "image": item["id"],
+            "dice": dice_metric(pred, truth).nanmean().item(),
+            "iou": iou_metric(pred, truth).nanmean().item(),
+        })
+    mean = {key: sum(r[key] for r in rows) / len(rows) for key in ("dice", "iou")} if rows else {}
+    return {"mean": mean, "images": rows}

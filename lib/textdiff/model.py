@@ -1,0 +1,79 @@
+"""TextDiff as one object: frozen backbone + frozen text encoder + trained head, and its checkpoint format.
+
+A checkpoint holds only the trained head and the config that rebuilds the frozen parts; it is written atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+
+from .backbone import DiffusionFeatureExtractor, make_extractor
+from .config import TextDiffConfig
+from .fusion import TextDiffHead
+from .text import TextEncoder
+
+
+class TextDiffModel(torch.nn.Module):
+    def __init__(self, cfg: TextDiffConfig, extractor: DiffusionFeatureExtractor | None = None,
+                 text_encoder: TextEncoder | None = None):
+        super().__init__()
+        self.extractor = extractor or make_extractor(cfg.backbone)
+        # The backbone's weights decide the image size and channels, not the defaults.
+        backbone = dataclasses.replace(cfg.backbone, image_size=self.extractor.cfg.image_size,
+                                       in_channels=self.extractor.cfg.in_channels)
+        self.cfg = dataclasses.replace(cfg, backbone=backbone)
+        self.text_encoder = text_encoder or TextEncoder(cfg.text)
+        self.head = TextDiffHead(self.extractor.feature_channels, self.text_encoder.dim, cfg.head, backbone.image_size)
+
+    @property
+    def image_size(self) -> int:
+        return self.cfg.backbone.image_size
+
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return self.extractor(images)
+
+    def logits_from_features(self, features: list[torch.Tensor], reports: list[str]) -> torch.Tensor:
+        device = features[0].device
+        if self.cfg.head.use_text:
+            tokens, mask = self.text_encoder(reports)
+            return self.head([f.float() for f in features], tokens.to(device), mask.to(device))
+        return self.head([f.float() for f in features])
+
+    def forward(self, images: torch.Tensor, reports: list[str]) -> torch.Tensor:
+        return self.logits_from_features(self.features(images), reports)
+
+    def trainable_parameters(self):
+        return self.head.parameters()
+
+
+def save_checkpoint(model: TextDiffModel, path: str | Path, extra: dict | None = None) -> Path:
+    """Write head weights + config atomically (temp file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg.to_dict()
+    backbone = cfg["backbone"]["pretrained"]
+    if backbone and Path(backbone).resolve().is_relative_to(path.parent.resolve()):
+        cfg["backbone"]["pretrained"] = os.path.relpath(Path(backbone).resolve(), path.parent.resolve())
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"config": cfg, "head": model.head.state_dict(), **(extra or {})}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> TextDiffModel:
+    """Rebuild the whole model from a head checkpoint (the backbone path may be relative to the checkpoint)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no TextDiff checkpoint at '{path}': train one with `textdiff train`")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    cfg = TextDiffConfig.from_dict(state["config"])
+    backbone = cfg.backbone.pretrained
+    if backbone and not Path(backbone).is_absolute() and (path.parent / backbone).exists():
+        cfg.backbone.pretrained = str(path.parent / backbone)
+    model = TextDiffModel(cfg)
+    model.head.load_state_dict(state["head"])
+    return model.to(device).eval()

@@ -1,0 +1,131 @@
+"""Pretrain the diffusion backbone on unlabeled images (no pretrained weights can be downloaded here).
+
+Standard DDPM noise-prediction training with diffusers' UNet2DModel, DDPMScheduler and EMAModel. Runs on the CPU,
+on one GPU with mixed precision, or on several GPUs with torch DDP when started by `torchrun`.
+The model is saved atomically every `save_every` epochs and at the end, so an interrupted run loses little.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from diffusers.training_utils import EMAModel
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from tqdm.auto import tqdm
+
+from .backbone import build_scheduler, build_unet, load_diffusion, save_diffusion
+from .config import BackboneConfig
+from .data import DataError, preprocess_image, read_2d, read_studies
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PretrainSettings:
+    epochs: int = 100
+    batch_size: int = 16
+    lr: float = 2e-4
+    ema_decay: float = 0.995
+    seed: int = 0
+    save_every: int = 10
+    history: list[dict] = field(default_factory=list)
+
+
+def load_unlabeled_images(folders: list[str | Path], cfg: BackboneConfig) -> torch.Tensor:
+    """Every image of the given studies folders, preprocessed to (N, C, S, S) in [-1, 1]; unreadable files are skipped."""
+    images = []
+    for folder in folders:
+        for case in read_studies(folder):
+            try:
+                images.append(preprocess_image(read_2d(case.image, "image"), cfg.image_size, cfg.in_channels))
+            except DataError as err:
+                logger.warning("skipping %s", err)
+    if not images:
+        raise DataError(f"no readable images in {', '.join(map(str, folders))}")
+    return torch.stack(images)
+
+
+def _distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device), joining the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def pretrain(
+    folders: list[str | Path], out: str | Path, cfg: BackboneConfig, settings: PretrainSettings,
+    init: str | None = None, progress: bool = True,
+) -> list[dict]:
+    """Train (or continue training `init`) a UNet to denoise the images; returns the per-epoch loss history."""
+    rank, world, device = _distributed()
+    torch.manual_seed(settings.seed + rank)
+    images = load_unlabeled_images(folders, cfg)
+    if init:
+        unet, scheduler = load_diffusion(init)
+    else:
+        unet, scheduler = build_unet(cfg), build_scheduler(cfg)
+    if unet.config.sample_size != images.shape[-1] or unet.config.in_channels != images.shape[1]:
+        raise ValueError(f"--init model takes {unet.config.sample_size}² x{unet.config.in_channels}, data is {tuple(images.shape[1:])}")
+    unet.to(device).train()
+    ema = EMAModel(unet.parameters(), decay=settings.ema_decay)
+    ema.to(device)
+    model = DistributedDataParallel(unet, device_ids=[device] if device.type == "cuda" else None) if world > 1 else unet
+    dataset = TensorDataset(images)
+    sampler = DistributedSampler(dataset, shuffle=True, seed=settings.seed) if world > 1 else None
+    loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=sampler is None, sampler=sampler, drop_last=len(dataset) > settings.batch_size)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=settings.lr, weight_decay=1e-4)
+    amp_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
+    grad_scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and amp_dtype == torch.float16)
+    history = list(settings.history)
+    bar = tqdm(range(settings.epochs), desc="pretrain", disable=not progress or rank > 0, unit="epoch")
+    for epoch in bar:
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        start, total, count = time.perf_counter(), 0.0, 0
+        for (batch,) in loader:
+            batch = batch.to(device)
+            noise = torch.randn_like(batch)
+            steps = torch.randint(0, scheduler.config.num_train_timesteps, (batch.shape[0],), device=device)
+            noisy = scheduler.add_noise(batch, noise, steps)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=device.type == "cuda"):
+                loss = F.mse_loss(model(noisy, steps).sample.float(), noise)
+            optimizer.zero_grad(set_to_none=True)
+            grad_scaler.scale(loss).backward()
+            grad_scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            grad_scaler.step(optimizer)
+            grad_scaler.update()
+            ema.step(unet.parameters())
+            total, count = total + loss.item() * batch.shape[0], count + batch.shape[0]
+        history.append({"epoch": len(history) + 1, "loss": total / count, "seconds": time.perf_counter() - start})
+        bar.set_postfix(loss=f"{total / count:.4f}")
+        last = epoch + 1 == settings.epochs
+        if rank == 0 and (last or (epoch + 1) % settings.save_every == 0):
+            _save(unet, ema, scheduler, Path(out), history)
+    if world > 1:
+        dist.barrier()
+    return history
+
+
+def _save(unet, ema: EMAModel, scheduler, out: Path, history: list[dict]) -> None:
+    """Write the EMA weights (what DDPMs are sampled and read out from) and the loss history."""
+    ema.store(unet.parameters())
+    ema.copy_to(unet.parameters())
+    save_diffusion(unet, scheduler, out)
+    ema.restore(unet.parameters())
+    (out / "history.json").write_text(json.dumps(history, indent=1))

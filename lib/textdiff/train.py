@@ -1,0 +1,131 @@
+"""Training of the fusion block and the head on a handful of masks; the backbone and text encoder stay frozen.
+
+MONAI DiceCELoss (CE + 1.5 x Dice, as in the paper), MONAI DiceMetric on a validation split, the best checkpoint by
+validation Dice written atomically, seeded shuffling, augmentation and text dropout.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from monai.losses import DiceCELoss
+from monai.metrics import DiceMetric
+from monai.networks.utils import one_hot
+from tqdm.auto import tqdm
+
+from .config import TrainConfig
+from .features import FeatureCache, feature_augmentation, feature_keys
+from .model import TextDiffModel, save_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    history: list[dict]
+    best_dice: float
+    best_epoch: int
+
+
+def split_train_val(items: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Hold out a seeded fraction of the labeled images (at least one once there are 4+) for model selection."""
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    count = max(1, round(len(items) * fraction)) if len(items) >= 4 and fraction > 0 else 0
+    return [items[i] for i in order[count:]], [items[i] for i in order[:count]]
+
+
+def dice_per_image(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Foreground Dice per image; an empty mask predicted empty scores 1 (normal images count)."""
+    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=False)
+    predicted = one_hot(logits.argmax(1, keepdim=True), num_classes)
+    return metric(predicted, one_hot(labels, num_classes)).nanmean(1)
+
+
+@torch.no_grad()
+def predict_logits(model: TextDiffModel, items: list[dict], cache: FeatureCache, batch_size: int = 8) -> torch.Tensor:
+    """Logits at model resolution for labeled or unlabeled items, in order."""
+    model.eval()
+    device = next(model.head.parameters()).device
+    outputs = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        features = [torch.stack(scale).to(device) for scale in zip(*(cache.get(item) for item in chunk))]
+        outputs.append(model.logits_from_features(features, [item["report"] for item in chunk]).cpu())
+    return torch.cat(outputs)
+
+
+def _training_batch(chunk: list[dict], cache: FeatureCache, augment, text_dropout: float, rng: random.Random):
+    samples = []
+    for item in chunk:
+        features = cache.get(item)
+        sample = dict(zip(feature_keys(len(features)), (f.float() for f in features)), label=item["label"])
+        samples.append(augment(sample))
+    count = len(samples[0]) - 1
+    features = [torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in feature_keys(count)]
+    labels = torch.stack([torch.as_tensor(s["label"]) for s in samples]).long()
+    reports = ["" if rng.random() < text_dropout else item["report"] for item in chunk]
+    return features, labels, reports
+
+
+def train_head(
+    model: TextDiffModel, train_items: list[dict], val_items: list[dict], cfg: TrainConfig,
+    checkpoint: str | Path | None = None, cache: FeatureCache | None = None, progress: bool = True,
+) -> TrainResult:
+    """Train fusion + head; keeps (in `model` and in `checkpoint`) the weights with the best validation Dice."""
+    if not train_items:
+        raise ValueError("no labeled image to train on: save at least one mask under labels/final")
+    if cfg.epochs < 1:
+        raise ValueError(f"train.epochs must be at least 1, got {cfg.epochs}")
+    unlabeled = [item["id"] for item in train_items + val_items if item["label"] is None]
+    if unlabeled:
+        raise ValueError(f"training items without a mask: {unlabeled[:5]}")
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    cache = cache or FeatureCache(model.extractor, enabled=cfg.cache_features)
+    cache.fill(train_items + val_items, progress=progress)
+    if not val_items:
+        logger.info("no validation split (fewer than 4 labeled images): selecting on the training images")
+    selection = val_items or train_items
+    device = next(model.head.parameters()).device
+    num_classes = model.cfg.head.num_classes
+    augment = feature_augmentation(cfg.augment, len(model.extractor.cfg.feature_layers), cfg.seed)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=1.0, lambda_dice=1.5)
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
+    history, best = [], TrainResult([], -1.0, 0)
+    best_state = None
+    bar = tqdm(range(1, cfg.epochs + 1), desc="train", unit="epoch", disable=not progress)
+    for epoch in bar:
+        model.train()
+        start, total = time.perf_counter(), 0.0
+        order = list(range(len(train_items)))
+        rng.shuffle(order)
+        for begin in range(0, len(order), cfg.batch_size):
+            chunk = [train_items[i] for i in order[begin : begin + cfg.batch_size]]
+            features, labels, reports = _training_batch(chunk, cache, augment, cfg.text_dropout, rng)
+            logits = model.logits_from_features([f.to(device) for f in features], reports)
+            loss = loss_fn(logits, labels.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(chunk)
+        scheduler.step()
+        seconds = time.perf_counter() - start
+        val_logits = predict_logits(model, selection, cache)
+        dice = dice_per_image(val_logits, torch.stack([it["label"] for it in selection]), num_classes).mean().item()
+        history.append({"epoch": epoch, "loss": total / len(train_items), "val_dice": dice, "seconds": seconds})
+        bar.set_postfix(loss=f"{total / len(train_items):.3f}", val_dice=f"{dice:.3f}")
+        if dice > best.best_dice:
+            best = TrainResult(history, dice, epoch)
+            best_state = {k: v.detach().clone() for k, v in model.head.state_dict().items()}
+            if checkpoint:
+                save_checkpoint(model, checkpoint, extra={"best_val_dice": dice, "epoch": epoch})
+    model.head.load_state_dict(best_state)
+    model.eval()
+    return TrainResult(history, best.best_dice, best.best_epoch)

@@ -1,0 +1,126 @@
+"""Frozen diffusion backbone: feature shapes, determinism, one batched UNet forward, errors, save/load."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from textdiff.backbone import build_scheduler, build_unet, load_diffusion, make_extractor, save_diffusion
+
+
+def test_one_feature_map_per_layer_with_timesteps_stacked(extractor, h):
+    images = torch.rand(2, 1, h.size, h.size) * 2 - 1
+    features = extractor(images)
+    assert len(features) == len(h.feature_layers)
+    steps = len(h.timesteps)
+    # up_blocks.0 works at half resolution with 16 channels, up_blocks.1 at full resolution with 8 channels
+    assert features[0].shape == (2, steps * 16, h.size // 2, h.size // 2)
+    assert features[1].shape == (2, steps * 8, h.size, h.size)
+    assert extractor.feature_channels == [steps * 16, steps * 8]
+    assert all(f.dtype == torch.float32 and torch.isfinite(f).all() for f in features)
+
+
+def test_features_are_deterministic_and_depend_on_the_image(extractor, h):
+    gen = torch.Generator().manual_seed(1)
+    a = torch.rand(1, 1, h.size, h.size, generator=gen) * 2 - 1
+    b = torch.rand(1, 1, h.size, h.size, generator=gen) * 2 - 1
+    first, second = extractor(a), extractor(a.clone())
+    for x, y in zip(first, second):
+        assert torch.equal(x, y)
+    other = extractor(b)
+    for x, y in zip(first, other):
+        assert not torch.allclose(x, y)
+
+
+def test_features_of_an_image_do_not_depend_on_its_batch(extractor, h):
+    images = torch.rand(3, 1, h.size, h.size, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    batched = extractor(images)
+    for i in range(3):
+        single = extractor(images[i : i + 1])
+        for b, s in zip(batched, single):
+            torch.testing.assert_close(b[i : i + 1], s, rtol=1e-4, atol=1e-5)
+
+
+def test_each_timestep_is_a_separate_block_of_channels(extractor, h):
+    """The channels of one timestep equal the layer output for that timestep alone."""
+    image = torch.rand(1, 1, h.size, h.size, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    full = extractor(image)
+    cfg = dataclasses.replace(extractor.cfg, timesteps=(h.timesteps[1],))
+    single = make_extractor(cfg)(image)
+    for f, s in zip(full, single):
+        channels = s.shape[1]
+        torch.testing.assert_close(f[:, channels : 2 * channels], s, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(f[:, :channels], s)
+
+
+def test_all_timesteps_go_through_one_unet_forward(extractor, h):
+    calls, handle = h.count_calls(extractor.unet)
+    try:
+        extractor(torch.zeros(2, 1, h.size, h.size))
+    finally:
+        handle.remove()
+    assert calls == [2 * len(h.timesteps)]
+
+
+def test_extractor_stays_frozen_and_in_eval_mode(extractor):
+    extractor.train()
+    assert not extractor.training and not extractor.unet.training
+    assert not any(p.requires_grad for p in extractor.unet.parameters())
+    out = extractor(torch.zeros(1, 1, extractor.cfg.image_size, extractor.cfg.image_size))
+    assert not out[0].requires_grad
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 16, 16), (1, 1, 32, 48), (1, 3, 32, 32)])
+def test_wrong_input_shape_raises(extractor, shape):
+    with pytest.raises(ValueError, match="backbone expects images of shape"):
+        extractor(torch.zeros(shape))
+
+
+def test_unknown_feature_layer_lists_decoder_modules(h):
+    with pytest.raises(ValueError) as err:
+        make_extractor(h.tiny_backbone(feature_layers=("up_blocks.0.resnets.1", "up_blocks.9.nothing")))
+    message = str(err.value)
+    assert "up_blocks.9.nothing" in message
+    assert "decoder modules" in message
+    assert "up_blocks.1.resnets" in message
+
+
+def test_random_backbone_is_rebuilt_identically_from_init_seed(h):
+    a, b = build_unet(h.tiny_backbone()), build_unet(h.tiny_backbone())
+    c = build_unet(h.tiny_backbone(init_seed=1))
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+    # building must not consume the global RNG
+    torch.manual_seed(5)
+    expected = torch.rand(1)
+    torch.manual_seed(5)
+    build_unet(h.tiny_backbone())
+    assert torch.equal(torch.rand(1), expected)
+
+
+def test_save_diffusion_is_atomic_and_loadable(tmp_path, h):
+    cfg = h.tiny_backbone()
+    unet, scheduler = build_unet(cfg), build_scheduler(cfg)
+    target = tmp_path / "models" / "backbone"
+    assert save_diffusion(unet, scheduler, target) == target
+    with torch.no_grad():
+        next(unet.parameters()).add_(1.0)
+    save_diffusion(unet, scheduler, target)  # replaces the existing model
+    assert sorted(p.name for p in target.parent.iterdir()) == ["backbone"]  # no staging or .old folders left
+    assert (target / "unet").is_dir() and (target / "scheduler").is_dir()
+    loaded, loaded_scheduler = load_diffusion(str(target))
+    for key, value in unet.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    assert loaded_scheduler.config.num_train_timesteps == cfg.num_train_timesteps
+    # and an extractor built from the folder gives the same features as one on the in-memory weights
+    from textdiff.backbone import DiffusionFeatureExtractor
+
+    image = torch.rand(1, 1, h.size, h.size)
+    for x, y in zip(make_extractor(cfg, weights=str(target))(image), DiffusionFeatureExtractor(unet, scheduler, cfg)(image)):
+        assert torch.equal(x, y)
+
+
+def test_load_diffusion_of_missing_folder_raises_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match="textdiff pretrain"):
+        load_diffusion(str(tmp_path / "nothing-here"))

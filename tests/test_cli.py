@@ -1,0 +1,122 @@
+"""The `textdiff` command line: exit codes, error messages and a tiny end-to-end run."""
+
+import functools
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from textdiff import cli, sample_data
+from textdiff.cli import main
+
+TINY_SET = [
+    "backbone.image_size=32", "backbone.block_out_channels=[8,16]",
+    'backbone.down_block_types=["DownBlock2D","DownBlock2D"]', 'backbone.up_block_types=["UpBlock2D","UpBlock2D"]',
+    "backbone.timesteps=[10,50,100]", 'backbone.feature_layers=["up_blocks.0.resnets.1","up_blocks.1.resnets.1"]',
+]
+TINY_HEAD = ["head.dim=16", "head.heads=2", "head.head_channels=[8]", "text.max_tokens=16", "train.batch_size=2"]
+
+
+def test_make_sample_data_command(tmp_path, monkeypatch, capsys):
+    # the command always writes the full-size set; shrink it so the test stays fast
+    monkeypatch.setattr(sample_data, "make_sample_data",
+                        functools.partial(sample_data.make_sample_data, n_train=3, n_test=1, n_labeled=2, size=64))
+    assert main(["make-sample-data", "--out", str(tmp_path / "sd"), "--seed", "3"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["train"] == 3 and summary["test"] == 1 and summary["labeled"] == 2
+    assert len(list((tmp_path / "sd" / "train").glob("*.png"))) == 3
+    assert (tmp_path / "sd" / "test" / "reports.csv").is_file()
+    assert len(list((tmp_path / "sd" / "train" / "labels" / "final").glob("*.png"))) == 2
+
+
+def test_train_without_labeled_images_exits_2(tmp_path, h, capsys):
+    h.random_png(tmp_path / "data" / "a.png", 40, 40)
+    code = main(["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "m.pt"), "--device", "cpu",
+                 "--set", *TINY_SET, *TINY_HEAD])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("textdiff train: error:") and "labels/final" in err
+    assert not (tmp_path / "m.pt").exists()
+
+
+@pytest.mark.parametrize("command", [
+    ["evaluate", "--data", "{tmp}"],
+    ["predict", "--images", "{tmp}", "--out", "{tmp}/out"],
+])
+def test_missing_model_exits_2(tmp_path, capsys, command):
+    argv = [a.format(tmp=tmp_path) for a in command] + ["--model", str(tmp_path / "nope.pt"), "--device", "cpu"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"textdiff {command[0]}: error:" in err and "nope.pt" in err
+
+
+def test_unknown_setting_exits_2(tmp_path, capsys):
+    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "m.pt"), "--set", "train.nope=1"]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_bad_set_syntax_exits_2(tmp_path, capsys):
+    assert main(["pretrain", "--data", str(tmp_path), "--out", str(tmp_path / "b"), "--set", "train.epochs"]) == 2
+    assert "section.name=value" in capsys.readouterr().err
+
+
+def test_import_lvit_command(tmp_path, h, capsys):
+    import numpy as np
+
+    h.random_png(tmp_path / "img" / "img_1.png", 16, 16)
+    h.write_png(tmp_path / "gt" / "mask_img_1.png", np.full((16, 16), 255, np.uint8))
+    (tmp_path / "t.csv").write_text("Image,Description\nother.png,x\n")
+    argv = ["import-lvit", "--images", str(tmp_path / "img"), "--masks", str(tmp_path / "gt"),
+            "--text", str(tmp_path / "t.csv"), "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    assert "--allow-missing-reports" in capsys.readouterr().err
+    assert main([*argv, "--allow-missing-reports"]) == 0
+    assert "imported 1 images" in capsys.readouterr().out
+
+
+def test_parse_set_values():
+    assert cli._parse_set(["train.epochs=3", "backbone.timesteps=[1,2]", "text.encoder=some/model", "a.b=x=y"]) == {
+        "train.epochs": 3, "backbone.timesteps": [1, 2], "text.encoder": "some/model", "a.b": "x=y"}
+
+
+def test_end_to_end_pretrain_train_predict_evaluate(sample_dir, tmp_path, capsys):
+    backbone = tmp_path / "backbone"
+    assert main(["pretrain", "--data", str(sample_dir / "train"), "--out", str(backbone), "--epochs", "1",
+                 "--batch-size", "8", "--set", *TINY_SET]) == 0
+    assert (backbone / "unet").is_dir() and (backbone / "history.json").is_file()
+
+    model = tmp_path / "model.pt"
+    assert main(["train", "--data", str(sample_dir / "train"), "--out", str(model), "--backbone", str(backbone),
+                 "--epochs", "2", "--device", "cpu", "--set", *TINY_SET, *TINY_HEAD]) == 0
+    out = capsys.readouterr().out
+    assert "best validation Dice" in out
+    assert model.is_file() and model.with_suffix(".png").is_file()
+    state = torch.load(model, weights_only=True)
+    assert state["config"]["backbone"]["pretrained"] == "backbone"  # stored relative to the checkpoint
+    assert state["config"]["train"]["epochs"] == 2
+
+    masks = tmp_path / "masks"
+    assert main(["predict", "--model", str(model), "--images", str(sample_dir / "test"), "--out", str(masks),
+                 "--device", "cpu"]) == 0
+    written = capsys.readouterr().out.split()
+    assert len(written) == 3
+    for i in (6, 7, 8):
+        mask = Image.open(masks / f"case_{i:04d}.png")
+        assert mask.size == (64, 64)
+        assert Image.open(masks / f"case_{i:04d}_overlay.png").size == (64, 64)
+
+    # a single image file with a report given on the command line
+    assert main(["predict", "--model", str(model), "--images", str(sample_dir / "test" / "case_0006.png"),
+                 "--out", str(tmp_path / "one"), "--text", "No pulmonary infection.", "--device", "cpu"]) == 0
+    assert (tmp_path / "one" / "case_0006.png").is_file()
+    capsys.readouterr()
+
+    scores_file = tmp_path / "scores.json"
+    assert main(["evaluate", "--model", str(model), "--data", str(sample_dir / "test"), "--out", str(scores_file),
+                 "--device", "cpu"]) == 0
+    mean = json.loads(capsys.readouterr().out)
+    scores = json.loads(scores_file.read_text())
+    assert scores["mean"] == mean
+    assert [row["image"] for row in scores["images"]] == ["case_0006", "case_0007", "case_0008"]
+    assert all(0.0 <= row["dice"] <= 1.0 and 0.0 <= row["iou"] <= 1.0 for row in scores["images"])

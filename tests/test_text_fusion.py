@@ -1,0 +1,118 @@
+"""Frozen text encoder (shapes, mask, padding, types) and how reports reach the logits."""
+
+import pytest
+import torch
+
+from textdiff.config import TextConfig
+from textdiff.fusion import TextDiffHead
+from textdiff.text import TextEncoder
+
+
+def test_encoder_output_shapes_and_mask(text_encoder):
+    tokens, mask = text_encoder(["a", "a much longer report with many words here", ""])
+    assert tokens.shape == (3, 16, 384)
+    assert mask.shape == (3, 16) and mask.dtype == torch.bool
+    lengths = mask.sum(1).tolist()
+    assert lengths[0] < lengths[1] <= 16
+    assert lengths[2] == 2  # an empty report still has [CLS] and [SEP]
+    # the mask is a prefix of real tokens followed by padding
+    for row, length in zip(mask, lengths):
+        assert row[:length].all() and not row[length:].any()
+
+
+def test_long_report_is_truncated_to_max_tokens(text_encoder):
+    tokens, mask = text_encoder([" ".join(["infection"] * 40)])
+    assert tokens.shape == (1, 16, 384)
+    assert mask.all()
+
+
+def test_padding_does_not_change_real_token_states(text_encoder):
+    report = "Bilateral pulmonary infection, two infected areas."
+    longer = TextEncoder(TextConfig(max_tokens=32))
+    short_tokens, short_mask = text_encoder([report])
+    long_tokens, long_mask = longer([report])
+    n = int(short_mask.sum())
+    assert n == int(long_mask.sum()) < 16
+    torch.testing.assert_close(short_tokens[0, :n], long_tokens[0, :n], rtol=1e-4, atol=1e-4)
+
+
+def test_results_do_not_depend_on_batch_companions(text_encoder):
+    alone = TextEncoder(TextConfig(max_tokens=16))  # fresh cache
+    a, _ = alone(["No pulmonary infection."])
+    b, _ = text_encoder(["something else entirely", "No pulmonary infection."])
+    torch.testing.assert_close(a[0], b[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bad", [None, 3, float("nan"), ["nested"]])
+def test_non_text_report_raises_type_error(text_encoder, bad):
+    with pytest.raises(TypeError, match="report must be text"):
+        text_encoder(["fine", bad])
+
+
+def test_text_encoder_is_frozen(text_encoder):
+    text_encoder.train()
+    assert not text_encoder.model.training
+    assert not any(p.requires_grad for p in text_encoder.model.parameters())
+
+
+def test_missing_text_encoder_raises_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cannot load text encoder"):
+        TextEncoder(TextConfig(encoder=str(tmp_path / "no-encoder")))
+
+
+def test_reports_change_the_logits(make_model, extractor, h):
+    model = make_model().eval()
+    features = extractor(torch.rand(2, 1, h.size, h.size, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    with torch.no_grad():
+        infected = model.logits_from_features(features, [h.infected, h.infected])
+        normal = model.logits_from_features(features, [h.normal, h.normal])
+        again = model.logits_from_features(features, [h.infected, h.infected])
+        mixed = model.logits_from_features(features, [h.infected, h.normal])
+    assert infected.shape == (2, 2, h.size, h.size)
+    assert not torch.allclose(infected, normal)
+    assert torch.equal(infected, again)
+    # each image gets its own report
+    torch.testing.assert_close(mixed[0], infected[0])
+    torch.testing.assert_close(mixed[1], normal[1])
+
+
+def test_without_text_the_reports_do_not_matter(make_model, extractor, h):
+    model = make_model(use_text=False).eval()
+    assert not hasattr(model.head, "fusion")
+    features = extractor(torch.rand(1, 1, h.size, h.size) * 2 - 1)
+    with torch.no_grad():
+        a = model.logits_from_features(features, [h.infected])
+        b = model.logits_from_features(features, [h.normal])
+    assert torch.equal(a, b)
+
+
+def test_forward_equals_features_then_logits(make_model, h):
+    model = make_model().eval()
+    images = torch.rand(1, 1, h.size, h.size) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(model(images, [h.normal]), model.logits_from_features(model.features(images), [h.normal]))
+
+
+def test_text_head_without_text_raises(h):
+    head = TextDiffHead([48, 24], 384, h.tiny_config().head, h.size)
+    features = [torch.zeros(1, 48, 16, 16), torch.zeros(1, 24, 32, 32)]
+    with pytest.raises(ValueError, match="text_tokens"):
+        head(features)
+
+
+def test_cross_attention_ignores_padded_text_tokens(h):
+    """Changing the hidden states of masked-out text positions must not change the output."""
+    torch.manual_seed(0)
+    head = TextDiffHead([48, 24], 384, h.tiny_config().head, h.size).eval()
+    features = [torch.randn(1, 48, 16, 16), torch.randn(1, 24, 32, 32)]
+    tokens = torch.randn(1, 16, 384)
+    mask = torch.zeros(1, 16, dtype=torch.bool)
+    mask[:, :5] = True
+    changed = tokens.clone()
+    changed[:, 5:] = torch.randn(1, 11, 384) * 10
+    with torch.no_grad():
+        a = head(features, tokens, mask)
+        b = head(features, changed, mask)
+        c = head(features, changed, torch.ones_like(mask))
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)

@@ -1,0 +1,151 @@
+"""Training the head: frozen parts stay frozen, the loss goes down, checkpoints rebuild the model."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from textdiff.features import FeatureCache
+from textdiff.model import load_checkpoint, save_checkpoint
+from textdiff.train import dice_per_image, predict_logits, split_train_val, train_head
+
+
+def _snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_training_leaves_backbone_and_text_encoder_untouched(make_model, labeled_items):
+    model = make_model()
+    unet_before, text_before = _snapshot(model.extractor.unet), _snapshot(model.text_encoder.model)
+    head_before = _snapshot(model.head)
+    cfg = dataclasses.replace(model.cfg.train, epochs=2)
+    train_head(model, labeled_items[:4], [], cfg, progress=False)
+    for key, value in model.extractor.unet.state_dict().items():
+        assert torch.equal(value, unet_before[key]), key
+    for key, value in model.text_encoder.model.state_dict().items():
+        assert torch.equal(value, text_before[key]), key
+    assert not any(p.requires_grad for p in model.extractor.unet.parameters())
+    assert not any(p.requires_grad for p in model.text_encoder.model.parameters())
+    assert all(p.requires_grad for p in model.head.parameters())
+    changed = [k for k, v in model.head.state_dict().items() if not torch.equal(v, head_before[k])]
+    assert any(k.startswith("fusion.") for k in changed)
+    assert any(k.startswith("classifier.") for k in changed)
+    # trainable parameters are exactly the head's
+    assert {id(p) for p in model.trainable_parameters()} == {id(p) for p in model.head.parameters()}
+
+
+def test_model_train_mode_keeps_frozen_parts_in_eval(make_model):
+    model = make_model()
+    model.train()
+    assert model.head.training
+    assert not model.extractor.training and not model.extractor.unet.training
+    assert not model.text_encoder.training and not model.text_encoder.model.training
+
+
+def test_training_lowers_the_loss_and_writes_the_best_checkpoint(make_model, labeled_items, tmp_path):
+    model = make_model()
+    cfg = dataclasses.replace(model.cfg.train, epochs=6)
+    checkpoint = tmp_path / "run" / "model.pt"
+    result = train_head(model, labeled_items[:4], labeled_items[4:], cfg, checkpoint=checkpoint, progress=False)
+    losses = [row["loss"] for row in result.history]
+    assert len(result.history) == 6
+    assert [row["epoch"] for row in result.history] == list(range(1, 7))
+    assert losses[-1] < losses[0]
+    assert all(0.0 <= row["val_dice"] <= 1.0 for row in result.history)
+    assert result.best_dice == max(row["val_dice"] for row in result.history)
+    assert result.history[result.best_epoch - 1]["val_dice"] == result.best_dice
+    assert checkpoint.is_file()
+    assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["model.pt"]  # no temp files left
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["epoch"] == result.best_epoch
+    assert state["best_val_dice"] == pytest.approx(result.best_dice)
+
+    # the model keeps the best weights, and the checkpoint rebuilds exactly that model
+    loaded = load_checkpoint(checkpoint)
+    assert loaded.cfg == model.cfg
+    model.eval()
+    cache = FeatureCache(model.extractor)
+    with torch.no_grad():
+        original = predict_logits(model, labeled_items[4:], cache)
+        rebuilt = predict_logits(loaded, labeled_items[4:], FeatureCache(loaded.extractor))
+    torch.testing.assert_close(rebuilt, original, rtol=1e-4, atol=1e-4)
+    dice = dice_per_image(original, torch.stack([it["label"] for it in labeled_items[4:]]), 2)
+    assert dice.mean().item() == pytest.approx(result.best_dice, abs=1e-6)
+
+
+def test_training_is_reproducible(make_model, labeled_items):
+    results = []
+    for _ in range(2):
+        model = make_model(seed=3)
+        cfg = dataclasses.replace(model.cfg.train, epochs=2, text_dropout=0.5, augment="rot90_flip")
+        results.append(train_head(model, labeled_items[:3], [], cfg, progress=False).history)
+    assert [r["loss"] for r in results[0]] == [r["loss"] for r in results[1]]
+
+
+def test_training_without_items_raises_clear_error(make_model, labeled_items):
+    model = make_model()
+    with pytest.raises(ValueError, match="no labeled image to train on"):
+        train_head(model, [], [], model.cfg.train, progress=False)
+    unlabeled = dict(labeled_items[0], id="nomask", label=None)
+    with pytest.raises(ValueError, match="nomask"):
+        train_head(model, [labeled_items[1], unlabeled], [], model.cfg.train, progress=False)
+
+
+def test_checkpoint_stores_backbone_path_relative_to_itself(make_model, tmp_path):
+    from textdiff.backbone import build_scheduler, save_diffusion
+
+    model = make_model()
+    backbone = save_diffusion(model.extractor.unet, build_scheduler(model.cfg.backbone), tmp_path / "project" / "backbone")
+    model.cfg = dataclasses.replace(model.cfg, backbone=dataclasses.replace(model.cfg.backbone, pretrained=str(backbone)))
+    path = save_checkpoint(model, tmp_path / "project" / "model.pt")
+    assert torch.load(path, weights_only=True)["config"]["backbone"]["pretrained"] == "backbone"
+    # move the whole project: the checkpoint still finds its backbone
+    moved = tmp_path / "moved"
+    (tmp_path / "project").rename(moved)
+    loaded = load_checkpoint(moved / "model.pt")
+    assert loaded.cfg.backbone.pretrained == str(moved / "backbone")
+    for key, value in model.head.state_dict().items():
+        assert torch.equal(loaded.head.state_dict()[key], value)
+
+
+def test_load_checkpoint_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="textdiff train"):
+        load_checkpoint(tmp_path / "absent.pt")
+
+
+def test_split_train_val():
+    items = [{"id": str(i)} for i in range(10)]
+    train, val = split_train_val(items, 0.2, seed=0)
+    assert len(val) == 2 and len(train) == 8
+    assert {it["id"] for it in train} | {it["id"] for it in val} == {str(i) for i in range(10)}
+    assert split_train_val(items, 0.2, seed=0) == (train, val)
+    few_train, few_val = split_train_val(items[:3], 0.5, seed=0)
+    assert few_val == [] and sorted(it["id"] for it in few_train) == ["0", "1", "2"]  # too few to hold out
+    assert len(split_train_val(items[:4], 0.01, seed=0)[1]) == 1  # at least one once there are 4
+
+
+def test_dice_per_image_counts_empty_as_perfect():
+    labels = torch.zeros(2, 1, 4, 4, dtype=torch.long)
+    labels[0, 0, :2] = 1
+    logits = torch.zeros(2, 2, 4, 4)
+    logits[0, 1, :2] = 1.0  # image 0: perfect; image 1: empty predicted empty
+    assert dice_per_image(logits, labels, 2).tolist() == [1.0, 1.0]
+    logits[1, 1] = 1.0  # image 1: predicts foreground on an empty truth
+    assert dice_per_image(logits, labels, 2).tolist() == [1.0, 0.0]
+
+
+def test_pretrained_backbone_decides_the_image_size(tmp_path, h, text_encoder):
+    from textdiff.backbone import build_scheduler, build_unet, save_diffusion
+    from textdiff.config import BackboneConfig
+    from textdiff.model import TextDiffModel
+
+    small = h.tiny_backbone()
+    folder = save_diffusion(build_unet(small), build_scheduler(small), tmp_path / "bb32")
+    cfg = h.tiny_config()
+    cfg = dataclasses.replace(cfg, backbone=BackboneConfig(pretrained=str(folder), feature_layers=small.feature_layers,
+                                                           timesteps=small.timesteps))
+    model = TextDiffModel(cfg, text_encoder=text_encoder).eval()
+    assert model.image_size == h.size
+    with torch.no_grad():
+        logits = model(torch.zeros(1, 1, model.image_size, model.image_size), [h.normal])
+    assert logits.shape == (1, 2, h.size, h.size)
