@@ -64,6 +64,7 @@ def save_diffusion(unet: UNet2DModel, scheduler: DDPMScheduler, target: str | Pa
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the model folder is meant to be shared
     unet.save_pretrained(staging / "unet")
     scheduler.save_pretrained(staging / "scheduler")
     old = target.with_name(f".{target.name}.old")
