@@ -148,3 +148,13 @@ def test_invalid_augmentation_mode_raises():
 
 def test_feature_keys():
     assert feature_keys(3) == ["feature0", "feature1", "feature2"]
+
+
+def test_disk_cache_holds_plain_tensors_for_loaded_images(extractor, labeled_items, tmp_path):
+    """Images loaded by MONAI are MetaTensors; their cached features must still load back (weights_only)."""
+    items = labeled_items[:2]
+    FeatureCache(extractor, folder=tmp_path / "cache").fill(items, progress=False)
+    reloaded = FeatureCache(extractor, folder=tmp_path / "cache")
+    for item in items:
+        features = reloaded.get(item)
+        assert all(type(f) is torch.Tensor for f in features)

@@ -1,14 +1,15 @@
 """Segmentation at each image's own size, Dice/IoU scoring, and writing masks with the image's geometry."""
 
+import itk
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from textdiff.data import Case, load_case, read_2d
+from textdiff.data import Case, DataError, load_case, read_2d
 from textdiff.features import FeatureCache
-from textdiff.inference import score_masks, segment_items, to_original_size
+from textdiff.inference import score_masks, segment_image, segment_items, to_original_size
 from textdiff.predict import mask_extension, overlay_png, save_mask
 
 
@@ -86,13 +87,14 @@ def test_mask_extension():
     assert mask_extension(Path("a.jpg")) == ".png"
     assert mask_extension(Path("a.png")) == ".png"
     assert mask_extension(Path("a.nrrd")) == ".nrrd"
+    assert mask_extension(Path("a.dcm")) == ".nrrd"
 
 
 def test_save_png_mask_matches_the_image_orientation(tmp_path, h):
     image = read_2d(h.random_png(tmp_path / "img.png", 48, 40), "image")
     mask = torch.zeros(1, *image.shape[1:], dtype=torch.uint8)
     mask[0, 5:20, 3:9] = 1  # x 5..19, y 3..8
-    path = save_mask(mask, image, tmp_path / "out", "img", ".png")
+    path = save_mask(mask, tmp_path / "img.png", tmp_path / "out" / "img.png")
     assert path == tmp_path / "out" / "img.png"
     saved = np.asarray(Image.open(path))
     assert saved.shape == (40, 48)  # same size as the source PNG
@@ -113,7 +115,7 @@ def _nifti_case(tmp_path):
 
 def test_saved_nifti_mask_keeps_affine_and_voxels(tmp_path):
     affine, image, mask = _nifti_case(tmp_path)
-    path = save_mask(mask, image, tmp_path / "out", "scan", ".nii.gz")
+    path = save_mask(mask, tmp_path / "scan.nii.gz", tmp_path / "out" / "scan.nii.gz")
     assert path.name == "scan.nii.gz"
     saved = nib.load(path)
     np.testing.assert_allclose(saved.affine, affine, atol=1e-5)
@@ -123,8 +125,8 @@ def test_saved_nifti_mask_keeps_affine_and_voxels(tmp_path):
 
 def test_saved_nifti_mask_has_the_image_shape(tmp_path):
     affine, image, mask = _nifti_case(tmp_path)
-    saved = nib.load(save_mask(mask, image, tmp_path / "out", "scan", ".nii.gz"))
-    assert saved.shape in {(20, 24), (20, 24, 1)}
+    saved = nib.load(save_mask(mask, tmp_path / "scan.nii.gz", tmp_path / "out" / "scan.nii.gz"))
+    assert saved.shape == (20, 24, 1)
     np.testing.assert_array_equal(np.asarray(saved.dataobj).reshape(20, 24), mask[0].numpy())
     np.testing.assert_allclose(saved.affine, nib.load(tmp_path / "scan.nii.gz").affine)
 
@@ -143,16 +145,61 @@ def test_overlay_png_is_rgb_at_image_size(tmp_path, h):
     assert (outside[..., 0] == outside[..., 1]).all() and (outside[..., 1] == outside[..., 2]).all()
 
 
-def test_saved_nrrd_mask_has_the_image_grid(tmp_path):
-    import itk
+def _itk_geometry(image) -> tuple:
+    """Size, spacing, origin, direction, rounded so that float32 file headers compare equal."""
+    return (tuple(image.GetLargestPossibleRegion().GetSize()), np.round(tuple(image.GetSpacing()), 5).tolist(),
+            np.round(tuple(image.GetOrigin()), 5).tolist(), itk.array_from_matrix(image.GetDirection()).round(5).tolist())
 
-    volume = itk.image_from_array(np.random.default_rng(0).random((1, 20, 24)).astype(np.float32))
-    volume.SetSpacing([0.5, 0.8, 2.0])
-    itk.imwrite(volume, str(tmp_path / "scan.nrrd"))
-    image = read_2d(tmp_path / "scan.nrrd", "image")
-    mask = torch.zeros(1, *image.shape[1:], dtype=torch.uint8)
-    mask[0, 2:5, 3:9] = 1
-    saved = itk.imread(str(save_mask(mask, image, tmp_path / "out", "scan", ".nrrd")))
-    # MONAI's writer drops the trailing singleton slice: the in-plane grid and spacing must match the image's.
-    assert tuple(saved.GetLargestPossibleRegion().GetSize())[:2] == (24, 20)
-    np.testing.assert_allclose(tuple(saved.GetSpacing())[:2], (0.5, 0.8))
+
+@pytest.mark.parametrize("source", [".nrrd", ".nii.gz", ".png"])
+@pytest.mark.parametrize("target", [".nrrd", ".nii.gz"])
+def test_saved_mask_lies_on_the_image_in_any_format(tmp_path, source, target):
+    """Whatever the image and mask formats, the mask has the image's ITK grid and its voxels sit where the image's
+    bright pixels are (checks the index order as well as the geometry)."""
+    rng = np.random.default_rng(0)
+    pixels = (rng.random((20, 24)) * 100).astype(np.uint8)  # ITK order (y, x)
+    pixels[3:7, 15:22] = 255
+    if source == ".png":
+        Image.fromarray(pixels).save(tmp_path / "img.png")
+    else:
+        volume = itk.image_from_array(pixels[None].astype(np.float32))
+        volume.SetSpacing([0.5, 0.8, 2.0])
+        volume.SetOrigin([10.0, -4.0, 7.5])
+        volume.SetDirection(itk.matrix_from_array(np.array([[0.0, 1, 0], [-1, 0, 0], [0, 0, 1]])))
+        itk.imwrite(volume, str(tmp_path / f"img{source}"))
+    reference = tmp_path / f"img{source}"
+    image = read_2d(reference, "image")
+    mask = (image[:1] > 200).to(torch.uint8)  # in MONAI's index order, as the model's masks are
+    saved = itk.imread(str(save_mask(mask, reference, tmp_path / f"mask{target}")))
+    original = itk.imread(str(reference))
+    assert _itk_geometry(saved) == _itk_geometry(original)
+    np.testing.assert_array_equal(itk.array_from_image(saved).reshape(20, 24), (pixels == 255).astype(np.uint8))
+
+
+def test_a_volume_mask_cannot_be_a_png(tmp_path):
+    itk.imwrite(itk.image_from_array(np.zeros((3, 8, 8), np.float32)), str(tmp_path / "vol.nrrd"))
+    with pytest.raises(DataError, match="volume"):
+        save_mask(np.zeros((1, 8, 8, 3)), tmp_path / "vol.nrrd", tmp_path / "m.png")
+
+
+def test_a_mask_of_the_wrong_size_is_refused(tmp_path, h):
+    with pytest.raises(DataError, match="does not fit"):
+        save_mask(np.zeros((1, 5, 5)), h.random_png(tmp_path / "img.png", 48, 40), tmp_path / "m.png")
+
+
+@pytest.mark.parametrize("shape", [(40, 48), (40, 48, 1), (40, 48, 5)])
+def test_segment_image_gives_a_mask_of_the_image_shape(make_model, h, shape):
+    """2D images, single-slice files and volumes (slice by slice) all get a label map of exactly their shape."""
+    model = make_model()
+    image = torch.rand(1, *shape)
+    mask = segment_image(model, image, h.infected)
+    assert mask.shape == (1, *shape) and mask.dtype == torch.uint8
+    assert set(mask.unique().tolist()) <= {0, 1}
+
+
+def test_segment_image_volume_equals_its_slices_one_by_one(make_model, h):
+    model = make_model()
+    volume = torch.rand(1, 40, 48, 3)
+    whole = segment_image(model, volume, h.infected)
+    for z in range(3):
+        torch.testing.assert_close(whole[..., z], segment_image(model, volume[..., z], h.infected))

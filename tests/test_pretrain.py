@@ -52,9 +52,11 @@ def test_pretrain_writes_a_loadable_backbone(sample_dir, h, tmp_path):
     load_diffusion(str(out))
 
 
-def test_pretrain_init_of_other_size_is_rejected(sample_dir, h, tmp_path):
+def test_continuing_uses_the_size_of_the_model_it_continues(sample_dir, h, tmp_path):
+    """A config asking for 64 px does not break continuing a 32 px model: the model's own size wins."""
     out = tmp_path / "b32"
     pretrain([sample_dir / "train"], out, h.tiny_backbone(), PretrainSettings(epochs=1, batch_size=8), progress=False)
-    with pytest.raises(ValueError, match="--init model takes 32"):
-        pretrain([sample_dir / "train"], tmp_path / "b64", h.tiny_backbone(image_size=64),
-                 PretrainSettings(epochs=1), init=str(out), progress=False)
+    pretrain([sample_dir / "train"], tmp_path / "more", h.tiny_backbone(image_size=64),
+             PretrainSettings(epochs=1, batch_size=8), init=str(out), progress=False)
+    unet, _ = load_diffusion(str(tmp_path / "more"))
+    assert unet.config.sample_size == 32

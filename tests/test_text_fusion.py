@@ -116,3 +116,19 @@ def test_cross_attention_ignores_padded_text_tokens(h):
         c = head(features, changed, torch.ones_like(mask))
     torch.testing.assert_close(a, b)
     assert not torch.allclose(a, c)
+
+
+def test_positional_queries_let_the_text_act_differently_by_place(h):
+    """On a uniform feature map, text attention can only vary across pixels if queries know where they are."""
+    import torch
+
+    from textdiff.fusion import CrossAttentionBlock
+
+    torch.manual_seed(0)
+    tokens = torch.ones(1, 16, 8)
+    text = torch.randn(1, 4, 8)
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    with_position = CrossAttentionBlock(8, 2, 1, 2, positional=True)(tokens, text, mask, 4, 4)
+    without = CrossAttentionBlock(8, 2, 1, 2, positional=False)(tokens, text, mask, 4, 4)
+    assert with_position.std(1).max() > 1e-3
+    assert without.std(1).max() < 1e-5

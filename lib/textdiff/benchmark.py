@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 import resource
 import statistics
@@ -42,7 +43,9 @@ METHODS = {
 class BenchmarkSettings:
     label_counts: tuple[int, ...] = (5, 10, 20)
     seeds: tuple[int, ...] = (0,)
-    epochs: int = 40
+    # Optimizer steps per run, the same for every method and label count (an epoch budget would give the runs with
+    # few labels only a handful of steps).
+    steps: int = 400
     methods: tuple[str, ...] = tuple(METHODS)
 
 
@@ -60,6 +63,11 @@ def _subset(items: list[dict], count: int, seed: int) -> list[dict]:
 
 def _without_text(items: list[dict]) -> list[dict]:
     return [{**item, "report": ""} for item in items]
+
+
+def epochs_for(steps: int, images: int, batch_size: int) -> int:
+    """Epochs that give at least `steps` optimizer steps on `images` training images."""
+    return math.ceil(steps / math.ceil(images / batch_size))
 
 
 def _train_unet(train: list[dict], val: list[dict], epochs: int, batch_size: int, seed: int, device) -> torch.nn.Module:
@@ -131,16 +139,17 @@ def run_benchmark(data: Path, backbone: str | None, out: Path, settings: Benchma
         for seed in settings.seeds:
             labeled = _subset(pool, count, seed)
             train, val = split_train_val(labeled, cfg.train.val_fraction, seed)
+            epochs = epochs_for(settings.steps, len(train), cfg.train.batch_size)
             for method in settings.methods:
                 start = time.perf_counter()
                 if method == "unet":
-                    net = _train_unet(train, val, settings.epochs, cfg.train.batch_size, seed, device)
+                    net = _train_unet(train, val, epochs, cfg.train.batch_size, seed, device)
                     dice = _unet_dice(net, test, device)
                 else:
                     model = model_for(method)
                     cache = caches["random" if method == "random_backbone" else "pretrained"]
                     strip = _without_text if method == "empty_text" else (lambda items: items)
-                    train_cfg = dataclasses.replace(cfg.train, epochs=settings.epochs, seed=seed)
+                    train_cfg = dataclasses.replace(cfg.train, epochs=epochs, seed=seed)
                     train_head(model, strip(train), strip(val), train_cfg, cache=cache, progress=False)
                     masks = segment_items(model, strip(test), cache=cache)
                     dice = score_masks(masks, test, 2)["mean"]["dice"]

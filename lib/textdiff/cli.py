@@ -1,4 +1,5 @@
-"""The `textdiff` command line: pretrain, train, predict, evaluate, import-lvit, make-sample-data, benchmark."""
+"""The `textdiff` command line: pretrain, train, predict, evaluate, import-lvit, make-sample-data, benchmark,
+al-benchmark."""
 
 from __future__ import annotations
 
@@ -65,23 +66,15 @@ def cmd_pretrain(args) -> None:
 
 
 def cmd_train(args) -> None:
-    import torch
-
-    from .data import load_case, read_studies
-    from .model import TextDiffModel
+    from .data import read_studies
     from .plots import plot_training
-    from .train import split_train_val, train_head
+    from .train import train_on_cases
 
-    cfg = _config(args)
-    model = TextDiffModel(cfg).to(args.device)
-    size, channels = model.image_size, model.cfg.backbone.in_channels
+    cfg = _config(args)  # bad settings fail before any data is read
     cases = [c for c in read_studies(args.data) if c.label is not None][: args.limit or None]
     if not cases:
         raise DataError(f"no image in '{args.data}' has a mask under labels/final: nothing to train on")
-    items = [load_case(c, size, channels, cfg.head.num_classes) for c in cases]
-    train_items, val_items = split_train_val(items, cfg.train.val_fraction, cfg.train.seed)
-    torch.manual_seed(cfg.train.seed)
-    result = train_head(model, train_items, val_items, cfg.train, checkpoint=args.out)
+    _, result = train_on_cases(cases, cfg, args.out, args.device)
     plot = plot_training(result.history, Path(args.out).with_suffix(".png"))
     print(f"best validation Dice {result.best_dice:.4f} at epoch {result.best_epoch}; model {args.out}; curves {plot}")
 
@@ -113,7 +106,7 @@ def cmd_predict(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     masks = segment_items(model, items, progress=True)
     for item, case, mask in zip(items, cases, masks):
-        path = save_mask(mask, item["original_image"], out, item["id"], mask_extension(case.image))
+        path = save_mask(mask, case.image, out / f"{item['id']}{mask_extension(case.image)}")
         overlay_png(item["original_image"], mask, out / f"{item['id']}_overlay.png")
         print(path)
 
@@ -134,9 +127,17 @@ def cmd_evaluate(args) -> None:
 def cmd_benchmark(args) -> None:
     from .benchmark import BenchmarkSettings, run_benchmark
 
-    settings = BenchmarkSettings(label_counts=tuple(args.labels), seeds=tuple(args.seeds), epochs=args.epochs,
+    settings = BenchmarkSettings(label_counts=tuple(args.labels), seeds=tuple(args.seeds), steps=args.steps,
                                  methods=tuple(args.methods))
     run_benchmark(Path(args.data), args.backbone, Path(args.out), settings, _config(args))
+
+
+def cmd_al_benchmark(args) -> None:
+    from .al_benchmark import LabelingSettings, run_labeling_benchmark
+
+    settings = LabelingSettings(start=args.start, step=args.step, rounds=args.rounds, seeds=tuple(args.seeds),
+                                steps=args.steps, strategies=tuple(args.strategies))
+    run_labeling_benchmark(Path(args.data), args.backbone, Path(args.out), settings, _config(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,7 +203,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", nargs="+", type=int, default=[5, 10, 20], help="label counts (the pool has 70: add 70 for all)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--methods", nargs="+", default=["textdiff", "empty_text", "no_cross_attention", "unet", "random_backbone"])
-    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--steps", type=int, default=400, help="optimizer steps per run, the same for every method")
+    model_options(p)
+
+    p = command("al-benchmark", cmd_al_benchmark, "simulate active learning: test Dice per labeling round per strategy")
+    p.add_argument("--data", default="sample-data")
+    p.add_argument("--out", default="benchmark-results")
+    p.add_argument("--start", type=int, default=5, help="labeled images before the first round")
+    p.add_argument("--step", type=int, default=5, help="images labeled per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps per training")
+    p.add_argument("--strategies", nargs="+", default=["random", "uncertainty", "diverse"])
     model_options(p)
     return parser
 

@@ -52,6 +52,7 @@ class HeadConfig:
     cross_attention_layers: int = 2
     ff_mult: int = 2
     use_text: bool = True  # False gives the "diffusion features without cross-attention" ablation
+    positional_queries: bool = True  # image tokens carry their relative position into the cross-attention
     head_channels: tuple[int, ...] = (32, 16)
 
 

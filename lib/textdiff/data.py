@@ -113,16 +113,20 @@ def read_studies(folder: str | Path, label_tag: str = "final") -> list[Case]:
     return cases
 
 
-def read_2d(path: Path, what: str) -> MetaTensor:
-    """Load one file channel-first; any reader failure becomes a DataError naming the file."""
-    if not path.is_file():
+def read_image(path: Path, what: str) -> MetaTensor:
+    """Load one file channel-first, 2D or 3D; any reader failure becomes a DataError naming the file."""
+    if not Path(path).is_file():
         raise DataError(f"{what} file '{path}' does not exist")
     try:
         data = LoadImage(image_only=True)(str(path))
-        data = EnsureChannelFirst()(data)
+        return EnsureChannelFirst()(data)
     except Exception as err:  # readers raise many types for corrupt files
         raise DataError(f"cannot read {what} '{path}': it is corrupt or not a supported image ({err})") from err
-    return as_slice(data, path)
+
+
+def read_2d(path: Path, what: str) -> MetaTensor:
+    """Load one 2D image or single-slice file channel-first, as (C, X, Y)."""
+    return as_slice(read_image(path, what), path)
 
 
 def as_slice(data: MetaTensor, path: Path | str) -> MetaTensor:

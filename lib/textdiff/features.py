@@ -64,7 +64,8 @@ class FeatureCache:
 
     def _compute(self, images: torch.Tensor) -> list[list[torch.Tensor]]:
         device = self.extractor.noise.device
-        features = self.extractor(images.to(device))
+        # Plain tensors: MONAI's MetaTensor would ride along into the cache and not load back with weights_only.
+        features = self.extractor(images.as_subclass(torch.Tensor).to(device))
         return [[f[i].half().cpu() for f in features] for i in range(images.shape[0])]
 
     def _store(self, key: str, features: list[torch.Tensor]) -> None:

@@ -9,23 +9,44 @@ from torch import nn
 from .config import HeadConfig
 
 
-class CrossAttentionBlock(nn.Module):
-    """Image tokens attend to text tokens (no self-attention, no positional encoding), as in the TextDiff paper.
+POSITION_FREQUENCIES = 4
 
-    Pre-LayerNorm cross-attention layers with residuals, then a GELU feed-forward with a residual.
+
+def position_features(height: int, width: int, frequencies: int = POSITION_FREQUENCIES) -> torch.Tensor:
+    """Sine/cosine features of each pixel's relative (row, column) position, (height*width, 4*frequencies).
+
+    Coordinates are relative to the image, so every scale describes the same place ("lower left lung") the same way.
+    """
+    rows, cols = torch.meshgrid(torch.linspace(-1, 1, height), torch.linspace(-1, 1, width), indexing="ij")
+    coords = torch.stack([rows.flatten(), cols.flatten()], dim=1)  # (h*w, 2)
+    # The lowest frequency has period 4, so the two image edges (-1 and 1) stay distinct.
+    angles = coords[:, :, None] * (torch.pi / 2 * 2.0 ** torch.arange(frequencies))  # (h*w, 2, f)
+    return torch.cat([angles.sin(), angles.cos()], dim=2).flatten(1)
+
+
+class CrossAttentionBlock(nn.Module):
+    """Image tokens attend to text tokens: pre-LayerNorm cross-attention layers with residuals, then a GELU
+    feed-forward with a residual, as in the TextDiff paper.
+
+    With `positional` the queries also carry the pixel's relative position (a learned projection of fixed sine
+    features), so that a report naming a side or zone can raise the evidence there; the paper's queries carry none.
     """
 
-    def __init__(self, dim: int, heads: int, layers: int, ff_mult: int):
+    def __init__(self, dim: int, heads: int, layers: int, ff_mult: int, positional: bool = True):
         super().__init__()
+        self.position = nn.Linear(4 * POSITION_FREQUENCIES, dim) if positional else None
         self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(layers))
         self.attentions = nn.ModuleList(nn.MultiheadAttention(dim, heads, batch_first=True) for _ in range(layers))
         self.ff = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * ff_mult), nn.GELU(), nn.Linear(dim * ff_mult, dim))
 
-    def forward(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor,
+                height: int, width: int) -> torch.Tensor:
         ignore = ~text_mask.bool()
         x = image_tokens
+        where = self.position(position_features(height, width).to(x)) if self.position is not None else 0
         for norm, attention in zip(self.norms, self.attentions):
-            attended, _ = attention(norm(x), text_tokens, text_tokens, key_padding_mask=ignore, need_weights=False)
+            query = norm(x) + where
+            attended, _ = attention(query, text_tokens, text_tokens, key_padding_mask=ignore, need_weights=False)
             x = x + attended
         return x + self.ff(x)
 
@@ -53,7 +74,8 @@ class TextDiffHead(nn.Module):
         self.reduce = nn.ModuleList(nn.Conv2d(c, cfg.dim, 1) for c in feature_channels)
         if cfg.use_text:
             self.text_proj = nn.Linear(text_dim, cfg.dim)
-            self.fusion = CrossAttentionBlock(cfg.dim, cfg.heads, cfg.cross_attention_layers, cfg.ff_mult)
+            self.fusion = CrossAttentionBlock(cfg.dim, cfg.heads, cfg.cross_attention_layers, cfg.ff_mult,
+                                              cfg.positional_queries)
         widths = [cfg.dim * len(feature_channels), *cfg.head_channels]
         self.classifier = nn.Sequential(
             *(_conv_bn_relu(a, b) for a, b in zip(widths[:-1], widths[1:])),
@@ -72,7 +94,7 @@ class TextDiffHead(nn.Module):
             x = reduce(feature)
             if text is not None:
                 b, c, h, w = x.shape
-                tokens = self.fusion(x.flatten(2).transpose(1, 2), text, text_mask)
+                tokens = self.fusion(x.flatten(2).transpose(1, 2), text, text_mask, h, w)
                 x = tokens.transpose(1, 2).reshape(b, c, h, w)
             fused.append(F.interpolate(x, size=(finest, finest), mode="bilinear", align_corners=False))
         logits = self.classifier(torch.cat(fused, dim=1))

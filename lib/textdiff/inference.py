@@ -8,6 +8,7 @@ from monai.metrics import DiceMetric, MeanIoU
 from monai.networks.utils import one_hot
 from tqdm.auto import tqdm
 
+from .data import DataError, preprocess_image
 from .features import FeatureCache
 from .model import TextDiffModel
 from .train import predict_logits
@@ -48,3 +49,26 @@ def score_masks(masks: list[torch.Tensor], items: list[dict], num_classes: int) 
         })
     mean = {key: sum(r[key] for r in rows) / len(rows) for key in ("dice", "iou")} if rows else {}
     return {"mean": mean, "images": rows}
+
+
+@torch.no_grad()
+def segment_image(model: TextDiffModel, image: torch.Tensor, report: str, batch_size: int = 8) -> torch.Tensor:
+    """Label map (1, *spatial) for a channel-first 2D image or 3D volume, at the image's own size.
+
+    A volume (C, X, Y, Z) is segmented slice by slice along its last axis with the 2D model; singleton spatial axes
+    (single-slice NIfTI/NRRD/DICOM) are kept, so the mask has exactly the image's shape.
+    """
+    spatial = tuple(image.shape[1:])
+    if len(spatial) not in (2, 3):
+        raise DataError(f"expected a 2D image or 3D volume, got spatial shape {spatial}")
+    volume = torch.as_tensor(image).float()
+    volume = volume if len(spatial) == 3 else volume[..., None]
+    size, channels = model.image_size, model.cfg.backbone.in_channels
+    slices = [preprocess_image(volume[..., z], size, channels) for z in range(volume.shape[-1])]
+    cache = FeatureCache(model.extractor, enabled=False)
+    masks = []
+    for start in range(0, len(slices), batch_size):
+        chunk = [{"id": f"slice{z}", "image": s, "report": report} for z, s in enumerate(slices[start : start + batch_size])]
+        logits = predict_logits(model, chunk, cache, batch_size)
+        masks += [to_original_size(lg, tuple(volume.shape[1:3])) for lg in logits]
+    return torch.stack(masks, dim=-1).reshape(1, *spatial)

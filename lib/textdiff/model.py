@@ -64,8 +64,7 @@ def save_checkpoint(model: TextDiffModel, path: str | Path, extra: dict | None =
     return path
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> TextDiffModel:
-    """Rebuild the whole model from a head checkpoint (the backbone path may be relative to the checkpoint)."""
+def _read_checkpoint(path: str | Path) -> tuple[dict, TextDiffConfig]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no TextDiff checkpoint at '{path}': train one with `textdiff train`")
@@ -73,7 +72,18 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Tex
     cfg = TextDiffConfig.from_dict(state["config"])
     backbone = cfg.backbone.pretrained
     if backbone and not Path(backbone).is_absolute() and (path.parent / backbone).exists():
-        cfg.backbone.pretrained = str(path.parent / backbone)
+        cfg.backbone.pretrained = str((path.parent / backbone).resolve())
+    return state, cfg
+
+
+def load_checkpoint_config(path: str | Path) -> TextDiffConfig:
+    """The config a checkpoint was trained with, its backbone path resolved (no weights are built)."""
+    return _read_checkpoint(path)[1]
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> TextDiffModel:
+    """Rebuild the whole model from a head checkpoint (the backbone path may be relative to the checkpoint)."""
+    state, cfg = _read_checkpoint(path)
     model = TextDiffModel(cfg)
     model.head.load_state_dict(state["head"])
     return model.to(device).eval()

@@ -4,35 +4,62 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import itk
 import numpy as np
 import torch
-from monai.data import MetaTensor
-from monai.transforms import SaveImage
 from PIL import Image
 from scipy import ndimage
+
+from .data import DataError
 
 OVERLAY_COLOURS = np.array([[0, 0, 0], [255, 60, 60], [60, 200, 255], [255, 210, 0], [120, 255, 120]], np.uint8)
 
 
 def mask_extension(image_path: Path) -> str:
+    """The mask's file type for an image: the image's own, except JPEG (lossy) -> PNG and DICOM -> NRRD."""
     name = image_path.name.lower()
-    return ".nii.gz" if name.endswith(".nii.gz") else (".png" if name.endswith((".jpg", ".jpeg")) else image_path.suffix)
+    if name.endswith(".nii.gz"):
+        return ".nii.gz"
+    return {".jpg": ".png", ".jpeg": ".png", ".dcm": ".nrrd"}.get(image_path.suffix.lower(), image_path.suffix)
 
 
-def save_mask(mask: torch.Tensor, image: MetaTensor, out_dir: Path, name: str, ext: str) -> Path:
-    """Save a (1, H, W) label map with the source image's meta (spacing, origin, direction)."""
-    if ext == ".dcm":
-        ext = ".nrrd"  # a mask is not a DICOM image; NRRD keeps the geometry
-    # Single-slice volumes were read as 2D: give the mask back the singleton axes its image has on disk.
-    shape = [int(s) for s in image.meta.get("spatial_shape", mask.shape[1:])]
-    if len(shape) > 2 and mask[0].numel() == int(np.prod(shape)):
-        mask = mask.reshape(1, *shape)
-    labelled = MetaTensor(mask.to(torch.uint8), meta=dict(image.meta))
-    labelled.meta["filename_or_obj"] = name
-    saver = SaveImage(output_dir=str(out_dir), output_ext=ext, output_postfix="", separate_folder=False,
-                      output_dtype=np.uint8, resample=False, print_log=False)
-    saver(labelled)
-    return out_dir / f"{name}{ext}"
+def read_geometry(reference: Path) -> dict:
+    """Size, spacing, origin and direction of an image file as ITK sees it (header only, no pixels read)."""
+    io = itk.ImageIOFactory.CreateImageIO(str(reference), itk.CommonEnums.IOFileMode_ReadMode)
+    if io is None:
+        raise DataError(f"cannot read the geometry of '{reference}': not an image format ITK knows")
+    io.SetFileName(str(reference))
+    io.ReadImageInformation()
+    dims = range(io.GetNumberOfDimensions())
+    return {
+        "size": [io.GetDimensions(i) for i in dims],
+        "spacing": [io.GetSpacing(i) for i in dims],
+        "origin": [io.GetOrigin(i) for i in dims],
+        "direction": np.array([io.GetDirection(i) for i in dims]).T,  # GetDirection(i) is the i-th axis (a column)
+    }
+
+
+def save_mask(mask: torch.Tensor | np.ndarray, reference: Path, out_path: Path, compress: bool = True) -> Path:
+    """Write a (1, *spatial) label map onto the grid of its image file: same size, spacing, origin and direction.
+
+    The mask is in MONAI's index order (x, y[, z]), which is ITK's index order for every reader we use, so copying the
+    reference's ITK geometry puts the mask exactly on the image in any viewer. Singleton axes of the image (a
+    single-slice NIfTI) come back. The format follows `out_path`'s extension (.nrrd, .nii.gz, .png, ...).
+    """
+    geometry = read_geometry(Path(reference))
+    array = np.asarray(mask)[0].astype(np.uint8)
+    if array.size != int(np.prod(geometry["size"])):
+        raise DataError(f"a mask of shape {array.shape} does not fit image '{reference}' of size {geometry['size']}")
+    if str(out_path).lower().endswith((".png", ".jpg")) and sum(s > 1 for s in geometry["size"]) > 2:
+        raise DataError(f"'{reference}' is a volume: ask for .nrrd or .nii.gz, a PNG holds one slice")
+    image = itk.image_from_array(np.ascontiguousarray(array.reshape(geometry["size"]).T))  # ITK arrays are (z, y, x)
+    image.SetSpacing(geometry["spacing"])
+    image.SetOrigin(geometry["origin"])
+    image.SetDirection(itk.matrix_from_array(np.ascontiguousarray(geometry["direction"])))
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    itk.imwrite(image, str(out_path), compression=compress)
+    return out_path
 
 
 def overlay_png(image: torch.Tensor, mask: torch.Tensor, path: Path) -> Path:

@@ -7,6 +7,7 @@ The model is saved atomically every `save_every` epochs and at the end, so an in
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -74,13 +75,12 @@ def pretrain(
     """Train (or continue training `init`) a UNet to denoise the images; returns the per-epoch loss history."""
     rank, world, device = _distributed()
     torch.manual_seed(settings.seed + rank)
-    images = load_unlabeled_images(folders, cfg)
-    if init:
+    if init:  # continuing: the existing model decides the image size and channels
         unet, scheduler = load_diffusion(init)
+        cfg = dataclasses.replace(cfg, image_size=unet.config.sample_size, in_channels=unet.config.in_channels)
     else:
         unet, scheduler = build_unet(cfg), build_scheduler(cfg)
-    if unet.config.sample_size != images.shape[-1] or unet.config.in_channels != images.shape[1]:
-        raise ValueError(f"--init model takes {unet.config.sample_size}² x{unet.config.in_channels}, data is {tuple(images.shape[1:])}")
+    images = load_unlabeled_images(folders, cfg)
     unet.to(device).train()
     ema = EMAModel(unet.parameters(), decay=settings.ema_decay)
     ema.to(device)

@@ -18,7 +18,8 @@ from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
 from tqdm.auto import tqdm
 
-from .config import TrainConfig
+from .config import TextDiffConfig, TrainConfig
+from .data import Case, DataError, load_case
 from .features import FeatureCache, feature_augmentation, feature_keys
 from .model import TextDiffModel, save_checkpoint
 
@@ -129,3 +130,19 @@ def train_head(
     model.head.load_state_dict(best_state)
     model.eval()
     return TrainResult(history, best.best_dice, best.best_epoch)
+
+
+def train_on_cases(cases: list[Case], cfg: TextDiffConfig, checkpoint: str | Path, device: str | torch.device = "cpu",
+                   progress: bool = True, cache_folder: str | Path | None = None) -> tuple[TextDiffModel, TrainResult]:
+    """Build the model of `cfg`, load the labeled cases, split off validation images, train and checkpoint."""
+    cases = [c for c in cases if c.label is not None]
+    if not cases:
+        raise DataError("no labeled image: save at least one mask (labels/final) before training")
+    model = TextDiffModel(cfg).to(device)
+    size, channels = model.image_size, model.cfg.backbone.in_channels
+    items = [load_case(c, size, channels, cfg.head.num_classes) for c in cases]
+    train_items, val_items = split_train_val(items, cfg.train.val_fraction, cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)
+    cache = FeatureCache(model.extractor, enabled=cfg.train.cache_features, folder=cache_folder)
+    result = train_head(model, train_items, val_items, cfg.train, checkpoint=checkpoint, cache=cache, progress=progress)
+    return model, result

@@ -1,0 +1,33 @@
+"""Strategy `uncertainty`: the unlabeled image whose mask the model is least sure of (scored by MaskUncertainty)."""
+
+from __future__ import annotations
+
+import logging
+
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.strategy import Strategy
+
+from ..scoring.uncertainty import SCORE_KEY, MaskUncertainty
+
+logger = logging.getLogger(__name__)
+
+
+class Uncertainty(Strategy):
+    def __init__(self, scoring: MaskUncertainty):
+        super().__init__("The unlabeled image whose predicted mask is most uncertain")
+        self.scoring = scoring
+
+    def __call__(self, request, datastore: Datastore):
+        unlabeled = datastore.get_unlabeled_images()
+        if not unlabeled:
+            return None
+        scores = {key: datastore.get_image_info(key).get(SCORE_KEY) for key in unlabeled}
+        if any(score is None for score in scores.values()):  # new images, or never scored: score them now
+            self.scoring({}, datastore)
+            scores = {key: datastore.get_image_info(key).get(SCORE_KEY) for key in unlabeled}
+        scored = {key: score for key, score in scores.items() if score is not None}
+        if not scored:
+            return None
+        pick = max(scored, key=scored.get)
+        logger.info("uncertainty: %s (%.4f) of %d unlabeled", pick, scored[pick], len(unlabeled))
+        return {"id": pick, "textdiff_uncertainty": scored[pick]}

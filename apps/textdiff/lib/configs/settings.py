@@ -1,0 +1,41 @@
+"""Every `--conf key value` the app understands, with typed defaults, in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class AppSettings:
+    model_dir: str = ""  # default: <app>/model
+    backbone: str = ""  # diffusers folder or hub id; default: the backbone of the current model, else the newest pretrained
+    text_encoder: str = ""  # transformers folder or hub id; default: the packaged all-MiniLM-L6-v2
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    demo_weights: bool = True  # start from the shipped sample-data weights when the model folder is empty
+    epochs: int = 100  # head training epochs (the `max_epochs` a client can change per run)
+    pretrain_epochs: int = 100
+    pretrain_batch_size: int = 8
+    image_size: int = 128  # size of a backbone pretrained from scratch
+    train_threads: int = 0  # torch threads for background jobs (0: torch's default)
+
+    @classmethod
+    def from_conf(cls, conf: dict[str, str], app_dir: str) -> AppSettings:
+        """Parse MONAI Label's string-valued conf; unknown keys are MONAI Label's own and are left alone."""
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in conf:
+                continue
+            raw = str(conf[f.name])
+            kind = type(f.default)
+            try:
+                values[f.name] = raw.lower() in ("1", "true", "yes") if kind is bool else kind(raw)
+            except ValueError as err:
+                raise ValueError(f"--conf {f.name} {raw!r}: expected {kind.__name__}") from err
+        settings = cls(**values)
+        if not settings.model_dir:
+            settings.model_dir = str(Path(app_dir) / "model")
+        return settings

@@ -1,0 +1,41 @@
+"""Client mistakes become HTTP 4xx answers with the library's message; the server keeps serving.
+
+MONAI Label 0.8.5 turns any other exception into a 500, so the app raises FastAPI's HTTPException itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+
+from fastapi import HTTPException
+from textdiff.data import DataError
+
+# Image ids become file names in the studies folder: no separators, no "..", no hidden files.
+SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+
+
+def not_found(message: str) -> HTTPException:
+    return HTTPException(status_code=404, detail=message)
+
+
+def bad_request(message: str) -> HTTPException:
+    return HTTPException(status_code=422, detail=message)
+
+
+def check_id(value: object, what: str = "image id") -> str:
+    """An id that cannot name a file outside the studies folder."""
+    if not isinstance(value, str) or not SAFE_ID.match(value) or ".." in value:
+        raise bad_request(f"invalid {what} {value!r}: use letters, digits, '_', '-' and '.' only")
+    return value
+
+
+@contextlib.contextmanager
+def client_errors():
+    """Bad data or parameters (DataError, ValueError, TypeError) -> 422 with the message."""
+    try:
+        yield
+    except HTTPException:
+        raise
+    except (DataError, ValueError, TypeError) as err:
+        raise bad_request(str(err)) from err

@@ -1,0 +1,75 @@
+"""The `textdiff` infer task: image + report -> mask on the image's own grid (2D, or a volume slice by slice)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from monailabel.interfaces.tasks.infer_v2 import InferType
+from monailabel.tasks.infer.basic_infer import BasicInferTask
+from textdiff.data import check_report, read_image
+from textdiff.inference import segment_image
+from textdiff.predict import mask_extension, save_mask
+
+from ..errors import bad_request, client_errors
+from ..model_store import ModelStore
+
+RESULT_EXTENSIONS = (".nrrd", ".nii.gz", ".nii", ".png")
+
+
+class TextDiffInfer(BasicInferTask):
+    """Segmentation from a frozen diffusion backbone and the image's report.
+
+    The text is the request's `text` param when it is not empty, else the image's report in the datastore (the app
+    puts it in the request as `report`), else empty. `text` is in the config so Slicer's options panel shows it.
+    """
+
+    def __init__(self, store: ModelStore, labels: dict[str, int], description: str):
+        super().__init__(path=str(store.checkpoint), network=None, type=InferType.SEGMENTATION, labels=labels,
+                         dimension=2, description=description, config={"text": ""})
+        self.store = store
+
+    def is_valid(self) -> bool:
+        return self.store.exists()
+
+    def pre_transforms(self, data=None):
+        return [self._load]
+
+    def inverse_transforms(self, data=None):
+        return None
+
+    def post_transforms(self, data=None):
+        return []
+
+    @staticmethod
+    def _load(data: dict) -> dict:
+        with client_errors():
+            data["image"] = read_image(Path(data["image_path"]), "image")
+        return data
+
+    def run_inferer(self, data: dict, convert_to_batch=True, device="cpu") -> dict:
+        """The model comes from the ModelStore (head checkpoint + frozen parts), not from a TorchScript `path`."""
+        text = data.get("text")
+        source = "request"
+        if text is None or (isinstance(text, str) and not text.strip()):
+            text, source = data.get("report") or "", "datastore" if data.get("report") else "none"
+        with client_errors():
+            data["text_used"] = check_report(text, "the 'text' param")
+            data["pred"] = segment_image(self.store.get(), data["image"], data["text_used"])
+        data["text_source"] = source
+        return data
+
+    def writer(self, data: dict, extension=None, dtype=None):
+        """Write the mask with the image file's geometry in the format the client asks for (default: the image's)."""
+        image_path = Path(data["image_path"])
+        ext = data.get("result_extension") or mask_extension(image_path)
+        if ext not in RESULT_EXTENSIONS:
+            raise bad_request(f"result_extension {ext!r} is not supported: use one of {', '.join(RESULT_EXTENSIONS)}")
+        if data.get("result_dtype") not in (None, "uint8"):
+            raise bad_request(f"result_dtype {data['result_dtype']!r} is not supported: masks are uint8")
+        out = Path(tempfile.NamedTemporaryFile(suffix=ext, delete=False).name)
+        with client_errors():
+            save_mask(data["pred"], image_path, out, compress=bool(data.get("result_compress", True)))
+        result = {"text": data["text_used"], "text_source": data["text_source"],
+                  "foreground_pixels": int((data["pred"] > 0).sum())}
+        return str(out), result

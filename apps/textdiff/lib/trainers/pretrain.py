@@ -1,0 +1,60 @@
+"""The `diffusion_pretrain` train task: the denoising backbone learns from every image, labeled or not.
+
+Each run writes a new backbone folder (model/backbones/<run id>); the current head keeps pointing at the backbone it
+was trained on, so inference never mixes a head with a backbone it has not seen. When labeled images exist the head
+is retrained on the new backbone in the same job, and publishing that head switches the app over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+from monailabel.interfaces.datastore import Datastore
+from textdiff.config import BackboneConfig
+from textdiff.pretrain import PretrainSettings, pretrain
+
+from ..configs.settings import AppSettings
+from .base import StatsTrainTask
+from .textdiff import TextDiffTrain, labeled_cases
+
+logger = logging.getLogger(__name__)
+
+
+class DiffusionPretrain(StatsTrainTask):
+    def __init__(self, settings: AppSettings, backbone: BackboneConfig, head_trainer: TextDiffTrain, description: str):
+        self.model_dir = Path(settings.model_dir)
+        super().__init__(
+            description,
+            {"max_epochs": settings.pretrain_epochs, "train_batch_size": settings.pretrain_batch_size,
+             "learning_rate": 2e-4, "continue_from_current": True, "retrain_head": True},
+            self.model_dir / "pretrain_stats.json", settings.train_threads,
+        )
+        self.settings = settings
+        self.backbone = backbone
+        self.head_trainer = head_trainer
+
+    def pre_process(self, request, datastore: Datastore) -> dict:
+        """All images of the studies folder (pretraining needs no labels), and the labeled ones for the head."""
+        return {"studies": datastore.studies_dir, "labeled": labeled_cases(datastore)}
+
+    def train(self, request, data: dict) -> dict:
+        start = time.time()
+        out = self.model_dir / "backbones" / request["run_id"]
+        current = self.head_trainer.backbone_for_training() if request.get("continue_from_current", True) else None
+        settings = PretrainSettings(epochs=int(request["max_epochs"]), batch_size=int(request["train_batch_size"]),
+                                    lr=float(request["learning_rate"]))
+        cfg = dataclasses.replace(self.backbone, image_size=self.settings.image_size)
+        logger.info("pretraining the diffusion backbone on %s for %d epochs -> %s (from %s)",
+                    data["studies"], settings.epochs, out, current or "random init")
+        history = pretrain([data["studies"]], out, cfg, settings, init=current, progress=False)
+        stats = {"total_time": round(time.time() - start, 1), "epochs": settings.epochs, "backbone": str(out),
+                 "final_loss": history[-1]["loss"], "history": history}
+        if data["labeled"] and request.get("retrain_head", True):
+            head_request = {**self.head_trainer.config(), "device": request["device"]}
+            base = None if current else dataclasses.replace(self.head_trainer.cfg, backbone=cfg)  # a fresh architecture
+            head = self.head_trainer.train(head_request, data["labeled"], backbone=str(out), base=base)
+            stats["head"] = {k: v for k, v in head.items() if k != "history"}
+        return stats

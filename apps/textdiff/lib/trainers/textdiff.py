@@ -1,0 +1,81 @@
+"""The `textdiff` train task: fusion + head on the images that have a final label, backbone and text frozen."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+from monailabel.interfaces.datastore import Datastore
+from textdiff.config import TextDiffConfig
+from textdiff.data import Case, DataError, image_id
+from textdiff.model import load_checkpoint_config
+from textdiff.train import train_on_cases
+
+from ..configs.settings import AppSettings
+from .base import StatsTrainTask
+
+logger = logging.getLogger(__name__)
+
+
+def labeled_cases(datastore: Datastore) -> list[Case]:
+    """The datastore's (image, final label) pairs with each image's report."""
+    cases = []
+    for pair in datastore.datalist():
+        key = image_id(pair["image"])
+        cases.append(Case(key, Path(pair["image"]), Path(pair["label"]), datastore.report(key)))
+    return cases
+
+
+class TextDiffTrain(StatsTrainTask):
+    def __init__(self, settings: AppSettings, cfg: TextDiffConfig, backbone_for_training, description: str):
+        self.model_dir = Path(settings.model_dir)
+        super().__init__(
+            description,
+            {"max_epochs": settings.epochs, "val_split": cfg.train.val_fraction,
+             "train_batch_size": cfg.train.batch_size, "learning_rate": cfg.train.lr},
+            self.model_dir / "train_stats.json", settings.train_threads,
+        )
+        self.settings = settings
+        self.cfg = cfg
+        self.backbone_for_training = backbone_for_training
+        self.checkpoint = self.model_dir / "textdiff.pt"
+
+    def pre_process(self, request, datastore: Datastore) -> list[Case]:
+        cases = labeled_cases(datastore)
+        if not cases:
+            raise DataError("no image has a final label yet: save at least one mask (Submit Label) before training")
+        return cases
+
+    def train(self, request, data: list[Case], backbone: str | None = None, base: TextDiffConfig | None = None) -> dict:
+        """Train on the labeled cases and publish the checkpoint atomically (the best epoch by validation Dice).
+
+        `backbone` overrides the one `backbone_for_training` picks; `base` the config the run starts from (by
+        default the current model's, so a deployment keeps its architecture; the app defaults when there is none).
+        """
+        cfg = self.run_config(request, backbone, base)
+        start = time.time()
+        logger.info("training TextDiff on %d labeled images, backbone %s", len(data), cfg.backbone.pretrained)
+        _, result = train_on_cases(data, cfg, self.checkpoint, request["device"], progress=False,
+                                   cache_folder=self.model_dir / "feature-cache")
+        logger.info("best validation Dice %.4f at epoch %d -> %s", result.best_dice, result.best_epoch, self.checkpoint)
+        return {"total_time": round(time.time() - start, 1), "epochs": cfg.train.epochs,
+                "best_metric": result.best_dice, "best_epoch": result.best_epoch, "labeled_images": len(data),
+                "backbone": cfg.backbone.pretrained, "history": result.history}
+
+    def run_config(self, request: dict, backbone: str | None = None, base: TextDiffConfig | None = None) -> TextDiffConfig:
+        """The library config for one run: the base config, the client's epochs / split / batch / lr, the backbone."""
+        backbone = backbone or self.backbone_for_training()
+        if not backbone:
+            raise DataError("no diffusion backbone yet: run the diffusion_pretrain task first, "
+                            "or start the server with --conf backbone <diffusers folder or hub id>")
+        if base is None:
+            base = load_checkpoint_config(self.checkpoint) if self.checkpoint.is_file() else self.cfg
+        train = dataclasses.replace(
+            base.train, epochs=int(request.get("max_epochs", self.settings.epochs)),
+            val_fraction=float(request.get("val_split", base.train.val_fraction)),
+            batch_size=int(request.get("train_batch_size", base.train.batch_size)),
+            lr=float(request.get("learning_rate", base.train.lr)),
+        )
+        return dataclasses.replace(base, train=train, backbone=dataclasses.replace(base.backbone, pretrained=backbone))

@@ -1,0 +1,103 @@
+"""TextDiff Label: a MONAI Label app that segments images from a frozen diffusion backbone and their reports.
+
+Start it with `monailabel start_server --app apps/textdiff --studies sample-data/train`. Settings are `--conf key
+value` pairs (see lib/configs/settings.py and the README). The model code lives in the `textdiff` package; this
+app only wires it into MONAI Label, and turns bad client input into 4xx answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import monailabel
+from lib.configs.textdiff import TextDiffTaskConfig
+from lib.datastore import ReportDatastore
+from lib.errors import bad_request, check_id, not_found
+from monailabel.config import settings
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
+
+logger = logging.getLogger(__name__)
+
+MODEL = "textdiff"
+PRETRAIN = "diffusion_pretrain"
+
+
+class MyApp(MONAILabelApp):
+    def __init__(self, app_dir, studies, conf):
+        self.model = TextDiffTaskConfig()
+        self.model.init(MODEL, os.path.join(app_dir, "model"), conf, None, app_dir=app_dir)
+        super().__init__(
+            app_dir=app_dir, studies=studies, conf=conf, name="TextDiff Label",
+            description="Label-efficient segmentation from a frozen diffusion model and the images' reports",
+            version=monailabel.__version__, labels=self.model.labels,
+        )
+
+    # --- tasks -----------------------------------------------------------------------------------------------
+    def init_datastore(self):
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        return ReportDatastore(self.studies, num_classes=len(self.model.cfg.head.label_names),
+                               auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+                               read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
+
+    def init_infers(self):
+        return self.model.infer()
+
+    def init_trainers(self):
+        return {MODEL: self.model.trainer(), PRETRAIN: self.model.pretrainer()}
+
+    def init_strategies(self):
+        return {"random": Random(), "first": First(), **self.model.strategy()}
+
+    def init_scoring_methods(self):
+        return self.model.scoring_method()
+
+    # --- request checks: clear 4xx answers instead of MONAI Label's 500s --------------------------------------
+    def infer(self, request, datastore=None):
+        model = request.get("model")
+        if model not in self._infers:
+            raise not_found(f"no model '{model}': available are {sorted(self._infers)}")
+        if not self._infers[model].is_valid():
+            raise not_found(f"model '{model}' has no weights yet: train it first (POST /train/{model})")
+        image = request.get("image")
+        if not isinstance(image, str) or not image:
+            raise bad_request("say which image to segment: ?image=<id>")
+        if not _is_upload(image):
+            check_id(image)
+            if image not in self.datastore().list_images():
+                raise not_found(f"no image '{image}' in the datastore")
+            request = {**request, "report": self.datastore().report(image)}
+        return super().infer(request, datastore)
+
+    def next_sample(self, request):
+        strategy = request.get("strategy") or "random"
+        if strategy not in self._strategies:
+            raise not_found(f"no active-learning strategy '{strategy}': available are {sorted(self._strategies)}")
+        return super().next_sample(request)
+
+    def scoring(self, request, datastore=None):
+        method = request.get("method")
+        if method not in self._scoring_methods:
+            raise not_found(f"no scoring method '{method}': available are {sorted(self._scoring_methods)}")
+        return super().scoring(request, datastore)
+
+    def bundle_path(self, model):
+        """MONAI Label asks this in the server process just before it starts a background train or scoring job:
+        the one place to refuse a job that cannot run with a 4xx, instead of a subprocess that fails later."""
+        if model is not None and model not in self._trainers:
+            raise not_found(f"no trainer '{model}': available are {sorted(self._trainers)}")
+        if model == MODEL and not self.datastore().get_labeled_images():
+            raise bad_request("no image has a final label yet: save at least one mask before training")
+        return super().bundle_path(model)
+
+
+def _is_upload(image: str) -> bool:
+    """MONAI Label stores an uploaded image as /tmp/tmpXXXXXXXX.<ext>; any other path is refused."""
+    path = Path(image)
+    return path.parent == Path(tempfile.gettempdir()) and path.name.startswith("tmp") and path.is_file()
+

@@ -1,0 +1,34 @@
+"""Build a tiny TextDiff Label deployment (studies folder, tiny backbone, tiny trained head) for the app tests."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+from textdiff.backbone import build_scheduler, build_unet, save_diffusion
+from textdiff.data import read_studies
+from textdiff.sample_data import make_sample_data
+from textdiff.train import train_on_cases
+
+APP_DIR = Path(__file__).resolve().parents[1] / "apps" / "textdiff"
+
+
+def make_deployment(root: Path, tiny_config) -> dict:
+    """studies/ (6 images, 4 labeled, reports.csv), model/ (tiny backbone + head), and the app's --conf."""
+    data = root / "data"
+    make_sample_data(data, n_train=6, n_test=1, n_labeled=4, size=64)
+    studies = root / "studies"
+    shutil.copytree(data / "train", studies)
+    model_dir = root / "model"
+    cfg = tiny_config()
+    backbone = model_dir / "backbones" / "tiny"
+    save_diffusion(build_unet(cfg.backbone), build_scheduler(cfg.backbone), backbone)
+    cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, pretrained=str(backbone)),
+                              train=dataclasses.replace(cfg.train, epochs=1))
+    train_on_cases(read_studies(studies), cfg, model_dir / "textdiff.pt", progress=False)
+    conf = {"model_dir": str(model_dir), "demo_weights": "false", "epochs": "2", "pretrain_epochs": "1",
+            "pretrain_batch_size": "4", "image_size": "32"}
+    return {"studies": studies, "model_dir": model_dir, "conf": conf, "groundtruth": data / "train-groundtruth",
+            "conf_json": json.dumps(conf)}

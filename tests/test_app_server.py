@@ -1,0 +1,132 @@
+"""A real `monailabel start_server` on 127.0.0.1, driven the way 3D Slicer (MONAILabelClient) and OHIF do."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import itk
+import numpy as np
+import pytest
+import requests
+
+sys.path.insert(0, str(Path(__file__).parent))
+from app_fixtures import APP_DIR, make_deployment  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, h):
+    root = tmp_path_factory.mktemp("server")
+    deployment = make_deployment(root, h.tiny_config)
+    port = _free_port()
+    venv_bin = Path(sys.executable).parent
+    conf = [arg for key, value in deployment["conf"].items() for arg in ("--conf", key, value)]
+    env = {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}",
+           "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "TEXTDIFF_TEST_THREADS": "1"}
+    log = open(root / "server.log", "w")
+    process = subprocess.Popen(
+        [str(venv_bin / "monailabel"), "start_server", "--app", str(APP_DIR), "--studies",
+         str(deployment["studies"]), "--host", "127.0.0.1", "--port", str(port), *conf],
+        stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{url}/info/", timeout=5).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        assert process.poll() is None, (root / "server.log").read_text()[-3000:]
+        time.sleep(1)
+    else:
+        pytest.fail("server did not start: " + (root / "server.log").read_text()[-3000:])
+    yield {"url": url, **deployment}
+    process.terminate()
+    process.wait(30)
+    log.close()
+
+
+def _geometry(image) -> tuple:
+    return (tuple(image.GetLargestPossibleRegion().GetSize())[:2], np.round(tuple(image.GetSpacing())[:2], 5).tolist(),
+            np.round(tuple(image.GetOrigin())[:2], 5).tolist())
+
+
+def test_slicer_flow_next_sample_infer_label_train_infer_again(server, tmp_path):
+    from monailabel.client import MONAILabelClient
+
+    client = MONAILabelClient(server["url"], tmpdir=str(tmp_path))
+    assert "textdiff" in client.info()["models"]
+    sample = client.next_sample("random", {})
+    image_id = sample["id"]
+    mask_file, params = client.infer("textdiff", image_id, {"result_extension": ".nrrd", "result_dtype": "uint8"})
+    assert params["label_names"] == {"infection": 1}
+    image = itk.imread(str(server["studies"] / f"{image_id}.png"))
+    assert _geometry(itk.imread(mask_file)) == _geometry(image)
+
+    # the clinician corrects the mask and submits it; then trains and gets the new model without a restart
+    truth = server["groundtruth"] / f"{image_id}.png"
+    client.save_label(image_id, str(truth), tag="final")
+    checkpoint = server["model_dir"] / "textdiff.pt"
+    before = checkpoint.stat().st_mtime_ns
+    client.train_start("textdiff", {"max_epochs": 2})
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        status = client.train_status()
+        if status["status"] in ("DONE", "ERROR"):
+            break
+        time.sleep(2)
+    assert status["status"] == "DONE", status
+    assert checkpoint.stat().st_mtime_ns != before
+    stats = client.info()["train_stats"]["textdiff"]
+    assert stats["labeled_images"] == 5
+    mask_file, _ = client.infer("textdiff", image_id, {"result_extension": ".nrrd", "result_dtype": "uint8"})
+    assert _geometry(itk.imread(mask_file)) == _geometry(image)
+
+
+def test_ohif_flow_infer_as_image_and_put_label(server, tmp_path):
+    url = server["url"]
+    params = {"result_extension": ".nrrd", "result_dtype": "uint8", "result_compress": False,
+              "restore_label_idx": False}
+    response = requests.post(f"{url}/infer/textdiff?image=case_0005&output=image",
+                             data={"params": json.dumps(params)}, timeout=60)
+    assert response.status_code == 200, response.text
+    (tmp_path / "mask.nrrd").write_bytes(response.content)
+    mask = itk.imread(str(tmp_path / "mask.nrrd"))
+    assert _geometry(mask) == _geometry(itk.imread(str(server["studies"] / "case_0005.png")))
+    with open(tmp_path / "mask.nrrd", "rb") as handle:
+        saved = requests.put(f"{url}/datastore/label?image=case_0005", files={"label": ("case_0005.nrrd", handle)},
+                             timeout=60)
+    assert saved.status_code == 200, saved.text
+    assert "case_0005" in requests.get(f"{url}/datastore/?output=all", timeout=30).json()["objects"]
+    bad = requests.post(f"{url}/infer/textdiff?image=../../etc/passwd", timeout=30)
+    assert bad.status_code == 422
+    assert requests.get(f"{url}/info/", timeout=30).status_code == 200
+
+
+def test_training_without_labels_is_refused_up_front(tmp_path, h):
+    """Checked in-process on an app whose studies folder has no labels: a clear 4xx, no background job."""
+    from fastapi import HTTPException
+    from monailabel.config import settings
+    from monailabel.interfaces.utils.app import app_instance, clear_cache
+
+    deployment = make_deployment(tmp_path, h.tiny_config)
+    for label in (deployment["studies"] / "labels" / "final").iterdir():
+        label.unlink()
+    settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD = False
+    clear_cache()
+    app = app_instance(str(APP_DIR), str(deployment["studies"]), deployment["conf"])
+    with pytest.raises(HTTPException) as refused:
+        app.bundle_path("textdiff")
+    assert refused.value.status_code == 422 and "no image has a final label" in refused.value.detail
+    clear_cache()
