@@ -132,3 +132,21 @@ def test_positional_queries_let_the_text_act_differently_by_place(h):
     without = CrossAttentionBlock(8, 2, 1, 2, positional=False)(tokens, text, mask, 4, 4)
     assert with_position.std(1).max() > 1e-3
     assert without.std(1).max() < 1e-5
+
+
+def test_gated_text_starts_closed_and_opens_with_training():
+    """With `gated_text` the report cannot change the output at initialisation; once the gate moves, it does."""
+    from textdiff.fusion import CrossAttentionBlock
+
+    torch.manual_seed(0)
+    block = CrossAttentionBlock(8, 2, 2, 2, gated=True)
+    tokens = torch.randn(1, 16, 8)
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    first, second = torch.randn(1, 4, 8), torch.randn(1, 4, 8)
+    torch.testing.assert_close(block(tokens, first, mask, 4, 4), block(tokens, second, mask, 4, 4))
+    loss = block(tokens, first, mask, 4, 4).pow(2).sum() - block(tokens, second, mask, 4, 4).pow(2).sum()
+    loss.backward()
+    assert block.gates.grad.abs().sum() > 0  # the gates get a gradient from the text difference
+    with torch.no_grad():
+        block.gates.fill_(0.5)
+    assert not torch.allclose(block(tokens, first, mask, 4, 4), block(tokens, second, mask, 4, 4))

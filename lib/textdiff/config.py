@@ -53,6 +53,7 @@ class HeadConfig:
     ff_mult: int = 2
     use_text: bool = True  # False gives the "diffusion features without cross-attention" ablation
     positional_queries: bool = True  # image tokens carry their relative position into the cross-attention
+    gated_text: bool = False  # tanh-gated cross-attention residuals, starting closed
     head_channels: tuple[int, ...] = (32, 16)
 
 

@@ -32,9 +32,11 @@ class CrossAttentionBlock(nn.Module):
     features), so that a report naming a side or zone can raise the evidence there; the paper's queries carry none.
     """
 
-    def __init__(self, dim: int, heads: int, layers: int, ff_mult: int, positional: bool = True):
+    def __init__(self, dim: int, heads: int, layers: int, ff_mult: int, positional: bool = True, gated: bool = False):
         super().__init__()
         self.position = nn.Linear(4 * POSITION_FREQUENCIES, dim) if positional else None
+        # tanh gates at 0: the block starts as the identity for text and opens only where the text pays off.
+        self.gates = nn.Parameter(torch.zeros(layers)) if gated else None
         self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(layers))
         self.attentions = nn.ModuleList(nn.MultiheadAttention(dim, heads, batch_first=True) for _ in range(layers))
         self.ff = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * ff_mult), nn.GELU(), nn.Linear(dim * ff_mult, dim))
@@ -44,10 +46,10 @@ class CrossAttentionBlock(nn.Module):
         ignore = ~text_mask.bool()
         x = image_tokens
         where = self.position(position_features(height, width).to(x)) if self.position is not None else 0
-        for norm, attention in zip(self.norms, self.attentions):
+        for index, (norm, attention) in enumerate(zip(self.norms, self.attentions)):
             query = norm(x) + where
             attended, _ = attention(query, text_tokens, text_tokens, key_padding_mask=ignore, need_weights=False)
-            x = x + attended
+            x = x + (attended if self.gates is None else torch.tanh(self.gates[index]) * attended)
         return x + self.ff(x)
 
 
@@ -75,7 +77,7 @@ class TextDiffHead(nn.Module):
         if cfg.use_text:
             self.text_proj = nn.Linear(text_dim, cfg.dim)
             self.fusion = CrossAttentionBlock(cfg.dim, cfg.heads, cfg.cross_attention_layers, cfg.ff_mult,
-                                              cfg.positional_queries)
+                                              cfg.positional_queries, cfg.gated_text)
         widths = [cfg.dim * len(feature_channels), *cfg.head_channels]
         self.classifier = nn.Sequential(
             *(_conv_bn_relu(a, b) for a, b in zip(widths[:-1], widths[1:])),
