@@ -109,6 +109,31 @@ def labeled_items(sample_dir):
     return [load_case(c, TINY_SIZE, 1, 2) for c in cases]
 
 
+def write_dicom(path: Path, pixels: np.ndarray, spacing=(0.8, 0.6), origin=(10.0, -5.0, 3.0)) -> Path:
+    """A single-slice CT DICOM file; `pixels` is (rows, columns); spacing is (row, column) as in PixelSpacing."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.is_little_endian, ds.is_implicit_VR = True, False
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "CT"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelSpacing, ds.ImagePositionPatient = list(spacing), list(origin)
+    ds.ImageOrientationPatient, ds.SliceThickness = [1, 0, 0, 0, 1, 0], 2.0
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(str(path), write_like_original=False)
+    return path
+
+
 def count_calls(module: torch.nn.Module):
     """Attach a forward pre-hook that records the batch size of every call; returns (records, handle)."""
     calls: list[int] = []
@@ -132,6 +157,7 @@ class Helpers:
     tiny_config = staticmethod(tiny_config)
     write_png = staticmethod(write_png)
     random_png = staticmethod(random_png)
+    write_dicom = staticmethod(write_dicom)
     count_calls = staticmethod(count_calls)
 
 

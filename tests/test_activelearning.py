@@ -44,3 +44,24 @@ def test_each_strategy_picks_new_unlabeled_items(make_model, labeled_items):
         ids = [item["id"] for item in picked]
         assert len(ids) == 2 and len(set(ids)) == 2
         assert set(ids) <= {item["id"] for item in unlabeled}
+
+
+def test_labeling_simulation_writes_rounds_table_and_plot(tmp_path, h):
+    """Tiny end-to-end run: every strategy shares round 0, adds `step` images per round, and writes its outputs."""
+    import json
+
+    from textdiff.al_benchmark import LabelingSettings, run_labeling_benchmark
+    from textdiff.sample_data import make_sample_data
+
+    make_sample_data(tmp_path / "data", n_train=8, n_test=2, n_labeled=2, size=64)
+    settings = LabelingSettings(start=2, step=2, rounds=2, seeds=(0,), steps=2)
+    cfg = h.tiny_config()
+    result = run_labeling_benchmark(tmp_path / "data", None, tmp_path / "out", settings, cfg)
+    rows = result["rows"]
+    assert [r["labels"] for r in rows if r["strategy"] == "diverse"] == [2, 4, 6]
+    assert len({r["dice"] for r in rows if r["round"] == 0}) == 1  # the shared first round
+    for strategy in settings.strategies:
+        picked = [r["picked"] for r in rows if r["strategy"] == strategy][-1]
+        assert len(set(picked)) == 6  # never the same image twice
+    assert json.loads((tmp_path / "out" / "al_results.json").read_text())["rows"] == json.loads(json.dumps(rows))
+    assert (tmp_path / "out" / "al_dice_per_round.png").stat().st_size > 0

@@ -230,3 +230,27 @@ def test_pretraining_writes_a_new_backbone_and_retrains_the_head_on_it(client, d
 
     assert load_checkpoint_config(deployment["model_dir"] / "textdiff.pt").backbone.pretrained == backbone
     assert _infer(client, "case_0002", result_extension=".nrrd").status_code == 200
+
+
+def test_a_dicom_image_gets_a_mask_on_its_patient_grid(client, h, tmp_path):
+    pixels = (np.random.default_rng(1).random((40, 48)) * 1000).astype(np.uint16)
+    path = h.write_dicom(tmp_path / "ct_01.dcm", pixels, spacing=(0.8, 0.6), origin=(10.0, -5.0, 3.0))
+    with open(path, "rb") as handle:
+        added = client.put("/datastore/image?image=ct_01", files={"file": ("ct_01.dcm", handle)})
+    assert added.status_code == 200, added.text
+    response = _infer(client, "ct_01", result_extension=".nrrd")
+    assert response.status_code == 200, response.text
+    mask, image = _read(response, ".nrrd"), itk.imread(str(path))
+    assert tuple(mask.GetLargestPossibleRegion().GetSize())[:2] == (48, 40)
+    assert np.allclose(tuple(mask.GetSpacing())[:2], tuple(image.GetSpacing())[:2])
+    assert np.allclose(tuple(mask.GetOrigin()), tuple(image.GetOrigin()))
+
+
+def test_an_uploaded_image_is_segmented_without_entering_the_datastore(client, deployment):
+    before = set(client.get("/datastore/?output=all").json()["objects"])
+    with open(deployment["studies"] / "case_0002.png", "rb") as handle:
+        response = client.post("/infer/textdiff?output=json", files={"file": ("upload.png", handle, "image/png")},
+                               data={"params": json.dumps({"text": REPORT})})
+    assert response.status_code == 200, response.text
+    assert response.json()["text"] == REPORT
+    assert set(client.get("/datastore/?output=all").json()["objects"]) == before

@@ -151,9 +151,9 @@ def _itk_geometry(image) -> tuple:
             np.round(tuple(image.GetOrigin()), 5).tolist(), itk.array_from_matrix(image.GetDirection()).round(5).tolist())
 
 
-@pytest.mark.parametrize("source", [".nrrd", ".nii.gz", ".png"])
+@pytest.mark.parametrize("source", [".nrrd", ".nii.gz", ".png", ".dcm"])
 @pytest.mark.parametrize("target", [".nrrd", ".nii.gz"])
-def test_saved_mask_lies_on_the_image_in_any_format(tmp_path, source, target):
+def test_saved_mask_lies_on_the_image_in_any_format(tmp_path, h, source, target):
     """Whatever the image and mask formats, the mask has the image's ITK grid and its voxels sit where the image's
     bright pixels are (checks the index order as well as the geometry)."""
     rng = np.random.default_rng(0)
@@ -161,6 +161,8 @@ def test_saved_mask_lies_on_the_image_in_any_format(tmp_path, source, target):
     pixels[3:7, 15:22] = 255
     if source == ".png":
         Image.fromarray(pixels).save(tmp_path / "img.png")
+    elif source == ".dcm":
+        h.write_dicom(tmp_path / "img.dcm", pixels)
     else:
         volume = itk.image_from_array(pixels[None].astype(np.float32))
         volume.SetSpacing([0.5, 0.8, 2.0])

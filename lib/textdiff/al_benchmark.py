@@ -66,19 +66,25 @@ def run_labeling_benchmark(data: Path, backbone: str | None, out: Path, settings
     size, channels = cache.extractor.cfg.image_size, cache.extractor.cfg.in_channels
     pool = [load_case(c, size, channels, 2) for c in _pool(data)]
     test = [load_case(c, size, channels, 2) for c in read_studies(data / "test")]
+    def train_and_score(labeled: list[dict], seed: int) -> tuple[TextDiffModel, float]:
+        torch.manual_seed(seed)
+        model = TextDiffModel(cfg, cache.extractor, text_encoder).to(device)
+        train, val = split_train_val(labeled, cfg.train.val_fraction, seed)
+        epochs = epochs_for(settings.steps, len(train), cfg.train.batch_size)
+        train_head(model, train, val, dataclasses.replace(cfg.train, epochs=epochs, seed=seed), cache=cache,
+                   progress=False)
+        return model, score_masks(segment_items(model, test, cache=cache), test, 2)["mean"]["dice"]
+
     rows = []
     for seed in settings.seeds:
+        start = _subset(pool, settings.start, seed)
+        start_model, start_dice = train_and_score(start, seed)  # the same first round for every strategy
         for strategy in settings.strategies:
             rng = random.Random(seed)
-            labeled = _subset(pool, settings.start, seed)
+            labeled, model, dice = start, start_model, start_dice
             for round_ in range(settings.rounds + 1):
-                torch.manual_seed(seed)
-                model = TextDiffModel(cfg, cache.extractor, text_encoder).to(device)
-                train, val = split_train_val(labeled, cfg.train.val_fraction, seed)
-                epochs = epochs_for(settings.steps, len(train), cfg.train.batch_size)
-                train_head(model, train, val, dataclasses.replace(cfg.train, epochs=epochs, seed=seed), cache=cache,
-                           progress=False)
-                dice = score_masks(segment_items(model, test, cache=cache), test, 2)["mean"]["dice"]
+                if round_ > 0:
+                    model, dice = train_and_score(labeled, seed)
                 rows.append({"strategy": strategy, "seed": seed, "round": round_, "labels": len(labeled), "dice": dice,
                              "picked": [item["id"] for item in labeled]})
                 print(f"{strategy:<12} seed={seed} round={round_} labels={len(labeled):<3} dice={dice:.4f}", flush=True)
