@@ -130,3 +130,29 @@ def test_training_without_labels_is_refused_up_front(tmp_path, h):
         app.bundle_path("textdiff")
     assert refused.value.status_code == 422 and "no image has a final label" in refused.value.detail
     clear_cache()
+
+
+def test_background_scoring_stores_an_uncertainty_for_every_unlabeled_image(server):
+    url = server["url"]
+    for name in ("extra_01", "extra_02"):  # the other tests label every sample image: add unlabeled ones
+        with open(server["studies"] / "case_0001.png", "rb") as handle:
+            added = requests.put(f"{url}/datastore/image?image={name}", files={"file": (f"{name}.png", handle)},
+                                 timeout=30)
+        assert added.status_code == 200, added.text
+    started = requests.post(f"{url}/scoring/textdiff_uncertainty", timeout=30)
+    assert started.status_code == 200, started.text
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        status = requests.get(f"{url}/scoring/", timeout=30).json()
+        if status["status"] in ("DONE", "ERROR"):
+            break
+        time.sleep(2)
+    assert status["status"] == "DONE", status
+    objects = requests.get(f"{url}/datastore/?output=all", timeout=30).json()["objects"]
+    unlabeled = [key for key, obj in objects.items() if "final" not in obj.get("labels", {})]
+    assert unlabeled
+    for key in unlabeled:
+        info = requests.get(f"{url}/datastore/image/info?image={key}", timeout=30).json()
+        assert 0.0 <= info["textdiff_uncertainty"] <= 1.0
+    picked = requests.post(f"{url}/activelearning/uncertainty", timeout=60).json()
+    assert picked["id"] in unlabeled
