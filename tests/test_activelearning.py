@@ -65,3 +65,18 @@ def test_labeling_simulation_writes_rounds_table_and_plot(tmp_path, h):
         assert len(set(picked)) == 6  # never the same image twice
     assert json.loads((tmp_path / "out" / "al_results.json").read_text())["rows"] == json.loads(json.dumps(rows))
     assert (tmp_path / "out" / "al_dice_per_round.png").stat().st_size > 0
+
+
+def test_al_summary_merges_runs_of_different_seeds(tmp_path, capsys):
+    import json
+
+    from textdiff.cli import main
+
+    for seed, dice in ((0, 0.5), (1, 0.7)):
+        rows = [{"strategy": "random", "seed": seed, "round": 0, "labels": 5, "dice": dice, "picked": []}]
+        (tmp_path / f"run{seed}").mkdir()
+        (tmp_path / f"run{seed}" / "al_results.json").write_text(json.dumps({"rows": rows}))
+    main(["al-summary", str(tmp_path / "run0"), str(tmp_path / "run1"), "--out", str(tmp_path / "all")])
+    printed = capsys.readouterr().out
+    assert "| random | 0.600 ± 0.100 |" in printed and "seeds: [0, 1]" in printed
+    assert (tmp_path / "all" / "al_dice_per_round.png").is_file()

@@ -3,6 +3,7 @@
 Every strategy starts from the same seeded `start` labeled images, trains TextDiff, scores the test split, then
 "asks the clinician" for `step` more masks (taken from train-groundtruth/) chosen by the strategy, for `rounds`
 rounds. Prints a table of test Dice per round and writes al_results.json and al_dice_per_round.png.
+Seeds can run as separate processes (or machines) and be summarised together afterwards (`textdiff al-summary`).
 """
 
 from __future__ import annotations
@@ -92,17 +93,24 @@ def run_labeling_benchmark(data: Path, backbone: str | None, out: Path, settings
                     taken = {item["id"] for item in labeled}
                     unlabeled = [item for item in pool if item["id"] not in taken]
                     labeled = labeled + choose(strategy, model, cache, labeled, unlabeled, settings.step, rng)
+    (out / "al_results.json").write_text(json.dumps({"rows": rows, "settings": dataclasses.asdict(settings),
+                                                      "backbone": backbone}, indent=1))
+    return summarise_labeling(rows, out)
+
+
+def summarise_labeling(rows: list[dict], out: Path) -> dict:
+    """Mean ± std of test Dice per strategy and label count over seeds: print a table, write the plot."""
     summary: dict[str, dict[int, list[float]]] = {}
     for row in rows:
         summary.setdefault(row["strategy"], {}).setdefault(row["labels"], []).append(row["dice"])
     curves = {s: {n: (statistics.mean(v), statistics.pstdev(v)) for n, v in by.items()} for s, by in summary.items()}
-    (out / "al_results.json").write_text(json.dumps({"rows": rows, "settings": dataclasses.asdict(settings),
-                                                      "backbone": backbone}, indent=1))
+    out.mkdir(parents=True, exist_ok=True)
     plot_curves(curves, out / "al_dice_per_round.png", "labeled training images",
                 "Simulated labeling: test Dice per round")
     counts = sorted({row["labels"] for row in rows})
     lines = ["| strategy | " + " | ".join(f"{n} labels" for n in counts) + " |", "|" + "---|" * (len(counts) + 1)]
     for strategy, by in curves.items():
         lines.append(f"| {strategy} | " + " | ".join(f"{by[n][0]:.3f} ± {by[n][1]:.3f}" for n in counts) + " |")
+    print(f"seeds: {sorted({row['seed'] for row in rows})}")
     print("\n".join(lines))
     return {"rows": rows, "curves": curves}

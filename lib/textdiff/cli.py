@@ -140,6 +140,13 @@ def cmd_al_benchmark(args) -> None:
     run_labeling_benchmark(Path(args.data), args.backbone, Path(args.out), settings, _config(args))
 
 
+def cmd_al_summary(args) -> None:
+    from .al_benchmark import summarise_labeling
+
+    rows = [row for folder in args.results for row in json.loads((Path(folder) / "al_results.json").read_text())["rows"]]
+    summarise_labeling(rows, Path(args.out))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="textdiff", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -216,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=200, help="optimizer steps per training")
     p.add_argument("--strategies", nargs="+", default=["random", "uncertainty", "diverse"])
     model_options(p)
+
+    p = command("al-summary", cmd_al_summary, "one table and plot from several al-benchmark runs (e.g. one per seed)")
+    p.add_argument("results", nargs="+", help="al-benchmark output folders")
+    p.add_argument("--out", required=True)
     return parser
 
 
