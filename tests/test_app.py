@@ -200,6 +200,10 @@ def test_training_publishes_a_new_model_that_infer_uses_without_restart(client, 
 
     assert _infer(client, "case_0001", result_extension=".nrrd").status_code == 200
     assert app_instance().model.store.version == checkpoint.stat().st_mtime_ns
+    # uncertainty scores from the old model are stale: the strategy rescores with the new one
+    picked = client.post("/activelearning/uncertainty").json()["id"]
+    info = client.get(f"/datastore/image/info?image={picked}").json()
+    assert info["textdiff_uncertainty_model"] == checkpoint.stat().st_mtime_ns
 
 
 def test_a_volume_is_segmented_slice_by_slice_onto_its_own_grid(client, tmp_path):

@@ -27,9 +27,13 @@ class ModelStore:
         return self.checkpoint.is_file()
 
     @property
-    def version(self) -> float | None:
+    def version(self) -> int | None:
         """Modification time (ns) of the loaded checkpoint."""
         return self._stamp
+
+    def version_on_disk(self) -> int | None:
+        """Modification time (ns) of the checkpoint a new load would read."""
+        return self.checkpoint.stat().st_mtime_ns if self.exists() else None
 
     def get(self) -> TextDiffModel:
         """The current model; loads (or reloads) it when the checkpoint on disk has changed."""

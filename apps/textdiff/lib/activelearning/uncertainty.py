@@ -1,4 +1,7 @@
-"""Strategy `uncertainty`: the unlabeled image whose mask the model is least sure of (scored by MaskUncertainty)."""
+"""Strategy `uncertainty`: the unlabeled image whose mask the model is least sure of (scored by MaskUncertainty).
+
+Scores are recomputed first when an unlabeled image has none, or a score came from an older model.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import logging
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from ..scoring.uncertainty import SCORE_KEY, MaskUncertainty
+from ..scoring.uncertainty import MODEL_KEY, SCORE_KEY, MaskUncertainty
 
 logger = logging.getLogger(__name__)
 
@@ -21,10 +24,12 @@ class Uncertainty(Strategy):
         unlabeled = datastore.get_unlabeled_images()
         if not unlabeled:
             return None
-        scores = {key: datastore.get_image_info(key).get(SCORE_KEY) for key in unlabeled}
-        if any(score is None for score in scores.values()):  # new images, or never scored: score them now
+        current = self.scoring.store.version_on_disk()
+        infos = {key: datastore.get_image_info(key) for key in unlabeled}
+        if any(info.get(SCORE_KEY) is None or info.get(MODEL_KEY) != current for info in infos.values()):
             self.scoring({}, datastore)
-            scores = {key: datastore.get_image_info(key).get(SCORE_KEY) for key in unlabeled}
+            infos = {key: datastore.get_image_info(key) for key in unlabeled}
+        scores = {key: info.get(SCORE_KEY) for key, info in infos.items()}
         scored = {key: score for key, score in scores.items() if score is not None}
         if not scored:
             return None

@@ -39,7 +39,6 @@ class TextDiffTaskConfig(TaskConfig):
         if self.settings.text_encoder:
             self.cfg.text.encoder = self.settings.text_encoder
         self.labels = {name: index for index, name in enumerate(self.cfg.head.label_names) if index > 0}
-        self.path = str(checkpoint)
         self.store = ModelStore(checkpoint, self.settings.device)
         self.scoring = MaskUncertainty(self.store)
         self.head_trainer = TextDiffTrain(self.settings, self.cfg, self.backbone_for_training,

@@ -15,6 +15,7 @@ from ..model_store import ModelStore
 logger = logging.getLogger(__name__)
 
 SCORE_KEY = "textdiff_uncertainty"
+MODEL_KEY = "textdiff_uncertainty_model"  # which checkpoint (mtime, ns) the score came from
 
 
 class MaskUncertainty(ScoringMethod):
@@ -35,6 +36,6 @@ class MaskUncertainty(ScoringMethod):
                 logger.warning("not scored: %s", err)
         scores = uncertainty_scores(model, items) if items else []
         for item, score in zip(items, scores):
-            datastore.update_image_info(item["id"], {SCORE_KEY: score, f"{SCORE_KEY}_model_ts": self.store.version})
+            datastore.update_image_info(item["id"], {SCORE_KEY: score, MODEL_KEY: self.store.version})
         logger.info("scored %d unlabeled images (%d unreadable)", len(items), len(skipped))
         return {"scored": len(items), "skipped": skipped}
