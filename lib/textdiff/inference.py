@@ -64,11 +64,12 @@ def segment_image(model: TextDiffModel, image: torch.Tensor, report: str, batch_
     volume = torch.as_tensor(image).float()
     volume = volume if len(spatial) == 3 else volume[..., None]
     size, channels = model.image_size, model.cfg.backbone.in_channels
-    slices = [preprocess_image(volume[..., z], size, channels) for z in range(volume.shape[-1])]
-    cache = FeatureCache(model.extractor, enabled=False)
+    device = next(model.head.parameters()).device
+    model.eval()
     masks = []
-    for start in range(0, len(slices), batch_size):
-        chunk = [{"id": f"slice{z}", "image": s, "report": report} for z, s in enumerate(slices[start : start + batch_size])]
-        logits = predict_logits(model, chunk, cache, batch_size)
+    for start in range(0, volume.shape[-1], batch_size):  # slices in batches: one backbone pass per batch
+        batch = torch.stack([preprocess_image(volume[..., z], size, channels)
+                             for z in range(start, min(start + batch_size, volume.shape[-1]))])
+        logits = model(batch.as_subclass(torch.Tensor).to(device), [report] * len(batch)).cpu()
         masks += [to_original_size(lg, tuple(volume.shape[1:3])) for lg in logits]
     return torch.stack(masks, dim=-1).reshape(1, *spatial)
