@@ -32,10 +32,10 @@ def check_id(value: object, what: str = "image id") -> str:
 
 @contextlib.contextmanager
 def client_errors():
-    """Bad data or parameters (DataError, ValueError, TypeError) -> 422 with the message."""
+    """Bad data or parameters (DataError, ValueError) -> 422 with the message."""
     try:
         yield
     except HTTPException:
         raise
-    except (DataError, ValueError, TypeError) as err:
+    except (DataError, ValueError) as err:
         raise bad_request(str(err)) from err
