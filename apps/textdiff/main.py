@@ -71,7 +71,8 @@ class MyApp(MONAILabelApp):
             check_id(image)
             if image not in self.datastore().list_images():
                 raise not_found(f"no image '{image}' in the datastore")
-            request = {**request, "report": self.datastore().report(image)}
+            store = self.datastore()
+            request = {**request, "report": store.report(image) if isinstance(store, ReportDatastore) else ""}
         return super().infer(request, datastore)
 
     def next_sample(self, request):
