@@ -87,6 +87,7 @@ def test_slicer_flow_next_sample_infer_label_train_infer_again(server, tmp_path)
             break
         time.sleep(2)
     assert status["status"] == "DONE", status
+    assert any("epoch 2/2" in line for line in status["details"]), status["details"]  # progress is logged
     assert checkpoint.stat().st_mtime_ns != before
     stats = client.info()["train_stats"]["textdiff"]
     assert stats["labeled_images"] == 5

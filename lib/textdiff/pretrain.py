@@ -114,6 +114,7 @@ def pretrain(
             total, count = total + loss.item() * batch.shape[0], count + batch.shape[0]
         history.append({"epoch": len(history) + 1, "loss": total / count, "seconds": time.perf_counter() - start})
         bar.set_postfix(loss=f"{total / count:.4f}")
+        logger.info("epoch %d/%d: denoising loss %.4f", epoch + 1, settings.epochs, total / count)
         last = epoch + 1 == settings.epochs
         if rank == 0 and (last or (epoch + 1) % settings.save_every == 0):
             _save(unet, ema, scheduler, Path(out), history)

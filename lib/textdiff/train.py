@@ -122,6 +122,8 @@ def train_head(
         dice = dice_per_image(val_logits, torch.stack([it["label"] for it in selection]), num_classes).mean().item()
         history.append({"epoch": epoch, "loss": total / len(train_items), "val_dice": dice, "seconds": seconds})
         bar.set_postfix(loss=f"{total / len(train_items):.3f}", val_dice=f"{dice:.3f}")
+        # one line per epoch for logs (server jobs, -v), where a progress bar does not show
+        logger.info("epoch %d/%d: loss %.4f, validation Dice %.4f", epoch, cfg.epochs, total / len(train_items), dice)
         if dice > best.best_dice:
             best = TrainResult(history, dice, epoch)
             best_state = {k: v.detach().clone() for k, v in model.head.state_dict().items()}
