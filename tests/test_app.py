@@ -175,12 +175,14 @@ def test_sixteen_concurrent_infer_requests_all_succeed(client):
     assert [r.status_code for r in responses] == [200] * 16
 
 
-def test_active_learning_strategies_return_unlabeled_images(client):
+def test_active_learning_strategies_return_unlabeled_images(client, deployment):
     unlabeled = {"case_0004", "case_0005"}
     for strategy in ("random", "first", "uncertainty"):
         assert client.post(f"/activelearning/{strategy}").json()["id"] in unlabeled, strategy
     scores = [client.get(f"/datastore/image/info?image={k}").json()["textdiff_uncertainty"] for k in sorted(unlabeled)]
     assert all(0.0 <= s <= 1.0 for s in scores)
+    cached = {p.stem for p in (deployment["model_dir"] / "feature-cache").rglob("*.pt")}
+    assert unlabeled <= cached  # scoring keeps diffusion features on disk: rescoring reruns only the head
     most_uncertain = sorted(unlabeled)[int(np.argmax(scores))]
     assert client.post("/activelearning/uncertainty").json()["id"] == most_uncertain
     # diverse remembers what it handed out: two clicks give the two different unlabeled images, then nothing

@@ -15,9 +15,9 @@ import torch
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 from textdiff.activelearning import image_embeddings, pick_diverse
-from textdiff.data import Case, DataError, load_case
 from textdiff.features import FeatureCache
 
+from ..datastore_items import load_items
 from ..model_store import ModelStore
 
 logger = logging.getLogger(__name__)
@@ -32,28 +32,18 @@ class Diverse(Strategy):
         self.cache_folder = cache_folder
         self._handed_out: dict[str, float] = {}
 
-    def _items(self, keys, datastore, model) -> list[dict]:
-        items = []
-        for key in keys:
-            try:
-                case = Case(key, Path(datastore.get_image_uri(key)))
-                items.append(load_case(case, model.image_size, model.cfg.backbone.in_channels, 2))
-            except DataError as err:
-                logger.warning("diverse: skipping %s", err)
-        return items
-
     def __call__(self, request, datastore: Datastore):
         model = self.store.get()
         now = time.time()
         self._handed_out = {k: t for k, t in self._handed_out.items() if now - t < HANDED_OUT_SECONDS}
         pending = set(request.get("exclude", [])) | set(self._handed_out)
         unlabeled = [k for k in datastore.get_unlabeled_images() if k not in pending]
-        candidates = self._items(unlabeled, datastore, model)
+        candidates, _ = load_items(datastore, unlabeled, model)
         if not candidates:
             return None
         cache = FeatureCache(model.extractor, folder=self.cache_folder)
         known = datastore.get_labeled_images() + sorted(k for k in pending if k in datastore.list_images())
-        anchors = self._items(known, datastore, model)
+        anchors, _ = load_items(datastore, known, model)
         embeddings = image_embeddings(cache, candidates)
         labeled = image_embeddings(cache, anchors) if anchors else torch.empty(0, embeddings.shape[1])
         pick = candidates[pick_diverse(embeddings, labeled, 1)[0]]["id"]

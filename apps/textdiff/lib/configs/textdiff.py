@@ -40,7 +40,7 @@ class TextDiffTaskConfig(TaskConfig):
             self.cfg.text.encoder = self.settings.text_encoder
         self.labels = {name: index for index, name in enumerate(self.cfg.head.label_names) if index > 0}
         self.store = ModelStore(checkpoint, self.settings.device)
-        self.scoring = MaskUncertainty(self.store)
+        self.scoring = MaskUncertainty(self.store, self.model_dir / "feature-cache")
         self.head_trainer = TextDiffTrain(self.settings, self.cfg, self.backbone_for_training,
                                           "Train the cross-attention and pixel head on the labeled images")
 
