@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -32,3 +33,23 @@ def make_deployment(root: Path, tiny_config) -> dict:
             "pretrain_batch_size": "4", "image_size": "32"}
     return {"studies": studies, "model_dir": model_dir, "conf": conf, "groundtruth": data / "train-groundtruth",
             "conf_json": json.dumps(conf)}
+
+
+@contextlib.contextmanager
+def in_process_client(deployment: dict):
+    """A fastapi TestClient on the app served from `deployment`, as MONAI Label's own tests build one."""
+    from fastapi.testclient import TestClient
+    from monailabel.config import settings
+    from monailabel.interfaces.utils.app import clear_cache
+
+    settings.MONAI_LABEL_APP_DIR = str(APP_DIR)
+    settings.MONAI_LABEL_STUDIES = str(deployment["studies"])
+    settings.MONAI_LABEL_APP_CONF = deployment["conf"]
+    settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD = False
+    settings.MONAI_LABEL_AUTO_UPDATE_SCORING = False
+    clear_cache()
+    from monailabel.app import app
+
+    with TestClient(app) as test_client:
+        yield test_client
+    clear_cache()

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from app_fixtures import APP_DIR, make_deployment  # noqa: E402
+from app_fixtures import in_process_client, make_deployment  # noqa: E402
 
 REPORT = "Unilateral pulmonary infection, one infected area, lower right lung."
 
@@ -27,21 +27,8 @@ def deployment(tmp_path_factory, h):
 
 @pytest.fixture(scope="module")
 def client(deployment):
-    from fastapi.testclient import TestClient
-    from monailabel.config import settings
-    from monailabel.interfaces.utils.app import clear_cache
-
-    settings.MONAI_LABEL_APP_DIR = str(APP_DIR)
-    settings.MONAI_LABEL_STUDIES = str(deployment["studies"])
-    settings.MONAI_LABEL_APP_CONF = deployment["conf"]
-    settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD = False
-    settings.MONAI_LABEL_AUTO_UPDATE_SCORING = False
-    clear_cache()
-    from monailabel.app import app
-
-    with TestClient(app) as test_client:
+    with in_process_client(deployment) as test_client:
         yield test_client
-    clear_cache()
 
 
 def _infer(client, image: str, **params):
@@ -62,7 +49,8 @@ def test_info_lists_the_model_its_text_option_and_the_tasks(client):
     assert info["models"]["textdiff"]["type"] == "segmentation"
     assert "text" in info["models"]["textdiff"]["config"]  # shown in Slicer's options panel
     assert info["labels"] == {"infection": 1}
-    assert set(info["trainers"]) == {"textdiff", "diffusion_pretrain"}
+    assert set(info["trainers"]) == {"textdiff", "diffusion_pretrain", "cdm"}
+    assert "cdm" not in info["models"]  # no CDM is trained yet
     assert {"random", "first", "uncertainty", "diverse"} <= set(info["strategies"])
     assert "textdiff_uncertainty" in info["scoring"]
 

@@ -120,3 +120,46 @@ def test_end_to_end_pretrain_train_predict_evaluate(sample_dir, tmp_path, capsys
     assert scores["mean"] == mean
     assert [row["image"] for row in scores["images"]] == ["case_0006", "case_0007", "case_0008"]
     assert all(0.0 <= row["dice"] <= 1.0 and 0.0 <= row["iou"] <= 1.0 for row in scores["images"])
+
+
+def test_cdm_train_predict_and_pseudo_labels_from_the_command_line(sample_dir, tmp_path, capsys):
+    import itk
+    import numpy as np
+
+    cdm = tmp_path / "cdm"
+    assert main(["cdm-train", "--data", str(sample_dir / "train"), "--out", str(cdm), "--epochs", "1",
+                 "--batch-size", "4", "--init", str(_tiny_backbone(tmp_path)), "--set", "cdm.noise_level=100",
+                 "cdm.ddim_steps=5"]) == 0
+    assert "CDM written" in capsys.readouterr().out and (cdm / "cdm.json").is_file()
+
+    masks = tmp_path / "cdm-masks"
+    assert main(["cdm-predict", "--model", str(cdm), "--images", str(sample_dir / "train"), "--out", str(masks),
+                 "--device", "cpu", "--set", "cdm.tau=0.9"]) == 0
+    written = capsys.readouterr().out.split()
+    assert len(written) == 6
+    for case in ("case_0000", "case_0001"):  # normal (empty mask) and infected
+        assert Image.open(masks / f"{case}.png").size == (64, 64)
+        soft = itk.array_from_image(itk.imread(str(masks / "soft" / f"{case}.nrrd")))
+        assert soft.dtype == np.float32 and soft.shape == (64, 64)
+        assert (masks / "soft" / f"{case}_heatmap.png").is_file()
+    assert np.asarray(Image.open(masks / "case_0000.png")).max() == 0
+    assert np.asarray(Image.open(masks / "case_0001.png")).max() == 1
+    assert main(["cdm-predict", "--model", str(cdm), "--images", str(sample_dir / "train"), "--out", str(masks),
+                 "--set", "train.epochs=3"]) == 2
+    assert "not cdm.<name>" in capsys.readouterr().err
+
+    model = tmp_path / "model.pt"
+    assert main(["train", "--data", str(sample_dir / "train"), "--out", str(model), "--pseudo-labels", str(masks),
+                 "--epochs", "1", "--device", "cpu", "--set", *TINY_SET, *TINY_HEAD]) == 0
+    assert model.is_file()
+    assert main(["train", "--data", str(sample_dir / "train"), "--out", str(model), "--pseudo-labels",
+                 str(tmp_path / "missing"), "--epochs", "1", "--set", *TINY_SET, *TINY_HEAD]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def _tiny_backbone(tmp_path):
+    from textdiff.backbone import build_scheduler, build_unet, save_diffusion
+    from textdiff.config import with_overrides, TextDiffConfig
+
+    cfg = with_overrides(TextDiffConfig(), cli._parse_set(TINY_SET)).backbone
+    return save_diffusion(build_unet(cfg), build_scheduler(cfg), tmp_path / "tiny-backbone")

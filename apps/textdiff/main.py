@@ -13,24 +13,33 @@ import tempfile
 from pathlib import Path
 
 import monailabel
+import torch
+from lib.configs.cdm import CDMTaskConfig
 from lib.configs.textdiff import TextDiffTaskConfig
 from lib.datastore import ReportDatastore
 from lib.errors import bad_request, check_id, not_found
+from lib.trainers.textdiff import pseudo_labeled_cases
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
+from textdiff.cdm import image_level_label
+from textdiff.data import read_studies
 
 logger = logging.getLogger(__name__)
 
 MODEL = "textdiff"
 PRETRAIN = "diffusion_pretrain"
+CDM = "cdm"
 
 
 class MyApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
         self.model = TextDiffTaskConfig()
         self.model.init(MODEL, os.path.join(app_dir, "model"), conf, None, app_dir=app_dir)
+        self.cdm = CDMTaskConfig()
+        self.cdm.init(CDM, os.path.join(app_dir, "model"), conf, None, app_dir=app_dir,
+                      backbone_for_training=self.model.backbone_for_training, labels=self.model.labels)
         super().__init__(
             app_dir=app_dir, studies=studies, conf=conf, name="TextDiff Label",
             description="Label-efficient segmentation from a frozen diffusion model and the images' reports",
@@ -46,10 +55,10 @@ class MyApp(MONAILabelApp):
                                read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
 
     def init_infers(self):
-        return self.model.infer()
+        return {**self.model.infer(), **self.cdm.infer()}
 
     def init_trainers(self):
-        return {MODEL: self.model.trainer(), PRETRAIN: self.model.pretrainer()}
+        return {MODEL: self.model.trainer(), PRETRAIN: self.model.pretrainer(), CDM: self.cdm.trainer()}
 
     def init_strategies(self):
         return {"random": Random(), "first": First(), **self.model.strategy()}
@@ -72,8 +81,19 @@ class MyApp(MONAILabelApp):
             if image not in self.datastore().list_images():
                 raise not_found(f"no image '{image}' in the datastore")
             store = self.datastore()
-            request = {**request, "report": store.report(image) if isinstance(store, ReportDatastore) else ""}
+            if isinstance(store, ReportDatastore):
+                info = store.get_image_info(image)
+                request = {**request, "report": info.get("report", ""), "stored_label": info.get("image_label")}
         return super().infer(request, datastore)
+
+    def batch_infer(self, request, datastore=None):
+        """`POST /batch/infer/cdm?images=unlabeled` pre-annotates every unlabeled image as an `original` label.
+        MONAI Label 0.8.5 spreads batch jobs over GPUs by default and divides by zero on a CPU-only server."""
+        if request.get("model") not in self._infers:
+            raise not_found(f"no model '{request.get('model')}': available are {sorted(self._infers)}")
+        if not torch.cuda.is_available():
+            request = {**request, "multi_gpu": False, "device": "cpu"}
+        return super().batch_infer(request, datastore)
 
     def next_sample(self, request):
         strategy = request.get("strategy") or "random"
@@ -92,9 +112,20 @@ class MyApp(MONAILabelApp):
         the one place to refuse a job that cannot run with a 4xx, instead of a subprocess that fails later."""
         if model is not None and model not in self._trainers:
             raise not_found(f"no trainer '{model}': available are {sorted(self._trainers)}")
-        if model == MODEL and not self.datastore().get_labeled_images():
+        store = self.datastore()
+        if model == MODEL and not store.get_labeled_images() and not pseudo_labeled_cases(store):
             raise bad_request("no image has a final label yet: save at least one mask before training")
+        if model == CDM:
+            self._check_image_labels(store)
         return super().bundle_path(model)
+
+    def _check_image_labels(self, store) -> None:
+        """The CDM needs healthy and abnormal images, known from image labels or reports."""
+        found = {image_level_label(case, self.cdm.cfg) for case in read_studies(store.studies_dir)} - {None}
+        if self.cdm.cfg.healthy_class not in found or len(found) < 2:
+            raise bad_request(f"the cdm model learns from image-level labels and needs both healthy "
+                              f"('{self.cdm.cfg.healthy_class}') and abnormal images; found {sorted(found) or 'none'}. "
+                              "Set them with PUT /datastore/image/info {\"image_label\": ...} or in the reports")
 
 
 def _is_upload(image: str) -> bool:

@@ -59,14 +59,18 @@ def load_diffusion(source: str) -> tuple[UNet2DModel, DDPMScheduler]:
     return unet, scheduler
 
 
-def save_diffusion(unet: UNet2DModel, scheduler: DDPMScheduler, target: str | Path) -> Path:
-    """Write `unet/` and `scheduler/` into `target` atomically: a crash never leaves a half-written model."""
+def save_diffusion(unet: UNet2DModel, scheduler: DDPMScheduler, target: str | Path,
+                   extra_files: dict[str, str] | None = None) -> Path:
+    """Write `unet/`, `scheduler/` and any `extra_files` (name -> text) into `target` atomically: a crash never
+    leaves a half-written model."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the model folder is meant to be shared
     unet.save_pretrained(staging / "unet")
     scheduler.save_pretrained(staging / "scheduler")
+    for name, text in (extra_files or {}).items():
+        (staging / name).write_text(text)
     old = target.with_name(f".{target.name}.old")
     if target.exists():
         shutil.rmtree(old, ignore_errors=True)

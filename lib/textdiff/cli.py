@@ -1,5 +1,5 @@
 """The `textdiff` command line: pretrain, train, predict, evaluate, import-lvit, make-sample-data, benchmark,
-al-benchmark."""
+al-benchmark, and the CDM's cdm-train, cdm-predict and cdm-benchmark."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import json
 import logging
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from .config import TextDiffConfig, with_overrides
 from .data import DataError
@@ -28,7 +30,7 @@ def _parse_set(values: list[str]) -> dict:
 
 
 def _config(args) -> TextDiffConfig:
-    overrides = _parse_set(args.set)
+    overrides = {k: v for k, v in _parse_set(args.set).items() if not k.startswith("cdm.")}
     if getattr(args, "backbone", None):
         overrides["backbone.pretrained"] = args.backbone
     if getattr(args, "text_encoder", None):
@@ -65,28 +67,88 @@ def cmd_pretrain(args) -> None:
     print(f"backbone written to {args.out} (last loss {result[-1]['loss']:.4f} after {len(result)} epochs)")
 
 
-def cmd_train(args) -> None:
+def _cdm_overrides(args, only_cdm: bool = True) -> dict:
+    """`--set cdm.tau=0.9 cdm.noise_level=300`: the CDM's settings (other sections are an error when `only_cdm`)."""
+    overrides = _parse_set(args.set)
+    wrong = [key for key in overrides if not key.startswith("cdm.")]
+    if wrong and only_cdm:
+        raise ValueError(f"these settings are not cdm.<name>: {wrong}")
+    return {key.partition(".")[2]: value for key, value in overrides.items() if key.startswith("cdm.")}
+
+
+def cmd_cdm_train(args) -> None:
+    from .cdm import train_cdm
+    from .config import CDMConfig
     from .data import read_studies
+    from .pretrain import PretrainSettings
+
+    cfg = CDMConfig.from_dict(_cdm_overrides(args))
+    cases = [case for folder in args.data for case in read_studies(folder)]
+    settings = PretrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                                class_embedding_lr=args.embedding_lr)
+    history = train_cdm(cases, args.out, cfg, settings, init=args.init)
+    print(f"CDM written to {args.out} (last loss {history[-1]['loss']:.4f} after {len(history)} epochs)")
+
+
+def cmd_cdm_predict(args) -> None:
+    from tqdm.auto import tqdm
+
+    from .cdm import image_level_label, load_cdm
+    from .cdm_masks import cdm_segment
+    from .data import read_image
+    from .predict import heatmap_png, mask_extension, overlay_png, save_mask
+
+    cdm = load_cdm(args.model, args.device, **_cdm_overrides(args))
+    out = Path(args.out)
+    (out / "soft").mkdir(parents=True, exist_ok=True)
+    for case in tqdm(_cases_for(args.images), desc="cdm-predict"):
+        image = read_image(case.image, "image")
+        mask, soft = cdm_segment(cdm, image, args.image_label or image_level_label(case, cdm.cfg))
+        print(save_mask(mask, case.image, out / f"{case.id}{mask_extension(case.image)}"))
+        soft_ext = ".nii.gz" if case.image.name.lower().endswith((".nii", ".nii.gz")) else ".nrrd"
+        save_mask(soft, case.image, out / "soft" / f"{case.id}{soft_ext}", dtype=np.float32)
+        if soft.dim() == 3:  # 2D: pictures to check at a glance
+            overlay_png(image, mask, out / "soft" / f"{case.id}_overlay.png")
+            heatmap_png(image, soft, out / "soft" / f"{case.id}_heatmap.png")
+
+
+def cmd_train(args) -> None:
+    import dataclasses
+
+    from .data import find_by_id, read_studies
     from .plots import plot_training
     from .train import train_on_cases
 
     cfg = _config(args)  # bad settings fail before any data is read
-    cases = [c for c in read_studies(args.data) if c.label is not None][: args.limit or None]
-    if not cases:
+    studies = read_studies(args.data)
+    cases = [c for c in studies if c.label is not None][: args.limit or None]
+    pseudo = []
+    if args.pseudo_labels:
+        if not Path(args.pseudo_labels).is_dir():
+            raise DataError(f"pseudo-label folder '{args.pseudo_labels}' does not exist")
+        pseudo = [dataclasses.replace(c, label=find_by_id(Path(args.pseudo_labels), c.id)) for c in studies if c.label is None]
+    if not cases and not any(c.label for c in pseudo):
         raise DataError(f"no image in '{args.data}' has a mask under labels/final: nothing to train on")
-    _, result = train_on_cases(cases, cfg, args.out, args.device)
+    _, result = train_on_cases(cases, cfg, args.out, args.device, pseudo_cases=pseudo)
     plot = plot_training(result.history, Path(args.out).with_suffix(".png"))
     print(f"best validation Dice {result.best_dice:.4f} at epoch {result.best_epoch}; model {args.out}; curves {plot}")
 
 
-def _items_for(paths: list[str], model, labeled_only: bool = False):
-    from .data import Case, image_id, is_image_file, load_case, read_studies
+def _cases_for(paths: list[str]) -> list:
+    """Cases from image files and studies folders (with their masks and reports)."""
+    from .data import Case, image_id, read_studies
 
     cases = []
     for raw in paths:
         path = Path(raw)
         cases += read_studies(path) if path.is_dir() else [Case(image_id(path), path)]
-    cases = [c for c in cases if c.label is not None or not labeled_only]
+    return cases
+
+
+def _items_for(paths: list[str], model, labeled_only: bool = False):
+    from .data import load_case
+
+    cases = [c for c in _cases_for(paths) if c.label is not None or not labeled_only]
     if not cases:
         raise DataError(f"no {'labeled ' if labeled_only else ''}images in {', '.join(paths)}")
     return [load_case(c, model.image_size, model.cfg.backbone.in_channels, model.cfg.head.num_classes) for c in cases], cases
@@ -130,6 +192,16 @@ def cmd_benchmark(args) -> None:
     settings = BenchmarkSettings(label_counts=tuple(args.labels), seeds=tuple(args.seeds), steps=args.steps,
                                  methods=tuple(args.methods))
     run_benchmark(Path(args.data), args.backbone, Path(args.out), settings, _config(args))
+
+
+def cmd_cdm_benchmark(args) -> None:
+    from .cdm_benchmark import CDMBenchmarkSettings, run_cdm_benchmark
+    from .gradcam import ClassifierSettings
+
+    settings = CDMBenchmarkSettings(real_masks=args.real_masks, seeds=tuple(args.seeds), steps=args.steps,
+                                    classifier=ClassifierSettings(epochs=args.classifier_epochs))
+    run_cdm_benchmark(Path(args.data), args.cdm, args.backbone, Path(args.out), settings, _config(args),
+                      _cdm_overrides(args, only_cdm=False))
 
 
 def cmd_al_benchmark(args) -> None:
@@ -184,12 +256,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", nargs="*", metavar="SECTION.NAME=VALUE", help="e.g. backbone.image_size=64")
 
+    p = command("cdm-train", cmd_cdm_train, "train the class-conditional diffusion model on image-level labels")
+    p.add_argument("--data", nargs="+", required=True, help="studies folder(s) whose reports.csv gives image labels")
+    p.add_argument("--out", required=True)
+    p.add_argument("--init", help="start from this diffusers folder (e.g. the pretrained backbone)")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--embedding-lr", type=float, default=3e-3,
+                   help="learning rate of the class embedding, which starts at zero on a pretrained backbone")
+    p.add_argument("--set", nargs="*", metavar="cdm.NAME=VALUE", help="e.g. cdm.tau=0.9 cdm.classes=[normal,infection]")
+
     p = command("train", cmd_train, "train the cross-attention and head on the labeled images of a studies folder")
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True, help="checkpoint file (.pt)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--limit", type=int, help="use only the first N labeled images")
+    p.add_argument("--pseudo-labels", help="folder of masks (e.g. from cdm-predict) for images with no final mask; "
+                   "they join training only, never validation")
     model_options(p)
+
+    p = command("cdm-predict", cmd_cdm_predict, "masks and soft maps from the CDM (no pixel label needed)")
+    p.add_argument("--model", required=True, help="folder written by cdm-train")
+    p.add_argument("--images", nargs="+", required=True, help="image files or studies folders")
+    p.add_argument("--out", required=True, help="masks here, soft maps and PNG previews in <out>/soft/")
+    p.add_argument("--image-label", help="class of every image (default: its label or report; healthy -> empty mask)")
+    p.add_argument("--set", nargs="*", metavar="cdm.NAME=VALUE", help="read-out settings, e.g. cdm.tau=0.9 cdm.threshold=0.5")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
 
     p = command("predict", cmd_predict, "segment images: mask files with the image geometry plus PNG overlays")
     p.add_argument("--model", required=True)
@@ -211,6 +305,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--methods", nargs="+", default=["textdiff", "empty_text", "no_cross_attention", "unet", "random_backbone"])
     p.add_argument("--steps", type=int, default=400, help="optimizer steps per run, the same for every method")
+    model_options(p)
+
+    p = command("cdm-benchmark", cmd_cdm_benchmark, "CDM vs Grad-CAM vs reconstruction masks, and CDM pseudo-labels")
+    p.add_argument("--data", default="sample-data")
+    p.add_argument("--cdm", required=True, help="folder written by cdm-train")
+    p.add_argument("--out", default="benchmark-results")
+    p.add_argument("--real-masks", type=int, default=5)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=400, help="TextDiff optimizer steps per run")
+    p.add_argument("--classifier-epochs", type=int, default=30)
     model_options(p)
 
     p = command("al-benchmark", cmd_al_benchmark, "simulate active learning: test Dice per labeling round per strategy")

@@ -95,6 +95,38 @@ class TextDiffConfig:
         )
 
 
+@dataclass
+class CDMConfig:
+    """The class-conditional diffusion model (CDM) and how a mask is read from it; defaults from the paper's code.
+
+    A mask comes from two deterministic DDIM trajectories that start from the same noised image and differ only in the
+    class condition: e(abnormal), and e(abnormal) moved toward the healthy class by (1 - tau).
+    """
+
+    classes: tuple[str, ...] = ("normal", "infection")
+    healthy_class: str = "normal"
+    noise_level: int = 400  # Q: the image is noised to this step (of num_train_timesteps)
+    ddim_steps: int = 10  # R: deterministic DDIM steps from Q down to 0
+    tau: float = 0.95  # the moved condition is tau * e(abnormal) + (1 - tau) * e(healthy)
+    threshold: float | None = None  # on the min-max normalised map; None: Otsu per image
+    largest_component: bool = False  # keep only the largest connected region of the mask
+    noise_seed: int = 40  # the fixed noise of the forward process, so masks are deterministic
+
+    def __post_init__(self):
+        if self.healthy_class not in self.classes or len(set(self.classes)) < 2:
+            raise ValueError(f"cdm.classes {self.classes} needs two or more distinct classes including "
+                             f"healthy_class '{self.healthy_class}'")
+        if not 0 <= self.tau <= 1:
+            raise ValueError(f"cdm.tau must be in [0, 1], got {self.tau}")
+        if self.ddim_steps < 1 or self.noise_level % self.ddim_steps:
+            raise ValueError(f"cdm.noise_level ({self.noise_level}) must be a multiple of cdm.ddim_steps "
+                             f"({self.ddim_steps}): the DDIM steps are evenly spaced from Q down to 0")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CDMConfig":
+        return _build(cls, data)
+
+
 def _build(kind: type, values: dict[str, Any]):
     """Make a config section from a dict, turning lists back into tuples and rejecting unknown keys."""
     names = {f.name: f for f in dataclasses.fields(kind)}

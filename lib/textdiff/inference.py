@@ -51,25 +51,34 @@ def score_masks(masks: list[torch.Tensor], items: list[dict], num_classes: int) 
     return {"mean": mean, "images": rows}
 
 
-@torch.no_grad()
-def segment_image(model: TextDiffModel, image: torch.Tensor, report: str, batch_size: int = 8) -> torch.Tensor:
-    """Label map (1, *spatial) for a channel-first 2D image or 3D volume, at the image's own size.
+def per_slice(image: torch.Tensor, size: int, channels: int, predict, batch_size: int = 8) -> torch.Tensor:
+    """Apply a 2D model to a channel-first 2D image or 3D volume; returns (1, *spatial) at the image's own size.
 
-    A volume (C, X, Y, Z) is segmented slice by slice along its last axis with the 2D model; singleton spatial axes
-    (single-slice NIfTI/NRRD/DICOM) are kept, so the mask has exactly the image's shape.
+    `predict` maps a batch of preprocessed slices (B, channels, size, size) to a list of (X, Y) outputs at the given
+    original in-plane size. A volume (C, X, Y, Z) goes slice by slice along its last axis, in batches (one model pass
+    per batch); singleton spatial axes (single-slice NIfTI/NRRD/DICOM) are kept, so the output has the image's shape.
     """
     spatial = tuple(image.shape[1:])
     if len(spatial) not in (2, 3):
         raise DataError(f"expected a 2D image or 3D volume, got spatial shape {spatial}")
     volume = torch.as_tensor(image).float()
     volume = volume if len(spatial) == 3 else volume[..., None]
-    size, channels = model.image_size, model.cfg.backbone.in_channels
-    device = next(model.head.parameters()).device
-    model.eval()
-    masks = []
-    for start in range(0, volume.shape[-1], batch_size):  # slices in batches: one backbone pass per batch
+    outputs = []
+    for start in range(0, volume.shape[-1], batch_size):
         batch = torch.stack([preprocess_image(volume[..., z], size, channels)
                              for z in range(start, min(start + batch_size, volume.shape[-1]))])
-        logits = model(batch.as_subclass(torch.Tensor).to(device), [report] * len(batch)).cpu()
-        masks += [to_original_size(lg, tuple(volume.shape[1:3])) for lg in logits]
-    return torch.stack(masks, dim=-1).reshape(1, *spatial)
+        outputs += predict(batch.as_subclass(torch.Tensor), tuple(volume.shape[1:3]))
+    return torch.stack(outputs, dim=-1).reshape(1, *spatial)
+
+
+@torch.no_grad()
+def segment_image(model: TextDiffModel, image: torch.Tensor, report: str, batch_size: int = 8) -> torch.Tensor:
+    """Label map (1, *spatial) for a channel-first 2D image or 3D volume (slice by slice), at the image's own size."""
+    device = next(model.head.parameters()).device
+    model.eval()
+
+    def predict(batch: torch.Tensor, shape: tuple[int, int]) -> list[torch.Tensor]:
+        logits = model(batch.to(device), [report] * len(batch)).cpu()
+        return [to_original_size(lg, shape)[0] for lg in logits]
+
+    return per_slice(image, model.image_size, model.cfg.backbone.in_channels, predict, batch_size)

@@ -45,3 +45,42 @@ def plot_curves(curves: dict[str, dict[int, tuple[float, float]]], path: str | P
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def plot_bars(values: dict[str, float], path: str | Path, ylabel: str, title: str) -> Path:
+    """One bar per method, its value written on top."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    bars = ax.bar(range(len(values)), list(values.values()), color="tab:blue")
+    ax.bar_label(bars, fmt="%.3f")
+    ax.set_xticks(range(len(values)), list(values), fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_map_examples(rows: list[dict], path: str | Path) -> Path:
+    """A grid: per image, the image with the true mask outlined, then each method's soft map.
+
+    Each row is {"image": (C, X, Y), "truth": (1, X, Y), "maps": {name: (X, Y)}}, in MONAI's (x, y) order.
+    """
+    names = list(rows[0]["maps"])
+    fig, axes = plt.subplots(len(rows), 1 + len(names), figsize=(2.4 * (1 + len(names)), 2.4 * len(rows)), squeeze=False)
+    for r, row in enumerate(rows):
+        axes[r, 0].imshow(row["image"][0].T, cmap="gray")
+        axes[r, 0].contour(row["truth"][0].T, levels=[0.5], colors="red", linewidths=0.8)
+        for c, name in enumerate(names, start=1):
+            axes[r, c].imshow(row["maps"][name].T, cmap="inferno", vmin=0, vmax=1)
+            axes[r, c].contour(row["truth"][0].T, levels=[0.5], colors="cyan", linewidths=0.6)
+        for c, title in enumerate(["image + true mask", *names]):
+            axes[r, c].set_xticks([])
+            axes[r, c].set_yticks([])
+            if r == 0:
+                axes[r, c].set_title(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

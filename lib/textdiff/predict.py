@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import itk
+import matplotlib
 import numpy as np
 import torch
 from PIL import Image
@@ -39,15 +40,19 @@ def read_geometry(reference: Path) -> dict:
     }
 
 
-def save_mask(mask: torch.Tensor | np.ndarray, reference: Path, out_path: Path, compress: bool = True) -> Path:
+def save_mask(mask: torch.Tensor | np.ndarray, reference: Path, out_path: Path, compress: bool = True,
+              dtype: type = np.uint8) -> Path:
     """Write a (1, *spatial) label map onto the grid of its image file: same size, spacing, origin and direction.
 
     The mask is in MONAI's index order (x, y[, z]), which is ITK's index order for every reader we use, so copying the
     reference's ITK geometry puts the mask exactly on the image in any viewer. Singleton axes of the image (a
-    single-slice NIfTI) come back. The format follows `out_path`'s extension (.nrrd, .nii.gz, .png, ...).
+    single-slice NIfTI) come back. The format follows `out_path`'s extension (.nrrd, .nii.gz, .png, ...). A soft
+    map (probabilities) is written with dtype=np.float32, which PNG cannot hold.
     """
     geometry = read_geometry(Path(reference))
-    array = np.asarray(mask)[0].astype(np.uint8)
+    array = np.asarray(mask)[0].astype(dtype)
+    if array.dtype.kind == "f" and str(out_path).lower().endswith((".png", ".jpg")):
+        raise DataError("a soft map is floating point: ask for .nrrd or .nii.gz, a PNG holds only 8-bit values")
     if array.size != int(np.prod(geometry["size"])):
         raise DataError(f"a mask of shape {array.shape} does not fit image '{reference}' of size {geometry['size']}")
     if str(out_path).lower().endswith((".png", ".jpg")) and sum(s > 1 for s in geometry["size"]) > 2:
@@ -62,11 +67,25 @@ def save_mask(mask: torch.Tensor | np.ndarray, reference: Path, out_path: Path, 
     return out_path
 
 
-def overlay_png(image: torch.Tensor, mask: torch.Tensor, path: Path) -> Path:
-    """Grey image with each class tinted and outlined, for a person to check the mask at a glance."""
+def heatmap_png(image: torch.Tensor, soft: torch.Tensor, path: Path) -> Path:
+    """Grey image under a translucent heat map of a (1, H, W) soft map in [0, 1]."""
+    grey = _grey(image)
+    heat = matplotlib.colormaps["inferno"](np.clip(soft[0].numpy(), 0, 1))[..., :3]
+    rgb = (0.5 * grey[..., None] + 0.5 * heat) * 255
+    Image.fromarray(rgb.astype(np.uint8).transpose(1, 0, 2)).save(path)
+    return path
+
+
+def _grey(image: torch.Tensor) -> np.ndarray:
+    """(C, H, W) image -> (H, W) in [0, 1], robust to outliers."""
     grey = image[:3].float().mean(0).numpy()
     low, high = np.percentile(grey, (0.5, 99.5))
-    grey = np.clip((grey - low) / max(high - low, 1e-6), 0, 1)
+    return np.clip((grey - low) / max(high - low, 1e-6), 0, 1)
+
+
+def overlay_png(image: torch.Tensor, mask: torch.Tensor, path: Path) -> Path:
+    """Grey image with each class tinted and outlined, for a person to check the mask at a glance."""
+    grey = _grey(image)
     rgb = np.repeat((grey * 255).astype(np.uint8)[..., None], 3, axis=2).astype(np.float32)
     labels = mask[0].numpy().astype(int)
     for value in np.unique(labels[labels > 0]):

@@ -1,6 +1,7 @@
 """Pretrain the diffusion backbone on unlabeled images (no pretrained weights can be downloaded here).
 
-Standard DDPM noise-prediction training with diffusers' UNet2DModel, DDPMScheduler and EMAModel. Runs on the CPU,
+Standard DDPM noise-prediction training with diffusers' UNet2DModel, DDPMScheduler and EMAModel (the same loop trains
+the class-conditional CDM). Runs on the CPU,
 on one GPU with mixed precision, or on several GPUs with torch DDP when started by `torchrun`.
 The model is saved atomically every `save_every` epochs and at the end, so an interrupted run loses little.
 """
@@ -36,6 +37,9 @@ class PretrainSettings:
     batch_size: int = 16
     lr: float = 2e-4
     ema_decay: float = 0.995
+    # Learning rate of the class embedding (the CDM's); it starts at zero when fine-tuning a backbone and would
+    # barely move at the backbone's rate. None: `lr`.
+    class_embedding_lr: float | None = None
     seed: int = 0
     save_every: int = 10
     history: list[dict] = field(default_factory=list)
@@ -73,37 +77,47 @@ def pretrain(
     init: str | None = None, progress: bool = True,
 ) -> list[dict]:
     """Train (or continue training `init`) a UNet to denoise the images; returns the per-epoch loss history."""
-    rank, world, device = _distributed()
-    torch.manual_seed(settings.seed + rank)
     if init:  # continuing: the existing model decides the image size and channels
         unet, scheduler = load_diffusion(init)
         cfg = dataclasses.replace(cfg, image_size=unet.config.sample_size, in_channels=unet.config.in_channels)
     else:
         unet, scheduler = build_unet(cfg), build_scheduler(cfg)
-    images = load_unlabeled_images(folders, cfg)
+    return fit_denoiser(unet, scheduler, load_unlabeled_images(folders, cfg), None, Path(out), settings, progress)
+
+
+def fit_denoiser(
+    unet, scheduler, images: torch.Tensor, class_labels: torch.Tensor | None, out: Path, settings: PretrainSettings,
+    progress: bool = True, extra_files: dict[str, str] | None = None,
+) -> list[dict]:
+    """DDPM noise-prediction training of `unet` on (N, C, S, S) images, class-conditional when `class_labels` (N,)
+    are given; EMA weights (and `extra_files`) saved atomically into `out` every `save_every` epochs and at the end."""
+    rank, world, device = _distributed()
+    torch.manual_seed(settings.seed + rank)
     unet.to(device).train()
     ema = EMAModel(unet.parameters(), decay=settings.ema_decay)
     ema.to(device)
     model = DistributedDataParallel(unet, device_ids=[device] if device.type == "cuda" else None) if world > 1 else unet
-    dataset = TensorDataset(images)
+    tensors = (images,) if class_labels is None else (images, class_labels)
+    dataset = TensorDataset(*tensors)
     sampler = DistributedSampler(dataset, shuffle=True, seed=settings.seed) if world > 1 else None
     loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=sampler is None, sampler=sampler, drop_last=len(dataset) > settings.batch_size)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=settings.lr, weight_decay=1e-4)
+    optimizer = torch.optim.AdamW(_parameter_groups(unet, settings), lr=settings.lr, weight_decay=1e-4)
     amp_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
     grad_scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and amp_dtype == torch.float16)
     history = list(settings.history)
-    bar = tqdm(range(settings.epochs), desc="pretrain", disable=not progress or rank > 0, unit="epoch")
+    bar = tqdm(range(settings.epochs), desc="denoiser", disable=not progress or rank > 0, unit="epoch")
     for epoch in bar:
         if sampler is not None:
             sampler.set_epoch(epoch)
         start, total, count = time.perf_counter(), 0.0, 0
-        for (batch,) in loader:
+        for batch, *labels in loader:
             batch = batch.to(device)
+            conditions = {"class_labels": labels[0].to(device)} if labels else {}
             noise = torch.randn_like(batch)
             steps = torch.randint(0, scheduler.config.num_train_timesteps, (batch.shape[0],), device=device)
             noisy = scheduler.add_noise(batch, noise, steps)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=device.type == "cuda"):
-                loss = F.mse_loss(model(noisy, steps).sample.float(), noise)
+                loss = F.mse_loss(model(noisy, steps, **conditions).sample.float(), noise)
             optimizer.zero_grad(set_to_none=True)
             grad_scaler.scale(loss).backward()
             grad_scaler.unscale_(optimizer)
@@ -117,16 +131,24 @@ def pretrain(
         logger.info("epoch %d/%d: denoising loss %.4f", epoch + 1, settings.epochs, total / count)
         last = epoch + 1 == settings.epochs
         if rank == 0 and (last or (epoch + 1) % settings.save_every == 0):
-            _save(unet, ema, scheduler, Path(out), history)
+            _save(unet, ema, scheduler, out, history, extra_files)
     if world > 1:
         dist.barrier()
     return history
 
 
-def _save(unet, ema: EMAModel, scheduler, out: Path, history: list[dict]) -> None:
-    """Write the EMA weights (what DDPMs are sampled and read out from) and the loss history."""
+def _parameter_groups(unet, settings: PretrainSettings) -> list[dict]:
+    embedding = [p for name, p in unet.named_parameters() if name.startswith("class_embedding.")]
+    rest = [p for name, p in unet.named_parameters() if not name.startswith("class_embedding.")]
+    groups = [{"params": rest}]
+    if embedding:
+        groups.append({"params": embedding, "lr": settings.class_embedding_lr or settings.lr, "weight_decay": 0.0})
+    return groups
+
+
+def _save(unet, ema: EMAModel, scheduler, out: Path, history: list[dict], extra_files: dict[str, str] | None) -> None:
+    """Write the EMA weights (what DDPMs are sampled and read out from) with the loss history."""
     ema.store(unet.parameters())
     ema.copy_to(unet.parameters())
-    save_diffusion(unet, scheduler, out)
+    save_diffusion(unet, scheduler, out, {**(extra_files or {}), "history.json": json.dumps(history, indent=1)})
     ema.restore(unet.parameters())
-    (out / "history.json").write_text(json.dumps(history, indent=1))

@@ -135,15 +135,25 @@ def train_head(
 
 
 def train_on_cases(cases: list[Case], cfg: TextDiffConfig, checkpoint: str | Path, device: str | torch.device = "cpu",
-                   progress: bool = True, cache_folder: str | Path | None = None) -> tuple[TextDiffModel, TrainResult]:
-    """Build the model of `cfg`, load the labeled cases, split off validation images, train and checkpoint."""
+                   progress: bool = True, cache_folder: str | Path | None = None,
+                   pseudo_cases: list[Case] = ()) -> tuple[TextDiffModel, TrainResult]:
+    """Build the model of `cfg`, load the labeled cases, split off validation images, train and checkpoint.
+
+    `pseudo_cases` carry masks nobody drew (e.g. CDM pre-annotations); they join the training split only, so the
+    checkpoint is still chosen on real masks. An image with a real mask never uses its pseudo-label.
+    """
     cases = [c for c in cases if c.label is not None]
-    if not cases:
+    real = {c.id for c in cases}
+    pseudo_cases = [c for c in pseudo_cases if c.label is not None and c.id not in real]
+    if not cases and not pseudo_cases:
         raise DataError("no labeled image: save at least one mask (labels/final) before training")
     model = TextDiffModel(cfg).to(device)
     size, channels = model.image_size, model.cfg.backbone.in_channels
     items = [load_case(c, size, channels, cfg.head.num_classes) for c in cases]
     train_items, val_items = split_train_val(items, cfg.train.val_fraction, cfg.train.seed)
+    train_items += [load_case(c, size, channels, cfg.head.num_classes) for c in pseudo_cases]
+    if pseudo_cases:
+        logger.info("training on %d real and %d pseudo-labeled images", len(items), len(pseudo_cases))
     torch.manual_seed(cfg.train.seed)
     cache = FeatureCache(model.extractor, enabled=cfg.train.cache_features, folder=cache_folder)
     result = train_head(model, train_items, val_items, cfg.train, checkpoint=checkpoint, cache=cache, progress=progress)

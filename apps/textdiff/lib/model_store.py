@@ -1,7 +1,8 @@
-"""The app's trained model, loaded once and reloaded when a training job publishes a new checkpoint.
+"""A trained model of the app, loaded once and reloaded when a training job publishes a new one.
 
-Training runs in another process and replaces `textdiff.pt` atomically; every request compares the file's
-modification time, so the infer task, scoring and strategies use new weights without a server restart.
+Training runs in another process and replaces the model (`textdiff.pt`, or the CDM folder with its `cdm.json`)
+atomically; every request compares that file's modification time, so the infer tasks, scoring and strategies use
+new weights without a server restart.
 """
 
 from __future__ import annotations
@@ -9,18 +10,21 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
+from typing import Any, Callable
 
-from textdiff.model import TextDiffModel, load_checkpoint
+from textdiff.model import load_checkpoint
 
 logger = logging.getLogger(__name__)
 
 
 class ModelStore:
-    def __init__(self, checkpoint: Path, device: str):
+    def __init__(self, checkpoint: Path, device: str, load: Callable[[Path, str], Any] = load_checkpoint):
+        """`checkpoint` is the file whose change means a new model; `load(checkpoint, device)` reads the model."""
         self.checkpoint = Path(checkpoint)
         self.device = device
+        self._load = load
         self._lock = threading.Lock()
-        self._model: TextDiffModel | None = None
+        self._model: Any = None
         self._stamp: float | None = None
 
     def exists(self) -> bool:
@@ -35,12 +39,12 @@ class ModelStore:
         """Modification time (ns) of the checkpoint a new load would read."""
         return self.checkpoint.stat().st_mtime_ns if self.exists() else None
 
-    def get(self) -> TextDiffModel:
+    def get(self) -> Any:
         """The current model; loads (or reloads) it when the checkpoint on disk has changed."""
         with self._lock:
             stamp = self.checkpoint.stat().st_mtime_ns if self.exists() else None
             if self._model is None or stamp != self._stamp:
-                logger.info("loading TextDiff model from %s", self.checkpoint)
-                self._model = load_checkpoint(self.checkpoint, self.device)
+                logger.info("loading the model from %s", self.checkpoint)
+                self._model = self._load(self.checkpoint, self.device)
                 self._stamp = stamp
             return self._model

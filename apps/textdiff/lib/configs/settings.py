@@ -19,6 +19,10 @@ class AppSettings:
     epochs: int = 100  # head training epochs (the `max_epochs` a client can change per run)
     pretrain_epochs: int = 100
     pretrain_batch_size: int = 8
+    cdm_epochs: int = 100
+    # textdiff training also uses CDM pre-annotations (`original` labels made by the cdm model) of images that have
+    # no final label; a client can switch it per run with the `pseudo_labels` train param
+    pseudo_labels: bool = False
     image_size: int = 128  # size of a backbone pretrained from scratch
     train_threads: int = 0  # torch threads for background jobs (0: torch's default)
 

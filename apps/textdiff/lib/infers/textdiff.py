@@ -5,19 +5,18 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from monailabel.interfaces.tasks.infer_v2 import InferType
-from monailabel.tasks.infer.basic_infer import BasicInferTask
-from textdiff.data import check_report, read_image
+from textdiff.data import check_report
 from textdiff.inference import segment_image
 from textdiff.predict import mask_extension, save_mask
 
 from ..errors import bad_request, client_errors
 from ..model_store import ModelStore
+from .base import StoreInferTask
 
 RESULT_EXTENSIONS = (".nrrd", ".nii.gz", ".nii", ".png")
 
 
-class TextDiffInfer(BasicInferTask):
+class TextDiffInfer(StoreInferTask):
     """Segmentation from a frozen diffusion backbone and the image's report.
 
     The text is the request's `text` param when it is not empty, else the image's report in the datastore (the app
@@ -25,27 +24,7 @@ class TextDiffInfer(BasicInferTask):
     """
 
     def __init__(self, store: ModelStore, labels: dict[str, int], description: str):
-        super().__init__(path=str(store.checkpoint), network=None, type=InferType.SEGMENTATION, labels=labels,
-                         dimension=2, description=description, config={"text": ""})
-        self.store = store
-
-    def is_valid(self) -> bool:
-        return self.store.exists()
-
-    def pre_transforms(self, data=None):
-        return [self._load]
-
-    def inverse_transforms(self, data=None):
-        return None
-
-    def post_transforms(self, data=None):
-        return []
-
-    @staticmethod
-    def _load(data: dict) -> dict:
-        with client_errors():
-            data["image"] = read_image(Path(data["image_path"]), "image")
-        return data
+        super().__init__(store, labels, description, config={"text": ""})
 
     def run_inferer(self, data: dict, convert_to_batch=True, device="cpu") -> dict:
         """The model comes from the ModelStore (head checkpoint + frozen parts), not from a TorchScript `path`."""

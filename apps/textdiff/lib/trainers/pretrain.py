@@ -55,6 +55,7 @@ class DiffusionPretrain(StatsTrainTask):
         if data["labeled"] and request.get("retrain_head", True):
             head_request = {**self.head_trainer.config(), "device": request["device"]}
             base = None if current else dataclasses.replace(self.head_trainer.cfg, backbone=cfg)  # a fresh architecture
-            head = self.head_trainer.train(head_request, data["labeled"], backbone=str(out), base=base)
+            head = self.head_trainer.train(head_request, {"labeled": data["labeled"], "pseudo": []}, backbone=str(out),
+                                           base=base)
             stats["head"] = {k: v for k, v in head.items() if k != "history"}
         return stats

@@ -7,7 +7,7 @@ import logging
 import time
 from pathlib import Path
 
-from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from textdiff.config import TextDiffConfig
 from textdiff.data import Case, DataError, image_id
 from textdiff.model import load_checkpoint_config
@@ -17,6 +17,8 @@ from ..configs.settings import AppSettings
 from .base import StatsTrainTask
 
 logger = logging.getLogger(__name__)
+
+PSEUDO_LABEL_MODEL = "cdm"
 
 
 def labeled_cases(datastore: Datastore) -> list[Case]:
@@ -28,13 +30,29 @@ def labeled_cases(datastore: Datastore) -> list[Case]:
     return cases
 
 
+def pseudo_labeled_cases(datastore: Datastore, model: str = PSEUDO_LABEL_MODEL) -> list[Case]:
+    """Images with no final label whose `original` label the `model` infer task made (CDM pre-annotations)."""
+    final = set(datastore.get_labeled_images())  # MONAI Label 0.8.5 counts only final labels here, whatever the tag
+    cases = []
+    for key in datastore.list_images():
+        label_id = datastore.get_label_by_image_id(key, DefaultLabelTag.ORIGINAL)
+        if not label_id or key in final:
+            continue
+        if datastore.get_label_info(label_id, DefaultLabelTag.ORIGINAL).get("model") != model:
+            continue
+        label = Path(datastore.get_label_uri(label_id, DefaultLabelTag.ORIGINAL))
+        cases.append(Case(key, Path(datastore.get_image_uri(key)), label, datastore.report(key)))
+    return cases
+
+
 class TextDiffTrain(StatsTrainTask):
     def __init__(self, settings: AppSettings, cfg: TextDiffConfig, backbone_for_training, description: str):
         self.model_dir = Path(settings.model_dir)
         super().__init__(
             description,
             {"max_epochs": settings.epochs, "val_split": cfg.train.val_fraction,
-             "train_batch_size": cfg.train.batch_size, "learning_rate": cfg.train.lr},
+             "train_batch_size": cfg.train.batch_size, "learning_rate": cfg.train.lr,
+             "pseudo_labels": settings.pseudo_labels},
             self.model_dir / "train_stats.json", settings.train_threads,
         )
         self.settings = settings
@@ -42,13 +60,16 @@ class TextDiffTrain(StatsTrainTask):
         self.backbone_for_training = backbone_for_training
         self.checkpoint = self.model_dir / "textdiff.pt"
 
-    def pre_process(self, request, datastore: Datastore) -> list[Case]:
-        cases = labeled_cases(datastore)
-        if not cases:
+    def pre_process(self, request, datastore: Datastore) -> dict[str, list[Case]]:
+        """Final labels, and CDM pre-annotations of the other images when the run asks for pseudo-labels."""
+        data = {"labeled": labeled_cases(datastore),
+                "pseudo": pseudo_labeled_cases(datastore) if _flag(request.get("pseudo_labels")) else []}
+        if not data["labeled"] and not data["pseudo"]:
             raise DataError("no image has a final label yet: save at least one mask (Submit Label) before training")
-        return cases
+        return data
 
-    def train(self, request, data: list[Case], backbone: str | None = None, base: TextDiffConfig | None = None) -> dict:
+    def train(self, request, data: dict[str, list[Case]], backbone: str | None = None,
+              base: TextDiffConfig | None = None) -> dict:
         """Train on the labeled cases and publish the checkpoint atomically (the best epoch by validation Dice).
 
         `backbone` overrides the one `backbone_for_training` picks; `base` the config the run starts from (by
@@ -56,12 +77,14 @@ class TextDiffTrain(StatsTrainTask):
         """
         cfg = self.run_config(request, backbone, base)
         start = time.time()
-        logger.info("training TextDiff on %d labeled images, backbone %s", len(data), cfg.backbone.pretrained)
-        _, result = train_on_cases(data, cfg, self.checkpoint, request["device"], progress=False,
-                                   cache_folder=self.model_dir / "feature-cache")
+        logger.info("training TextDiff on %d labeled and %d pseudo-labeled images, backbone %s",
+                    len(data["labeled"]), len(data["pseudo"]), cfg.backbone.pretrained)
+        _, result = train_on_cases(data["labeled"], cfg, self.checkpoint, request["device"], progress=False,
+                                   cache_folder=self.model_dir / "feature-cache", pseudo_cases=data["pseudo"])
         logger.info("best validation Dice %.4f at epoch %d -> %s", result.best_dice, result.best_epoch, self.checkpoint)
         return {"total_time": round(time.time() - start, 1), "epochs": cfg.train.epochs,
-                "best_metric": result.best_dice, "best_epoch": result.best_epoch, "labeled_images": len(data),
+                "best_metric": result.best_dice, "best_epoch": result.best_epoch, "labeled_images": len(data["labeled"]),
+                "pseudo_labeled_images": len(data["pseudo"]),
                 "backbone": cfg.backbone.pretrained, "history": result.history}
 
     def run_config(self, request: dict, backbone: str | None = None, base: TextDiffConfig | None = None) -> TextDiffConfig:
@@ -79,3 +102,8 @@ class TextDiffTrain(StatsTrainTask):
             lr=float(request.get("learning_rate", base.train.lr)),
         )
         return dataclasses.replace(base, train=train, backbone=dataclasses.replace(base.backbone, pretrained=backbone))
+
+
+def _flag(value) -> bool:
+    """A train param that may come as a bool or as text from a client."""
+    return value is True or str(value).lower() in ("1", "true", "yes")

@@ -1,0 +1,128 @@
+"""The app's `cdm` model through MONAI Label's REST API: train on image-level labels, pre-annotate, pseudo-labels."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import itk
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from app_fixtures import in_process_client, make_deployment  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory, h):
+    deployment = make_deployment(tmp_path_factory.mktemp("cdm-app"), h.tiny_config)
+    deployment["conf"] = {**deployment["conf"], "cdm_epochs": "1"}
+    return deployment
+
+
+@pytest.fixture(scope="module")
+def client(deployment):
+    with in_process_client(deployment) as test_client:
+        yield test_client
+
+
+def _infer(client, image: str, **params):
+    return client.post(f"/infer/cdm?image={image}&output=all", data={"params": json.dumps(params)})
+
+
+def _parts(response) -> tuple[dict, bytes]:
+    """The JSON and the file of a multipart infer answer."""
+    from requests_toolbelt.multipart import decoder
+
+    result, payload = {}, b""
+    for part in decoder.MultipartDecoder(response.content, response.headers["content-type"]).parts:
+        if b"application/json" in part.headers.get(b"Content-Type", b""):
+            result = json.loads(part.content)
+        else:
+            payload = part.content
+    return result, payload
+
+
+def _image(payload: bytes, suffix: str, tmp_path: Path):
+    path = tmp_path / f"result{suffix}"
+    path.write_bytes(payload)
+    return itk.imread(str(path))
+
+
+def _image_ids(deployment, label: str) -> list[str]:
+    rows = (deployment["studies"] / "reports.csv").read_text().splitlines()[1:]
+    return [row.split(",")[0].removesuffix(".png") for row in rows if row.endswith(f",{label}")]
+
+
+def test_cdm_is_trained_on_image_labels_then_pre_annotates_through_the_server(client, deployment, tmp_path):
+    infected, normal = _image_ids(deployment, "infection"), _image_ids(deployment, "normal")
+    assert _infer(client, infected[0]).status_code == 404  # no CDM yet: train it first
+
+    response = client.post("/train/cdm?run_sync=true", json={"max_epochs": 1})
+    assert response.status_code == 200, response.text
+    info = client.get("/info/").json()
+    assert info["train_stats"]["cdm"]["epochs"] == 1
+    assert {"image_label", "soft_map", "largest_component"} <= set(info["models"]["cdm"]["config"])
+
+    response = _infer(client, infected[0], result_extension=".nrrd", result_dtype="uint8")
+    assert response.status_code == 200, response.text
+    result, payload = _parts(response)
+    assert result["image_label"] == "infection" and result["output"] == "mask"  # from the datastore
+    mask = _image(payload, ".nrrd", tmp_path)
+    image = itk.imread(str(deployment["studies"] / f"{infected[0]}.png"))
+    assert tuple(mask.GetLargestPossibleRegion().GetSize())[:2] == tuple(image.GetLargestPossibleRegion().GetSize())
+    assert np.allclose(tuple(mask.GetSpacing())[:2], tuple(image.GetSpacing()))
+    assert set(np.unique(itk.array_from_image(mask))) <= {0, 1}
+    assert result["foreground_pixels"] == int(itk.array_from_image(mask).sum()) > 0
+
+    result, _ = _parts(_infer(client, normal[0]))
+    assert result["image_label"] == "normal" and result["foreground_pixels"] == 0  # healthy: empty mask
+
+    response = _infer(client, infected[0], soft_map=True, result_extension=".nrrd")
+    result, payload = _parts(response)
+    soft = itk.array_from_image(_image(payload, ".nrrd", tmp_path))
+    assert result["output"] == "soft_map" and soft.dtype == np.float32 and 0 <= soft.min() and soft.max() <= 1
+    assert soft.shape[-2:] == itk.array_from_image(image).shape[-2:]
+
+    assert _infer(client, infected[0], soft_map=True, result_extension=".png").status_code == 422
+    assert _infer(client, infected[0], soft_map=True, save_label=True).status_code == 422
+    assert _infer(client, infected[0], image_label="fracture").status_code == 422
+
+
+def test_pre_annotations_become_original_labels_and_optional_pseudo_labels(client, deployment):
+    if "cdm" not in client.get("/info/").json()["models"]:
+        assert client.post("/train/cdm?run_sync=true", json={"max_epochs": 1}).status_code == 200
+    images = set(client.get("/datastore/?output=all").json()["objects"])
+    unlabeled = [i for i in images if not (deployment["studies"] / "labels" / "final" / f"{i}.png").exists()]
+    assert unlabeled
+    response = client.post("/batch/infer/cdm?images=unlabeled&run_sync=true", json={"label_tag": "original"})
+    assert response.status_code == 200, response.text
+    objects = client.get("/datastore/?output=all").json()["objects"]
+    for image in unlabeled:
+        assert objects[image]["labels"]["original"]["info"]["model"] == "cdm", objects[image]
+        label = client.get(f"/datastore/label?label={image}&tag=original")
+        assert label.status_code == 200 and label.content
+
+    from lib.trainers.textdiff import pseudo_labeled_cases
+    from monailabel.interfaces.utils.app import app_instance
+
+    assert sorted(c.id for c in pseudo_labeled_cases(app_instance().datastore())) == sorted(unlabeled)
+    response = client.post("/train/textdiff?run_sync=true", json={"max_epochs": 1, "pseudo_labels": True})
+    assert response.status_code == 200, response.text
+    stats = client.get("/info/").json()["train_stats"]["textdiff"]
+    assert stats["labeled_images"] == 4 and stats["pseudo_labeled_images"] == len(unlabeled)
+    response = client.post("/train/textdiff?run_sync=true", json={"max_epochs": 1})
+    assert client.get("/info/").json()["train_stats"]["textdiff"]["pseudo_labeled_images"] == 0  # off by default
+
+
+def test_cdm_training_without_healthy_images_is_refused(client, deployment):
+    normal = _image_ids(deployment, "normal")
+    for image in normal:
+        assert client.put(f"/datastore/image/info?image={image}", data={"info": json.dumps({"image_label": "infection"})}).status_code == 200
+    try:
+        response = client.post("/train/cdm", json={"max_epochs": 1})
+        assert response.status_code == 422 and "healthy" in response.json()["detail"]
+    finally:
+        for image in normal:
+            client.put(f"/datastore/image/info?image={image}", data={"info": json.dumps({"image_label": "normal"})})
