@@ -157,3 +157,24 @@ def test_background_scoring_stores_an_uncertainty_for_every_unlabeled_image(serv
         assert 0.0 <= info["textdiff_uncertainty"] <= 1.0
     picked = requests.post(f"{url}/activelearning/uncertainty", timeout=60).json()
     assert picked["id"] in unlabeled
+
+
+def test_cdm_trains_in_the_background_and_pre_annotates_for_slicer(server, tmp_path):
+    """Cold start from Slicer: train the CDM on image-level labels (a background job), then fetch its mask."""
+    from monailabel.client import MONAILabelClient
+
+    client = MONAILabelClient(server["url"], tmpdir=str(tmp_path))
+    client.train_start("cdm", {"max_epochs": 1})
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        status = client.train_status()
+        if status["status"] in ("DONE", "ERROR"):
+            break
+        time.sleep(2)
+    assert status["status"] == "DONE", status
+    assert "cdm" in client.info()["models"]
+    mask_file, params = client.infer("cdm", "case_0001", {"result_extension": ".nrrd", "result_dtype": "uint8"})
+    assert params["image_label"] == "infection" and params["label_names"] == {"infection": 1}
+    image = itk.imread(str(server["studies"] / "case_0001.png"))
+    assert _geometry(itk.imread(mask_file)) == _geometry(image)
+    assert params["foreground_pixels"] == int(itk.array_from_image(itk.imread(mask_file)).sum()) > 0
