@@ -81,6 +81,6 @@ def plot_map_examples(rows: list[dict], path: str | Path) -> Path:
             if r == 0:
                 axes[r, c].set_title(title, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
     return Path(path)
