@@ -62,6 +62,18 @@ def _geometry(image) -> tuple:
             np.round(tuple(image.GetOrigin())[:2], 5).tolist())
 
 
+def _finished_training(client, timeout: float = 300) -> dict:
+    """Poll `GET /train/` as Slicer does until the job ends; it must end DONE."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = client.train_status()
+        if status["status"] in ("DONE", "ERROR"):
+            break
+        time.sleep(2)
+    assert status["status"] == "DONE", status
+    return status
+
+
 def test_slicer_flow_next_sample_infer_label_train_infer_again(server, tmp_path):
     from monailabel.client import MONAILabelClient
 
@@ -80,13 +92,7 @@ def test_slicer_flow_next_sample_infer_label_train_infer_again(server, tmp_path)
     checkpoint = server["model_dir"] / "textdiff.pt"
     before = checkpoint.stat().st_mtime_ns
     client.train_start("textdiff", {"max_epochs": 2})
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        status = client.train_status()
-        if status["status"] in ("DONE", "ERROR"):
-            break
-        time.sleep(2)
-    assert status["status"] == "DONE", status
+    status = _finished_training(client)
     assert any("epoch 2/2" in line for line in status["details"]), status["details"]  # progress is logged
     assert checkpoint.stat().st_mtime_ns != before
     stats = client.info()["train_stats"]["textdiff"]
@@ -165,13 +171,7 @@ def test_cdm_trains_in_the_background_and_pre_annotates_for_slicer(server, tmp_p
 
     client = MONAILabelClient(server["url"], tmpdir=str(tmp_path))
     client.train_start("cdm", {"max_epochs": 1})
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        status = client.train_status()
-        if status["status"] in ("DONE", "ERROR"):
-            break
-        time.sleep(2)
-    assert status["status"] == "DONE", status
+    _finished_training(client)
     assert "cdm" in client.info()["models"]
     mask_file, params = client.infer("cdm", "case_0001", {"result_extension": ".nrrd", "result_dtype": "uint8"})
     assert params["image_label"] == "infection" and params["label_names"] == {"infection": 1}

@@ -152,7 +152,7 @@ def test_train_cdm_needs_healthy_and_abnormal_images(sample_dir, h, tmp_path):
         load_cdm(tmp_path)
 
 
-def test_gradcam_maps_cover_the_image(h):
+def test_gradcam_maps_have_the_image_size_and_unit_range(h):
     from textdiff.gradcam import ClassifierSettings, cam_maps, train_classifier
 
     images, labels = _images(h, 4), torch.tensor([0, 1, 0, 1])
