@@ -99,6 +99,28 @@ def test_random_backbone_is_rebuilt_identically_from_init_seed(h):
     assert torch.equal(torch.rand(1), expected)
 
 
+def test_random_backbone_ablation_has_the_pretrained_architecture_and_fresh_weights(tmp_path, h):
+    """The benchmark's "random backbone" must differ from the pretrained one by training only, even when the
+    pretrained architecture is not the configured one."""
+    from textdiff.backbone import make_random_extractor
+
+    wide = h.tiny_backbone(block_out_channels=(16, 32), init_seed=7)
+    trained = build_unet(wide)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.5)  # stands for training
+    save_diffusion(trained, build_scheduler(wide), tmp_path / "bb")
+    cfg = h.tiny_backbone(pretrained=str(tmp_path / "bb"))  # configured (8, 16): the folder must win
+    random_a, random_b = make_random_extractor(cfg), make_random_extractor(cfg)
+    assert tuple(random_a.unet.config.block_out_channels) == (16, 32)
+    state, pretrained = random_a.unet.state_dict(), make_extractor(cfg).unet.state_dict()
+    assert state.keys() == pretrained.keys()
+    assert all(state[k].shape == pretrained[k].shape for k in state)
+    assert not any(torch.equal(state[k], pretrained[k]) for k in state if state[k].numel() > 1 and state[k].std() > 0)
+    assert all(torch.equal(state[k], random_b.unet.state_dict()[k]) for k in state)  # rebuilt identically
+    assert make_random_extractor(h.tiny_backbone()).unet.config.block_out_channels == (8, 16)
+
+
 def test_save_diffusion_is_atomic_and_loadable(tmp_path, h):
     cfg = h.tiny_backbone()
     unet, scheduler = build_unet(cfg), build_scheduler(cfg)

@@ -19,10 +19,10 @@ TINY_HEAD = ["head.dim=16", "head.heads=2", "head.head_channels=[8]", "text.max_
 
 
 def test_make_sample_data_command(tmp_path, monkeypatch, capsys):
-    # the command always writes the full-size set; shrink it so the test stays fast
-    monkeypatch.setattr(sample_data, "make_sample_data",
-                        functools.partial(sample_data.make_sample_data, n_train=3, n_test=1, n_labeled=2, size=64))
-    assert main(["make-sample-data", "--out", str(tmp_path / "sd"), "--seed", "3"]) == 0
+    # the command writes 256² images; shrink them so the test stays fast
+    monkeypatch.setattr(sample_data, "make_sample_data", functools.partial(sample_data.make_sample_data, size=64))
+    assert main(["make-sample-data", "--out", str(tmp_path / "sd"), "--seed", "3", "--train", "3", "--test", "1",
+                 "--labeled", "2"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["train"] == 3 and summary["test"] == 1 and summary["labeled"] == 2
     assert len(list((tmp_path / "sd" / "train").glob("*.png"))) == 3
@@ -163,3 +163,33 @@ def _tiny_backbone(tmp_path):
 
     cfg = with_overrides(TextDiffConfig(), cli._parse_set(TINY_SET)).backbone
     return save_diffusion(build_unet(cfg), build_scheduler(cfg), tmp_path / "tiny-backbone")
+
+
+def test_synth_train_synthesize_and_train_with_synthetic_pairs(sample_dir, tmp_path, capsys):
+    tiny_synth = ["synth.image_size=32", "synth.block_out_channels=[8,16]", "synth.attention_head_dim=4",
+                  'synth.down_block_types=["DownBlock2D","CrossAttnDownBlock2D"]',
+                  'synth.up_block_types=["CrossAttnUpBlock2D","UpBlock2D"]']
+    model = tmp_path / "synth"
+    assert main(["synth-train", "--data", str(sample_dir / "train"), "--out", str(model), "--epochs", "1",
+                 "--batch-size", "4", "--set", *tiny_synth]) == 0
+    assert "EMIT-Diff model written" in capsys.readouterr().out and (model / "synth.json").is_file()
+    assert main(["synth-train", "--data", str(sample_dir / "train"), "--out", str(model), "--set", "train.epochs=1"]) == 2
+    assert "not synth.<name>" in capsys.readouterr().err
+
+    pairs = tmp_path / "pairs"
+    assert main(["synthesize", "--model", str(model), "--data", str(sample_dir / "train"), "--masks",
+                 str(sample_dir / "train-groundtruth"), "--out", str(pairs), "--per-image", "1", "--steps", "2",
+                 "--device", "cpu"]) == 0
+    assert "6 synthetic pairs of 6 labeled images" in capsys.readouterr().out  # every ground-truth mask is used
+    assert (pairs / "contact_sheet.png").is_file() and len(list((pairs / "images").iterdir())) == 6
+    assert main(["synthesize", "--model", str(model), "--data", str(sample_dir / "train"), "--out",
+                 str(sample_dir / "train"), "--device", "cpu"]) == 2
+    assert "studies folder" in capsys.readouterr().err
+
+    out = tmp_path / "model.pt"
+    assert main(["train", "--data", str(sample_dir / "train"), "--out", str(out), "--synthetic", str(pairs),
+                 "--synthetic-ratio", "1", "--epochs", "1", "--device", "cpu", "--set", *TINY_SET, *TINY_HEAD]) == 0
+    assert out.is_file()
+    assert main(["train", "--data", str(sample_dir / "train"), "--out", str(out), "--synthetic", str(sample_dir / "train"),
+                 "--epochs", "1", "--device", "cpu", "--set", *TINY_SET, *TINY_HEAD]) == 2
+    assert "SYNTHETIC.json" in capsys.readouterr().err

@@ -1,9 +1,15 @@
 """Feature cache (memory, disk, disabled) and feature-level augmentation."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from textdiff.features import FeatureCache, backbone_fingerprint, feature_augmentation, feature_keys
+from textdiff.features import (
+    LEFT_RIGHT_AXIS, FeatureCache, backbone_fingerprint, feature_augmentation, feature_keys, mirror_report,
+)
+
+SAMPLE_TRAIN = Path(__file__).resolve().parents[1] / "sample-data" / "train"
 
 
 def _items(h, n=3, seed=0):
@@ -132,6 +138,46 @@ def test_rot90_mode_rotates_and_seed_is_reproducible():
     first, second = run(3), run(3)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
     assert any(a.numpy().tobytes() not in flips for a in first)  # a transposition happened: rotation, not only flips
+
+
+def test_mirror_report_swaps_sides_and_keeps_the_rest():
+    report = "Bilateral pulmonary infection, two infected areas, upper Left lung and lower right lung."
+    assert mirror_report(report) == "Bilateral pulmonary infection, two infected areas, upper Right lung and lower left lung."
+    assert mirror_report("RIGHT upper lobe; leftover text") == "LEFT upper lobe; leftover text"  # whole words only
+    assert mirror_report(mirror_report(report)) == report
+    assert mirror_report("No pulmonary infection.") == "No pulmonary infection."
+
+
+def test_mirror_flips_left_right_with_the_report_and_nothing_else():
+    augment = feature_augmentation("mirror", 2, seed=0)
+    mirrored = kept = 0
+    for draw in range(16):
+        sample = {**_pattern_sample(draw), "report": "Infection, lower left lung."}
+        out = augment(dict(sample))
+        label = torch.as_tensor(out["label"])
+        if out["report"] == "Infection, lower right lung.":
+            assert torch.equal(label, torch.flip(sample["label"], (1 + LEFT_RIGHT_AXIS,)))
+            assert torch.equal(torch.as_tensor(out["feature0"]), torch.flip(sample["feature0"], (1 + LEFT_RIGHT_AXIS,)))
+            mirrored += 1
+        else:
+            assert out["report"] == sample["report"] and torch.equal(label, sample["label"])
+            kept += 1
+    assert mirrored and kept  # a fair coin per sample
+
+
+def test_mirror_axis_runs_across_the_patient():
+    """On the sample data the reports' 'right lung' lies at small X: a flip on LEFT_RIGHT_AXIS swaps the sides."""
+    from textdiff.data import load_case, read_studies
+
+    sides = {}
+    for case in read_studies(SAMPLE_TRAIN):
+        if case.label is None or "Unilateral" not in case.report:
+            continue
+        label = load_case(case, 64, 1, 2)["label"][0]
+        where = label.nonzero()[:, LEFT_RIGHT_AXIS].float().mean().item() / label.shape[LEFT_RIGHT_AXIS]
+        sides.setdefault("left" if "left lung" in case.report else "right", []).append(where)
+    assert sides["right"] and sides["left"]
+    assert max(sides["right"]) < 0.5 < min(sides["left"])
 
 
 def test_none_augmentation_is_identity():

@@ -73,11 +73,12 @@ def test_training_lowers_the_loss_and_writes_the_best_checkpoint(make_model, lab
     assert dice.mean().item() == pytest.approx(result.best_dice, abs=1e-6)
 
 
-def test_training_is_reproducible(make_model, labeled_items):
+@pytest.mark.parametrize("augment", ["rot90_flip", "mirror"])
+def test_training_is_reproducible(make_model, labeled_items, augment):
     results = []
     for _ in range(2):
         model = make_model(seed=3)
-        cfg = dataclasses.replace(model.cfg.train, epochs=2, text_dropout=0.5, augment="rot90_flip")
+        cfg = dataclasses.replace(model.cfg.train, epochs=2, text_dropout=0.5, augment=augment)
         results.append(train_head(model, labeled_items[:3], [], cfg, progress=False).history)
     assert [r["loss"] for r in results[0]] == [r["loss"] for r in results[1]]
 

@@ -169,3 +169,15 @@ def make_extractor(cfg: BackboneConfig, weights: str | None = None) -> Diffusion
     else:
         unet, scheduler = build_unet(cfg), build_scheduler(cfg)
     return DiffusionFeatureExtractor(unet, scheduler, cfg)
+
+
+def make_random_extractor(cfg: BackboneConfig) -> DiffusionFeatureExtractor:
+    """The "random backbone" ablation: the architecture of `cfg.pretrained` (or the configured one) with fresh
+    weights from `cfg.init_seed`, so it differs from the pretrained backbone only by its training."""
+    if not cfg.pretrained:
+        return make_extractor(cfg)
+    trained, scheduler = load_diffusion(cfg.pretrained)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.init_seed)
+        unet = UNet2DModel.from_config(trained.config)
+    return DiffusionFeatureExtractor(unet, scheduler, cfg)

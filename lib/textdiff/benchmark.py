@@ -1,7 +1,9 @@
 """`textdiff benchmark`: test-split Dice against the number of labeled training images, for TextDiff, its ablations
 and a MONAI UNet trained from scratch, plus the feature cache's speed-up, inference latency and peak memory.
 
-Labeled subsets are drawn (seeded) from the training pool, whose masks are in `<data>/train-groundtruth/`.
+Labeled subsets are drawn (seeded) from the training pool, whose masks are in `<data>/train-groundtruth/`. With
+`synthetic` (pairs made by `textdiff synthesize` from the pool), the "+ synthetic" methods train TextDiff and the
+UNet with EMIT-Diff augmentation: `synthetic_ratio` copies per real image and the random merging mask.
 """
 
 from __future__ import annotations
@@ -20,13 +22,15 @@ import torch
 from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 
-from .backbone import make_extractor
+from .backbone import make_extractor, make_random_extractor
 from .config import TextDiffConfig
-from .data import Case, find_by_id, load_case, read_studies
+from .data import Case, DataError, find_by_id, load_case, read_studies
+from .emit import merge_predictions
 from .features import FeatureCache
 from .inference import score_masks, segment_items, to_original_size
 from .model import TextDiffModel
 from .plots import plot_curves
+from .synthetic import read_synthetic
 from .text import TextEncoder
 from .train import dice_per_image, split_train_val, train_head
 
@@ -36,7 +40,10 @@ METHODS = {
     "no_cross_attention": "diffusion features, no cross-attention",
     "unet": "MONAI UNet from scratch",
     "random_backbone": "TextDiff, random backbone",
+    "textdiff_synthetic": "TextDiff + synthetic (EMIT-Diff)",
+    "unet_synthetic": "MONAI UNet from scratch + synthetic (EMIT-Diff)",
 }
+DEFAULT_METHODS = ("textdiff", "empty_text", "no_cross_attention", "unet", "random_backbone")
 
 
 @dataclass
@@ -46,7 +53,18 @@ class BenchmarkSettings:
     # Optimizer steps per run, the same for every method and label count (an epoch budget would give the runs with
     # few labels only a handful of steps).
     steps: int = 400
-    methods: tuple[str, ...] = tuple(METHODS)
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    synthetic: str | None = None  # folder of synthetic pairs of the training pool (the "+ synthetic" methods)
+    synthetic_ratio: int = 4
+    merge_alpha: float = 0.6
+    merge_patch: int = 32
+
+    def __post_init__(self):
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown benchmark method(s) {unknown}; known: {', '.join(METHODS)}")
+        if any(m.endswith("_synthetic") for m in self.methods) and not self.synthetic:
+            raise ValueError("the '+ synthetic' methods need --synthetic DIR (pairs from `textdiff synthesize`)")
 
 
 def _pool(data: Path) -> list[Case]:
@@ -70,9 +88,12 @@ def epochs_for(steps: int, images: int, batch_size: int) -> int:
     return math.ceil(steps / math.ceil(images / batch_size))
 
 
-def _train_unet(train: list[dict], val: list[dict], epochs: int, batch_size: int, seed: int, device) -> torch.nn.Module:
-    """The from-scratch baseline: same loss, epochs, batch size and model selection as TextDiff's head."""
+def _train_unet(train: list[dict], val: list[dict], epochs: int, batch_size: int, seed: int, device,
+                copies: dict[str, list[dict]] | None = None, merge: tuple[float, int] = (0.6, 32)) -> torch.nn.Module:
+    """The from-scratch baseline: same loss, epochs, batch size and model selection as TextDiff's head; with
+    `copies` (id -> synthetic copies) each image is paired with one copy and the merged prediction is scored."""
     torch.manual_seed(seed)
+    merge_generator = torch.Generator().manual_seed(seed)
     net = UNet(2, train[0]["image"].shape[0], 2, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=2).to(device)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=1.0, lambda_dice=1.5)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
@@ -86,7 +107,13 @@ def _train_unet(train: list[dict], val: list[dict], epochs: int, batch_size: int
             chunk = [train[i] for i in order[begin : begin + batch_size]]
             images = torch.stack([it["image"] for it in chunk]).to(device)
             labels = torch.stack([it["label"] for it in chunk]).to(device)
-            loss = loss_fn(net(images), labels)
+            if copies is None:
+                logits = net(images)
+            else:
+                fakes = torch.stack([rng.choice(copies.get(it["id"]) or [it])["image"] for it in chunk]).to(device)
+                real, fake = net(torch.cat([images, fakes])).chunk(2)
+                logits = merge_predictions(real, fake, *merge, merge_generator)
+            loss = loss_fn(logits, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -107,6 +134,17 @@ def _unet_dice(net, test: list[dict], device) -> float:
     return score_masks(masks, test, 2)["mean"]["dice"]
 
 
+def _synthetic_items(settings: BenchmarkSettings, size: int, channels: int) -> dict[str, list[dict]]:
+    """Source id -> its first `synthetic_ratio` synthetic copies, loaded; {} when no synthetic folder is given."""
+    if not settings.synthetic:
+        return {}
+    copies = read_synthetic(settings.synthetic)
+    if not copies:
+        raise DataError(f"no synthetic pairs in '{settings.synthetic}'")
+    return {source: [load_case(c, size, channels, 2) for c in group[: settings.synthetic_ratio]]
+            for source, group in copies.items()}
+
+
 def _peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
@@ -124,33 +162,41 @@ def run_benchmark(data: Path, backbone: str | None, out: Path, settings: Benchma
     def model_for(method: str) -> TextDiffModel:
         """Models share one backbone and its feature cache per backbone kind (pretrained or random)."""
         kind = "random" if method == "random_backbone" else "pretrained"
-        base = cfg if kind == "random" else pretrained_cfg
         if kind not in caches:
-            caches[kind] = FeatureCache(make_extractor(base.backbone).to(device))
-        head = dataclasses.replace(base.head, use_text=method != "no_cross_attention")
-        return TextDiffModel(dataclasses.replace(base, head=head), caches[kind].extractor, text_encoder).to(device)
+            build = make_random_extractor if kind == "random" else make_extractor
+            caches[kind] = FeatureCache(build(pretrained_cfg.backbone).to(device))
+        head = dataclasses.replace(pretrained_cfg.head, use_text=method != "no_cross_attention")
+        return TextDiffModel(dataclasses.replace(pretrained_cfg, head=head), caches[kind].extractor, text_encoder).to(device)
 
     probe = model_for("textdiff")
     size, channels = probe.image_size, probe.cfg.backbone.in_channels
     pool = [load_case(c, size, channels, 2) for c in _pool(data)]
     test = [load_case(c, size, channels, 2) for c in read_studies(data / "test")]
+    synthetic = _synthetic_items(settings, size, channels)
+    merge = (settings.merge_alpha, settings.merge_patch)
     rows = []
     for count in settings.label_counts:
         for seed in settings.seeds:
             labeled = _subset(pool, count, seed)
             train, val = split_train_val(labeled, cfg.train.val_fraction, seed)
             epochs = epochs_for(settings.steps, len(train), cfg.train.batch_size)
+            copies = {it["id"]: synthetic.get(it["id"], []) for it in train} if synthetic else None
             for method in settings.methods:
                 start = time.perf_counter()
-                if method == "unet":
-                    net = _train_unet(train, val, epochs, cfg.train.batch_size, seed, device)
+                if method in ("unet", "unet_synthetic"):
+                    net = _train_unet(train, val, epochs, cfg.train.batch_size, seed, device,
+                                      copies if method == "unet_synthetic" else None, merge)
                     dice = _unet_dice(net, test, device)
                 else:
                     model = model_for(method)
                     cache = caches["random" if method == "random_backbone" else "pretrained"]
                     strip = _without_text if method == "empty_text" else (lambda items: items)
                     train_cfg = dataclasses.replace(cfg.train, epochs=epochs, seed=seed)
-                    train_head(model, strip(train), strip(val), train_cfg, cache=cache, progress=False)
+                    if method == "textdiff_synthetic":
+                        train_cfg = dataclasses.replace(train_cfg, synthetic_ratio=settings.synthetic_ratio,
+                                                        merge_alpha=settings.merge_alpha, merge_patch=settings.merge_patch)
+                    train_head(model, strip(train), strip(val), train_cfg, cache=cache, progress=False,
+                               synthetic=copies)
                     masks = segment_items(model, strip(test), cache=cache)
                     dice = score_masks(masks, test, 2)["mean"]["dice"]
                     models[method] = model

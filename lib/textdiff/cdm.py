@@ -110,7 +110,7 @@ def train_cdm(cases: list[Case], out: str | Path, cfg: CDMConfig, settings: Pret
     counts = {name: int((labels == i).sum()) for i, name in enumerate(cfg.classes)}
     logger.info("training the CDM on %d images with image-level labels: %s", len(labels), counts)
     extra = {CONFIG_FILE: json.dumps(dataclasses.asdict(cfg), indent=1)}
-    return fit_denoiser(unet, scheduler, images, labels, Path(out), settings, progress, extra)
+    return fit_denoiser(unet, scheduler, images, {"class_labels": labels}, Path(out), settings, progress, extra)
 
 
 class CDM(torch.nn.Module):

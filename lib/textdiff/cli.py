@@ -1,5 +1,5 @@
 """The `textdiff` command line: pretrain, train, predict, evaluate, import-lvit, make-sample-data, benchmark,
-al-benchmark, and the CDM's cdm-train, cdm-predict and cdm-benchmark."""
+al-benchmark, the CDM's cdm-train, cdm-predict and cdm-benchmark, and EMIT-Diff's synth-train and synthesize."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def _config(args) -> TextDiffConfig:
 def cmd_make_sample_data(args) -> None:
     from .sample_data import make_sample_data
 
-    summary = make_sample_data(args.out, seed=args.seed)
+    summary = make_sample_data(args.out, n_train=args.train, n_test=args.test, n_labeled=args.labeled, seed=args.seed)
     print(json.dumps(summary, indent=1))
 
 
@@ -67,13 +67,14 @@ def cmd_pretrain(args) -> None:
     print(f"backbone written to {args.out} (last loss {result[-1]['loss']:.4f} after {len(result)} epochs)")
 
 
-def _cdm_overrides(args, only_cdm: bool = True) -> dict:
-    """`--set cdm.tau=0.9 cdm.noise_level=300`: the CDM's settings (other sections are an error when `only_cdm`)."""
+def _section_overrides(args, section: str, only: bool = True) -> dict:
+    """`--set cdm.tau=0.9 synth.guidance_scale=5`: the named section's settings, by name (other sections are an
+    error when `only`)."""
     overrides = _parse_set(args.set)
-    wrong = [key for key in overrides if not key.startswith("cdm.")]
-    if wrong and only_cdm:
-        raise ValueError(f"these settings are not cdm.<name>: {wrong}")
-    return {key.partition(".")[2]: value for key, value in overrides.items() if key.startswith("cdm.")}
+    wrong = [key for key in overrides if not key.startswith(f"{section}.")]
+    if wrong and only:
+        raise ValueError(f"these settings are not {section}.<name>: {wrong}")
+    return {key.partition(".")[2]: value for key, value in overrides.items() if key.startswith(f"{section}.")}
 
 
 def cmd_cdm_train(args) -> None:
@@ -82,7 +83,7 @@ def cmd_cdm_train(args) -> None:
     from .data import read_studies
     from .pretrain import PretrainSettings
 
-    cfg = CDMConfig.from_dict(_cdm_overrides(args))
+    cfg = CDMConfig.from_dict(_section_overrides(args, "cdm"))
     cases = [case for folder in args.data for case in read_studies(folder)]
     settings = PretrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                                 class_embedding_lr=args.embedding_lr)
@@ -98,7 +99,7 @@ def cmd_cdm_predict(args) -> None:
     from .data import read_image
     from .predict import heatmap_png, mask_extension, overlay_png, save_mask
 
-    cdm = load_cdm(args.model, args.device, **_cdm_overrides(args))
+    cdm = load_cdm(args.model, args.device, **_section_overrides(args, "cdm"))
     out = Path(args.out)
     (out / "soft").mkdir(parents=True, exist_ok=True)
     for case in tqdm(_cases_for(args.images), desc="cdm-predict"):
@@ -129,9 +130,47 @@ def cmd_train(args) -> None:
         pseudo = [dataclasses.replace(c, label=find_by_id(Path(args.pseudo_labels), c.id)) for c in studies if c.label is None]
     if not cases and not any(c.label for c in pseudo):
         raise DataError(f"no image in '{args.data}' has a mask under labels/final: nothing to train on")
-    _, result = train_on_cases(cases, cfg, args.out, args.device, pseudo_cases=pseudo)
+    synthetic = None
+    if args.synthetic:
+        from .synthetic import read_synthetic
+
+        synthetic = read_synthetic(args.synthetic)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, synthetic_ratio=args.synthetic_ratio))
+    _, result = train_on_cases(cases, cfg, args.out, args.device, pseudo_cases=pseudo, synthetic=synthetic)
     plot = plot_training(result.history, Path(args.out).with_suffix(".png"))
     print(f"best validation Dice {result.best_dice:.4f} at epoch {result.best_epoch}; model {args.out}; curves {plot}")
+
+
+def cmd_synth_train(args) -> None:
+    from .config import SynthConfig, TextConfig
+    from .data import read_studies
+    from .emit import train_synth
+    from .pretrain import PretrainSettings
+
+    cfg = SynthConfig.from_dict(_section_overrides(args, "synth"))
+    cases = [case for folder in args.data for case in read_studies(folder)]
+    settings = PretrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    history = train_synth(cases, args.out, cfg, TextConfig(encoder=args.text_encoder), settings)
+    print(f"EMIT-Diff model written to {args.out} (last loss {history[-1]['loss']:.4f} after {len(history)} epochs)")
+
+
+def cmd_synthesize(args) -> None:
+    import dataclasses
+
+    from .data import find_by_id, read_studies
+    from .emit import load_synth
+    from .synthetic import CONTACT_SHEET, synthesize
+
+    model = load_synth(args.model, args.device)
+    cases = read_studies(args.data)
+    if args.masks:
+        if not Path(args.masks).is_dir():
+            raise DataError(f"mask folder '{args.masks}' does not exist")
+        cases = [dataclasses.replace(c, label=find_by_id(Path(args.masks), c.id)) for c in cases]
+    manifest = synthesize(model, cases, args.out, args.per_image, args.seed, args.guidance, args.steps)
+    sources = len({pair["source"] for pair in manifest["pairs"]})
+    print(f"{len(manifest['pairs'])} synthetic pairs of {sources} labeled images in {args.out}; "
+          f"contact sheet {Path(args.out) / CONTACT_SHEET}")
 
 
 def _cases_for(paths: list[str]) -> list:
@@ -190,7 +229,8 @@ def cmd_benchmark(args) -> None:
     from .benchmark import BenchmarkSettings, run_benchmark
 
     settings = BenchmarkSettings(label_counts=tuple(args.labels), seeds=tuple(args.seeds), steps=args.steps,
-                                 methods=tuple(args.methods))
+                                 methods=tuple(args.methods), synthetic=args.synthetic,
+                                 synthetic_ratio=args.synthetic_ratio)
     run_benchmark(Path(args.data), args.backbone, Path(args.out), settings, _config(args))
 
 
@@ -201,7 +241,7 @@ def cmd_cdm_benchmark(args) -> None:
     settings = CDMBenchmarkSettings(real_masks=args.real_masks, seeds=tuple(args.seeds), steps=args.steps,
                                     classifier=ClassifierSettings(epochs=args.classifier_epochs))
     run_cdm_benchmark(Path(args.data), args.cdm, args.backbone, Path(args.out), settings, _config(args),
-                      _cdm_overrides(args, only_cdm=False))
+                      _section_overrides(args, "cdm", only=False))
 
 
 def cmd_al_benchmark(args) -> None:
@@ -238,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("make-sample-data", cmd_make_sample_data, "write the synthetic chest X-ray sample data")
     p.add_argument("--out", default="sample-data")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train", type=int, default=70, help="training images (e.g. 200 more unlabeled ones for pretraining)")
+    p.add_argument("--test", type=int, default=30)
+    p.add_argument("--labeled", type=int, default=20, help="training images that get a final label")
 
     p = command("import-lvit", cmd_import_lvit, "import an LViT-format dataset into a studies folder")
     p.add_argument("--images", required=True)
@@ -275,7 +318,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="use only the first N labeled images")
     p.add_argument("--pseudo-labels", help="folder of masks (e.g. from cdm-predict) for images with no final mask; "
                    "they join training only, never validation")
+    p.add_argument("--synthetic", help="folder of synthetic pairs (textdiff synthesize) mixed into training (EMIT-Diff)")
+    p.add_argument("--synthetic-ratio", type=int, default=4, help="synthetic copies used per real image")
     model_options(p)
+
+    p = command("synth-train", cmd_synth_train, "train the EMIT-Diff model (edge map + text conditioned diffusion)")
+    p.add_argument("--data", nargs="+", required=True, help="studies folder(s): every image, masks where there are")
+    p.add_argument("--out", required=True)
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--text-encoder", help="transformers folder or hub id (default: packaged all-MiniLM-L6-v2)")
+    p.add_argument("--set", nargs="*", metavar="synth.NAME=VALUE", help="e.g. synth.image_size=64")
+
+    p = command("synthesize", cmd_synthesize, "synthetic image-mask pairs of the labeled images, plus a contact sheet")
+    p.add_argument("--model", required=True, help="folder written by synth-train")
+    p.add_argument("--data", required=True, help="studies folder whose labeled images are copied")
+    p.add_argument("--masks", help="take masks from this folder instead of labels/final (e.g. train-groundtruth)")
+    p.add_argument("--out", required=True, help="a new folder: synthetic pairs never go into a studies folder")
+    p.add_argument("--per-image", type=int, default=4, help="synthetic copies per labeled image")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's, 9)")
+    p.add_argument("--steps", type=int, help="DDIM steps (default: the model's, 20)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
 
     p = command("cdm-predict", cmd_cdm_predict, "masks and soft maps from the CDM (no pixel label needed)")
     p.add_argument("--model", required=True, help="folder written by cdm-train")
@@ -303,8 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="benchmark-results")
     p.add_argument("--labels", nargs="+", type=int, default=[5, 10, 20], help="label counts (the pool has 70: add 70 for all)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--methods", nargs="+", default=["textdiff", "empty_text", "no_cross_attention", "unet", "random_backbone"])
+    p.add_argument("--methods", nargs="+", default=["textdiff", "empty_text", "no_cross_attention", "unet", "random_backbone"],
+                   help="also textdiff_synthetic and unet_synthetic (these need --synthetic)")
     p.add_argument("--steps", type=int, default=400, help="optimizer steps per run, the same for every method")
+    p.add_argument("--synthetic", help="synthetic pairs of the training pool (textdiff synthesize --masks <data>/train-groundtruth)")
+    p.add_argument("--synthetic-ratio", type=int, default=4, help="synthetic copies used per real image")
     model_options(p)
 
     p = command("cdm-benchmark", cmd_cdm_benchmark, "CDM vs Grad-CAM vs reconstruction masks, and CDM pseudo-labels")

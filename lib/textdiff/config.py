@@ -66,13 +66,25 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     text_dropout: float = 0.2
-    # Geometric augmentation of cached features and masks: "none", "flip" or "rot90_flip". Off by default because
-    # reports name sides and zones ("upper left lung") that a flip or rotation would contradict.
+    # Geometric augmentation of cached features and masks: "none", "mirror" (left-right flip with the report's
+    # sides swapped, so image and text still agree), "flip" or "rot90_flip" (these two contradict reports that name
+    # sides and zones, "upper left lung").
     augment: str = "none"
     val_fraction: float = 0.2
     seed: int = 0
     cache_features: bool = True
     num_workers: int = 0
+    # EMIT-Diff augmentation: synthetic copies used per real training image (0: off), and the random merging mask
+    # that picks per patch whether the loss sees the real or the synthetic prediction: a patch is real with
+    # probability merge_alpha (paper code: 0.6); merge_patch is in model pixels (32 at 128² = the paper's 64 px at 256²).
+    synthetic_ratio: int = 0
+    merge_alpha: float = 0.6
+    merge_patch: int = 32
+
+    def __post_init__(self):
+        if self.synthetic_ratio < 0 or not 0 <= self.merge_alpha <= 1 or self.merge_patch < 1:
+            raise ValueError(f"need train.synthetic_ratio >= 0, 0 <= train.merge_alpha <= 1 and train.merge_patch >= 1,"
+                             f" got {self.synthetic_ratio}, {self.merge_alpha}, {self.merge_patch}")
 
 
 @dataclass
@@ -124,6 +136,39 @@ class CDMConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "CDMConfig":
+        return _build(cls, data)
+
+
+@dataclass
+class SynthConfig:
+    """EMIT-Diff: a diffusion model conditioned on an edge map (image edges + mask outline) and a text prompt, which
+    makes new images that keep a labeled image's structure, so its mask can be reused. Defaults from the paper's code
+    where they fit a CPU (DDIM 20 steps, guidance 9); the UNet is small and takes the edge map as an extra channel."""
+
+    image_size: int = 128
+    # Cross-attention only at the two coarsest scales (16² and 32² at 128² input): attention over finer grids would
+    # dominate the cost on a CPU.
+    block_out_channels: tuple[int, ...] = (32, 64, 128, 128)
+    down_block_types: tuple[str, ...] = ("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+    up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D")
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    num_train_timesteps: int = 1000
+    prompt: str = "Chest, X-ray."  # modality and organ, put before each report
+    text_dropout: float = 0.1  # prompts dropped in training, so classifier-free guidance has an unconditional model
+    guidance_scale: float = 9.0
+    ddim_steps: int = 20
+    edge_sigma: float = 2.0  # Canny smoothing (pixels at image_size)
+
+    def __post_init__(self):
+        if len(self.down_block_types) != len(self.block_out_channels) or len(self.up_block_types) != len(self.block_out_channels):
+            raise ValueError("synth.down_block_types and synth.up_block_types need one entry per block_out_channels")
+        if not 0 <= self.text_dropout < 1 or self.guidance_scale < 0 or self.ddim_steps < 1:
+            raise ValueError(f"need 0 <= synth.text_dropout < 1, synth.guidance_scale >= 0 and synth.ddim_steps >= 1, "
+                             f"got {self.text_dropout}, {self.guidance_scale}, {self.ddim_steps}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SynthConfig":
         return _build(cls, data)
 
 

@@ -18,6 +18,8 @@ from monai.transforms import EnsureChannelFirst, LoadImage, Resize, ScaleIntensi
 
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".png", ".jpg", ".jpeg", ".dcm")
 REPORTS_FILE = "reports.csv"
+# Marks a folder of synthetic image-mask pairs (EMIT-Diff), which must never be read as real studies.
+SYNTHETIC_MARKER = "SYNTHETIC.json"
 REPORT_COLUMNS = ("image", "report", "label")
 MAX_REPORT_CHARS = 2000
 
@@ -101,6 +103,9 @@ def read_studies(folder: str | Path, label_tag: str = "final") -> list[Case]:
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"studies folder '{folder}' does not exist")
+    if any((place / SYNTHETIC_MARKER).exists() for place in (folder, folder.parent)):
+        raise DataError(f"'{folder}' holds synthetic image-mask pairs ({SYNTHETIC_MARKER}), not real studies: "
+                        "use them for augmentation (--synthetic), never as real data")
     reports = read_reports(folder)
     labels_dir = folder / "labels" / label_tag
     cases = []

@@ -3,6 +3,7 @@
 The backbone is frozen and its noise fixed, so an image's features never change: they are computed once (batched,
 stored as fp16 in memory and optionally on disk) and reused every epoch. Flips and 90-degree rotations are applied to
 the cached feature maps and the mask together, with MONAI's dictionary transforms (one random draw for all keys).
+"mirror" is the one flip that keeps a report true: left-right, with the report's sides swapped.
 """
 
 from __future__ import annotations
@@ -10,31 +11,63 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
-from monai.transforms import Compose, RandFlipd, RandRotate90d
+from monai.transforms import Compose, Flipd, RandFlipd, RandomizableTransform, RandRotate90d
 from tqdm.auto import tqdm
 
 from .backbone import DiffusionFeatureExtractor
 
-AUGMENTATIONS = ("none", "flip", "rot90_flip")
+AUGMENTATIONS = ("none", "mirror", "flip", "rot90_flip")
+# Images are loaded (C, X, Y): the first spatial axis runs across the patient, from one side to the other.
+LEFT_RIGHT_AXIS = 0
+_SIDES = {"left": "right", "right": "left"}
 
 
-def feature_keys(count: int) -> list[str]:
-    return [f"feature{i}" for i in range(count)]
+def feature_keys(count: int, prefix: str = "feature") -> list[str]:
+    return [f"{prefix}{i}" for i in range(count)]
+
+
+def mirror_report(report: str) -> str:
+    """The report of the left-right mirrored image: every 'left' becomes 'right' and back, keeping the case."""
+
+    def swap(match: re.Match) -> str:
+        word = match.group(0)
+        other = _SIDES[word.lower()]
+        return other.upper() if word.isupper() else other.capitalize() if word[0].isupper() else other
+
+    return re.sub(r"\b(left|right)\b", swap, report, flags=re.IGNORECASE)
+
+
+class RandMirrord(RandomizableTransform):
+    """With probability `prob`, flip the feature maps and mask left-right and swap the sides named in "report"."""
+
+    def __init__(self, keys: list[str], prob: float = 0.5):
+        RandomizableTransform.__init__(self, prob)
+        self.flip = Flipd(keys, spatial_axis=LEFT_RIGHT_AXIS, allow_missing_keys=True)
+
+    def __call__(self, data: dict) -> dict:
+        self.randomize(None)
+        if not self._do_transform:
+            return data
+        mirrored = self.flip(dict(data))
+        mirrored["report"] = mirror_report(data["report"])
+        return mirrored
 
 
 def feature_augmentation(mode: str, count: int, seed: int) -> Compose:
-    """Random flips (and 90-degree rotations) applied identically to every feature map and the mask."""
+    """Random flips (and 90-degree rotations) applied identically to every feature map, the mask and a synthetic
+    copy's feature maps ("synthetic0", ... when present); "mirror" also rewrites the sample's "report"."""
     if mode not in AUGMENTATIONS:
         raise ValueError(f"augment must be one of {AUGMENTATIONS}, got '{mode}'")
-    keys = [*feature_keys(count), "label"]
-    transforms = []
+    keys = [*feature_keys(count), *feature_keys(count, "synthetic"), "label"]
+    transforms = [RandMirrord(keys)] if mode == "mirror" else []
     if mode in ("flip", "rot90_flip"):
-        transforms += [RandFlipd(keys, prob=0.5, spatial_axis=0), RandFlipd(keys, prob=0.5, spatial_axis=1)]
+        transforms += [RandFlipd(keys, prob=0.5, spatial_axis=axis, allow_missing_keys=True) for axis in (0, 1)]
     if mode == "rot90_flip":
-        transforms.append(RandRotate90d(keys, prob=0.75, max_k=3))
+        transforms.append(RandRotate90d(keys, prob=0.75, max_k=3, allow_missing_keys=True))
     return Compose(transforms).set_random_state(seed=seed)
 
 

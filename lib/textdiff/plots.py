@@ -84,3 +84,31 @@ def plot_map_examples(rows: list[dict], path: str | Path) -> Path:
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return Path(path)
+
+
+def plot_contact_sheet(rows: list[dict], path: str | Path) -> Path:
+    """Per source image: the real image, then its synthetic copies, each with the (shared) mask outlined.
+
+    Each row is {"id": str, "real": (X, Y), "mask": (X, Y), "synthetic": [(X, Y), ...]}, in MONAI's (x, y) order.
+    """
+    columns = 1 + max(len(row["synthetic"]) for row in rows)
+    fig, axes = plt.subplots(len(rows), columns, figsize=(2.0 * columns, 2.0 * len(rows)), squeeze=False)
+    for r, row in enumerate(rows):
+        for c in range(columns):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c > len(row["synthetic"]):
+                ax.axis("off")
+                continue
+            ax.imshow((row["real"] if c == 0 else row["synthetic"][c - 1]).T, cmap="gray", vmin=0, vmax=255)
+            if row["mask"].any():
+                ax.contour(row["mask"].T, levels=[0.5], colors="red", linewidths=0.7)
+            if c == 0:
+                ax.set_ylabel(row["id"], fontsize=7)
+            if r == 0:
+                ax.set_title("real" if c == 0 else f"synthetic {c}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return Path(path)

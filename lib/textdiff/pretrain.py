@@ -56,6 +56,7 @@ def load_unlabeled_images(folders: list[str | Path], cfg: BackboneConfig) -> tor
                 logger.warning("skipping %s", err)
     if not images:
         raise DataError(f"no readable images in {', '.join(map(str, folders))}")
+    logger.info("%d unlabeled images loaded", len(images))
     return torch.stack(images)
 
 
@@ -86,19 +87,26 @@ def pretrain(
 
 
 def fit_denoiser(
-    unet, scheduler, images: torch.Tensor, class_labels: torch.Tensor | None, out: Path, settings: PretrainSettings,
-    progress: bool = True, extra_files: dict[str, str] | None = None,
+    unet, scheduler, images: torch.Tensor, conditions: dict[str, torch.Tensor] | None, out: Path,
+    settings: PretrainSettings, progress: bool = True, extra_files: dict[str, str] | None = None,
+    denoiser: torch.nn.Module | None = None,
 ) -> list[dict]:
-    """DDPM noise-prediction training of `unet` on (N, C, S, S) images, class-conditional when `class_labels` (N,)
-    are given; EMA weights (and `extra_files`) saved atomically into `out` every `save_every` epochs and at the end."""
+    """DDPM noise-prediction training on (N, C, S, S) images; EMA weights of `unet` (and `extra_files`) are saved
+    atomically into `out` every `save_every` epochs and at the end.
+
+    `conditions` are per-image tensors (first dimension N) passed by name to the model, e.g. the CDM's class labels.
+    `denoiser` wraps `unet` when the conditions need more than keyword arguments (EMIT-Diff's edge map and report).
+    """
     rank, world, device = _distributed()
     torch.manual_seed(settings.seed + rank)
     unet.to(device).train()
-    ema = EMAModel(unet.parameters(), decay=settings.ema_decay)
+    denoiser = (denoiser or unet).to(device).train()
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input shapes: let cuDNN pick its fastest kernels
+    ema = EMAModel(unet.parameters(), decay=settings.ema_decay, foreach=True)  # one fused update, not one per tensor
     ema.to(device)
-    model = DistributedDataParallel(unet, device_ids=[device] if device.type == "cuda" else None) if world > 1 else unet
-    tensors = (images,) if class_labels is None else (images, class_labels)
-    dataset = TensorDataset(*tensors)
+    model = DistributedDataParallel(denoiser, device_ids=[device] if device.type == "cuda" else None) if world > 1 else denoiser
+    names = list(conditions or {})
+    dataset = TensorDataset(images, *(conditions or {}).values())
     sampler = DistributedSampler(dataset, shuffle=True, seed=settings.seed) if world > 1 else None
     loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=sampler is None, sampler=sampler, drop_last=len(dataset) > settings.batch_size)
     optimizer = torch.optim.AdamW(_parameter_groups(unet, settings), lr=settings.lr, weight_decay=1e-4)
@@ -110,14 +118,15 @@ def fit_denoiser(
         if sampler is not None:
             sampler.set_epoch(epoch)
         start, total, count = time.perf_counter(), 0.0, 0
-        for batch, *labels in loader:
+        for batch, *values in loader:
             batch = batch.to(device)
-            conditions = {"class_labels": labels[0].to(device)} if labels else {}
+            given = {name: value.to(device) for name, value in zip(names, values)}
             noise = torch.randn_like(batch)
             steps = torch.randint(0, scheduler.config.num_train_timesteps, (batch.shape[0],), device=device)
             noisy = scheduler.add_noise(batch, noise, steps)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=device.type == "cuda"):
-                loss = F.mse_loss(model(noisy, steps, **conditions).sample.float(), noise)
+                predicted = model(noisy, steps, **given)
+                loss = F.mse_loss(getattr(predicted, "sample", predicted).float(), noise)
             optimizer.zero_grad(set_to_none=True)
             grad_scaler.scale(loss).backward()
             grad_scaler.unscale_(optimizer)

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .config import TextDiffConfig, TrainConfig
 from .data import Case, DataError, load_case
+from .emit import merge_predictions
 from .features import FeatureCache, feature_augmentation, feature_keys
 from .model import TextDiffModel, save_checkpoint
 
@@ -61,24 +62,44 @@ def predict_logits(model: TextDiffModel, items: list[dict], cache: FeatureCache,
     return torch.cat(outputs)
 
 
-def _training_batch(chunk: list[dict], cache: FeatureCache, augment, text_dropout: float, rng: random.Random):
+def _training_batch(chunk: list[dict], cache: FeatureCache, augment, text_dropout: float, rng: random.Random,
+                    copies: dict[str, list[dict]] | None = None):
+    """Features, masks and reports of a batch, augmented; with `copies`, each image also brings the features of one
+    of its synthetic copies (its own features again when it has none) as "synthetic0", ..."""
     samples = []
+    count = len(cache.get(chunk[0]))
     for item in chunk:
-        features = cache.get(item)
-        sample = dict(zip(feature_keys(len(features)), (f.float() for f in features)), label=item["label"])
+        sample = dict(zip(feature_keys(count), (f.float() for f in cache.get(item))), label=item["label"],
+                      report=item["report"])
+        if copies is not None:
+            options = copies.get(item["id"]) or [item]
+            sample.update(zip(feature_keys(count, "synthetic"), (f.float() for f in cache.get(rng.choice(options)))))
         samples.append(augment(sample))
-    count = len(samples[0]) - 1
-    features = [torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in feature_keys(count)]
-    labels = torch.stack([torch.as_tensor(s["label"]) for s in samples]).long()
-    reports = ["" if rng.random() < text_dropout else item["report"] for item in chunk]
-    return features, labels, reports
+    stack = lambda key: torch.stack([torch.as_tensor(s[key]) for s in samples])  # noqa: E731
+    features = [stack(key) for key in feature_keys(count)]
+    synthetic = [stack(key) for key in feature_keys(count, "synthetic")] if copies is not None else None
+    reports = ["" if rng.random() < text_dropout else s["report"] for s in samples]
+    return features, synthetic, stack("label").long(), reports
+
+
+def synthetic_copies(train_items: list[dict], synthetic: dict[str, list[dict]] | None, ratio: int) -> dict | None:
+    """The first `ratio` synthetic copies of each training image, or None when synthetic augmentation is off."""
+    if ratio < 1 or not synthetic:
+        return None
+    return {item["id"]: synthetic.get(item["id"], [])[:ratio] for item in train_items}
 
 
 def train_head(
     model: TextDiffModel, train_items: list[dict], val_items: list[dict], cfg: TrainConfig,
     checkpoint: str | Path | None = None, cache: FeatureCache | None = None, progress: bool = True,
+    synthetic: dict[str, list[dict]] | None = None,
 ) -> TrainResult:
-    """Train fusion + head; keeps (in `model` and in `checkpoint`) the weights with the best validation Dice."""
+    """Train fusion + head; keeps (in `model` and in `checkpoint`) the weights with the best validation Dice.
+
+    `synthetic` maps an image id to its synthetic copies (EMIT-Diff); with `cfg.synthetic_ratio` > 0 each training
+    image is paired with one of its first `synthetic_ratio` copies and the loss sees, per patch of a random merging
+    mask, the real or the synthetic prediction. Validation uses real images only.
+    """
     if not train_items:
         raise ValueError("no labeled image to train on: save at least one mask under labels/final")
     if cfg.epochs < 1:
@@ -88,8 +109,10 @@ def train_head(
         raise ValueError(f"training items without a mask: {unlabeled[:5]}")
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
+    merge_generator = torch.Generator().manual_seed(cfg.seed)
     cache = cache or FeatureCache(model.extractor, enabled=cfg.cache_features)
-    cache.fill(train_items + val_items, progress=progress)
+    copies = synthetic_copies(train_items, synthetic, cfg.synthetic_ratio)
+    cache.fill(train_items + val_items + [c for group in (copies or {}).values() for c in group], progress=progress)
     if not val_items:
         logger.info("no validation split (fewer than 4 labeled images): selecting on the training images")
     selection = val_items or train_items
@@ -109,8 +132,14 @@ def train_head(
         rng.shuffle(order)
         for begin in range(0, len(order), cfg.batch_size):
             chunk = [train_items[i] for i in order[begin : begin + cfg.batch_size]]
-            features, labels, reports = _training_batch(chunk, cache, augment, cfg.text_dropout, rng)
-            logits = model.logits_from_features([f.to(device) for f in features], reports)
+            features, synthetic_features, labels, reports = _training_batch(
+                chunk, cache, augment, cfg.text_dropout, rng, copies)
+            if synthetic_features is None:
+                logits = model.logits_from_features([f.to(device) for f in features], reports)
+            else:  # real and synthetic in one forward, then merged patch by patch
+                both = [torch.cat(pair).to(device) for pair in zip(features, synthetic_features)]
+                real, fake = model.logits_from_features(both, reports + reports).chunk(2)
+                logits = merge_predictions(real, fake, cfg.merge_alpha, cfg.merge_patch, merge_generator)
             loss = loss_fn(logits, labels.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -136,11 +165,13 @@ def train_head(
 
 def train_on_cases(cases: list[Case], cfg: TextDiffConfig, checkpoint: str | Path, device: str | torch.device = "cpu",
                    progress: bool = True, cache_folder: str | Path | None = None,
-                   pseudo_cases: list[Case] = ()) -> tuple[TextDiffModel, TrainResult]:
+                   pseudo_cases: list[Case] = (),
+                   synthetic: dict[str, list[Case]] | None = None) -> tuple[TextDiffModel, TrainResult]:
     """Build the model of `cfg`, load the labeled cases, split off validation images, train and checkpoint.
 
     `pseudo_cases` carry masks nobody drew (e.g. CDM pre-annotations); they join the training split only, so the
     checkpoint is still chosen on real masks. An image with a real mask never uses its pseudo-label.
+    `synthetic` (source id -> synthetic copies, from `read_synthetic`) is used when `cfg.train.synthetic_ratio` > 0.
     """
     cases = [c for c in cases if c.label is not None]
     real = {c.id for c in cases}
@@ -154,7 +185,16 @@ def train_on_cases(cases: list[Case], cfg: TextDiffConfig, checkpoint: str | Pat
     train_items += [load_case(c, size, channels, cfg.head.num_classes) for c in pseudo_cases]
     if pseudo_cases:
         logger.info("training on %d real and %d pseudo-labeled images", len(items), len(pseudo_cases))
+    copies = None
+    if cfg.train.synthetic_ratio > 0:
+        if not synthetic:
+            raise DataError("train.synthetic_ratio > 0 needs synthetic pairs: make them with `textdiff synthesize`")
+        wanted = {item["id"] for item in train_items}
+        copies = {source: [load_case(c, size, channels, cfg.head.num_classes) for c in group[: cfg.train.synthetic_ratio]]
+                  for source, group in synthetic.items() if source in wanted}
+        logger.info("%d of %d training images have synthetic copies", len(copies), len(train_items))
     torch.manual_seed(cfg.train.seed)
     cache = FeatureCache(model.extractor, enabled=cfg.train.cache_features, folder=cache_folder)
-    result = train_head(model, train_items, val_items, cfg.train, checkpoint=checkpoint, cache=cache, progress=progress)
+    result = train_head(model, train_items, val_items, cfg.train, checkpoint=checkpoint, cache=cache, progress=progress,
+                        synthetic=copies)
     return model, result

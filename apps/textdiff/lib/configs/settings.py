@@ -23,6 +23,10 @@ class AppSettings:
     # textdiff training also uses CDM pre-annotations (`original` labels made by the cdm model) of images that have
     # no final label; a client can switch it per run with the `pseudo_labels` train param
     pseudo_labels: bool = False
+    # textdiff training mixes in this many EMIT-Diff synthetic copies per labeled image (0: none), read from
+    # <model_dir>/synthetic, which `textdiff synthesize --out <model_dir>/synthetic` writes (never the studies
+    # folder); a client can set it per run with the `synthetic_ratio` train param
+    synthetic_ratio: int = 0
     image_size: int = 128  # size of a backbone pretrained from scratch
     train_threads: int = 0  # torch threads for background jobs (0: torch's default)
 

@@ -20,6 +20,8 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.others.generic import name_to_device
 
+from ..errors import client_errors
+
 logger = logging.getLogger(__name__)
 
 
@@ -51,7 +53,9 @@ class StatsTrainTask(TrainTask):
         if self.threads:
             torch.set_num_threads(self.threads)
         logger.info("train request: %s", request)
-        stats = self.train(request, self.pre_process(request, datastore))
+        with client_errors():  # nothing to train on, or bad params: a 422 for a synchronous run
+            data = self.pre_process(request, datastore)
+        stats = self.train(request, data)
         stats = {"run_id": request["run_id"], **stats}
         tmp = self.stats_path.with_name(f".{self.stats_path.name}.tmp")
         tmp.write_text(json.dumps(stats, indent=1))

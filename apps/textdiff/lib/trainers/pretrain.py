@@ -55,7 +55,8 @@ class DiffusionPretrain(StatsTrainTask):
         if data["labeled"] and request.get("retrain_head", True):
             head_request = {**self.head_trainer.config(), "device": request["device"]}
             base = None if current else dataclasses.replace(self.head_trainer.cfg, backbone=cfg)  # a fresh architecture
-            head = self.head_trainer.train(head_request, {"labeled": data["labeled"], "pseudo": []}, backbone=str(out),
-                                           base=base)
+            head_data = {"labeled": data["labeled"], "pseudo": [],
+                         "synthetic": self.head_trainer.synthetic_pairs(head_request)}
+            head = self.head_trainer.train(head_request, head_data, backbone=str(out), base=base)
             stats["head"] = {k: v for k, v in head.items() if k != "history"}
         return stats

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from textdiff.config import TextDiffConfig
-from textdiff.data import Case, DataError, image_id
+from textdiff.data import SYNTHETIC_MARKER, Case, DataError, image_id
 from textdiff.model import load_checkpoint_config
+from textdiff.synthetic import read_synthetic
 from textdiff.train import train_on_cases
 
 from ..configs.settings import AppSettings
@@ -52,21 +53,34 @@ class TextDiffTrain(StatsTrainTask):
             description,
             {"max_epochs": settings.epochs, "val_split": cfg.train.val_fraction,
              "train_batch_size": cfg.train.batch_size, "learning_rate": cfg.train.lr,
-             "pseudo_labels": settings.pseudo_labels},
+             "pseudo_labels": settings.pseudo_labels, "synthetic_ratio": settings.synthetic_ratio},
             self.model_dir / "train_stats.json", settings.train_threads,
         )
         self.settings = settings
         self.cfg = cfg
         self.backbone_for_training = backbone_for_training
         self.checkpoint = self.model_dir / "textdiff.pt"
+        self.synthetic_dir = self.model_dir / "synthetic"
 
-    def pre_process(self, request, datastore: Datastore) -> dict[str, list[Case]]:
-        """Final labels, and CDM pre-annotations of the other images when the run asks for pseudo-labels."""
+    def pre_process(self, request, datastore: Datastore) -> dict:
+        """Final labels; CDM pre-annotations of the other images when the run asks for pseudo-labels; synthetic
+        copies (kept in the model folder, never in the datastore) when it asks for a synthetic ratio."""
         data = {"labeled": labeled_cases(datastore),
                 "pseudo": pseudo_labeled_cases(datastore) if _flag(request.get("pseudo_labels")) else []}
         if not data["labeled"] and not data["pseudo"]:
             raise DataError("no image has a final label yet: save at least one mask (Submit Label) before training")
+        data["synthetic"] = self.synthetic_pairs(request)
         return data
+
+    def synthetic_pairs(self, request: dict) -> dict[str, list[Case]]:
+        """Source image id -> synthetic copies, when the run's synthetic_ratio asks for them ({} otherwise)."""
+        ratio = _count(request.get("synthetic_ratio", 0), "synthetic_ratio")
+        if not ratio:
+            return {}
+        if not (self.synthetic_dir / SYNTHETIC_MARKER).is_file():
+            raise DataError(f"synthetic_ratio {ratio} needs synthetic pairs in {self.synthetic_dir}: make them with "
+                            f"`textdiff synthesize --model <synth-train folder> --data <studies> --out {self.synthetic_dir}`")
+        return read_synthetic(self.synthetic_dir)
 
     def train(self, request, data: dict[str, list[Case]], backbone: str | None = None,
               base: TextDiffConfig | None = None) -> dict:
@@ -80,11 +94,13 @@ class TextDiffTrain(StatsTrainTask):
         logger.info("training TextDiff on %d labeled and %d pseudo-labeled images, backbone %s",
                     len(data["labeled"]), len(data["pseudo"]), cfg.backbone.pretrained)
         _, result = train_on_cases(data["labeled"], cfg, self.checkpoint, request["device"], progress=False,
-                                   cache_folder=self.model_dir / "feature-cache", pseudo_cases=data["pseudo"])
+                                   cache_folder=self.model_dir / "feature-cache", pseudo_cases=data["pseudo"],
+                                   synthetic=data["synthetic"])
         logger.info("best validation Dice %.4f at epoch %d -> %s", result.best_dice, result.best_epoch, self.checkpoint)
         return {"total_time": round(time.time() - start, 1), "epochs": cfg.train.epochs,
                 "best_metric": result.best_dice, "best_epoch": result.best_epoch, "labeled_images": len(data["labeled"]),
-                "pseudo_labeled_images": len(data["pseudo"]),
+                "pseudo_labeled_images": len(data["pseudo"]), "synthetic_ratio": cfg.train.synthetic_ratio,
+                "images_with_synthetic_copies": len({c.id for c in data["labeled"]} & set(data["synthetic"])),
                 "backbone": cfg.backbone.pretrained, "history": result.history}
 
     def run_config(self, request: dict, backbone: str | None = None, base: TextDiffConfig | None = None) -> TextDiffConfig:
@@ -100,8 +116,20 @@ class TextDiffTrain(StatsTrainTask):
             val_fraction=float(request.get("val_split", base.train.val_fraction)),
             batch_size=int(request.get("train_batch_size", base.train.batch_size)),
             lr=float(request.get("learning_rate", base.train.lr)),
+            synthetic_ratio=_count(request.get("synthetic_ratio", 0), "synthetic_ratio"),
         )
         return dataclasses.replace(base, train=train, backbone=dataclasses.replace(base.backbone, pretrained=backbone))
+
+
+def _count(value, name: str) -> int:
+    """A whole-number train param (>= 0) that may come as text from a client."""
+    try:
+        number = int(str(value))
+    except ValueError:
+        raise DataError(f"{name} must be a whole number, got {value!r}") from None
+    if number < 0:
+        raise DataError(f"{name} must be 0 or more, got {number}")
+    return number
 
 
 def _flag(value) -> bool:
