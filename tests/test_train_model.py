@@ -83,6 +83,19 @@ def test_training_is_reproducible(make_model, labeled_items, augment):
     assert [r["loss"] for r in results[0]] == [r["loss"] for r in results[1]]
 
 
+def test_without_the_cache_each_image_goes_through_the_backbone_once_per_use(make_model, labeled_items, h):
+    """What the cache's speed-up is measured against: one backbone pass per training image per epoch, plus one per
+    validation image, and nothing more."""
+    model = make_model()
+    cfg = dataclasses.replace(model.cfg.train, epochs=2, batch_size=2, cache_features=False)
+    calls, handle = h.count_calls(model.extractor.unet)
+    try:
+        train_head(model, labeled_items[:3], labeled_items[3:4], cfg, progress=False)
+    finally:
+        handle.remove()
+    assert sum(calls) == 2 * (3 + 1) * len(h.timesteps)
+
+
 def test_training_without_items_raises_clear_error(make_model, labeled_items):
     model = make_model()
     with pytest.raises(ValueError, match="no labeled image to train on"):

@@ -67,10 +67,10 @@ def _training_batch(chunk: list[dict], cache: FeatureCache, augment, text_dropou
     """Features, masks and reports of a batch, augmented; with `copies`, each image also brings the features of one
     of its synthetic copies (its own features again when it has none) as "synthetic0", ..."""
     samples = []
-    count = len(cache.get(chunk[0]))
     for item in chunk:
-        sample = dict(zip(feature_keys(count), (f.float() for f in cache.get(item))), label=item["label"],
-                      report=item["report"])
+        features = cache.get(item)
+        count = len(features)
+        sample = dict(zip(feature_keys(count), (f.float() for f in features)), label=item["label"], report=item["report"])
         if copies is not None:
             options = copies.get(item["id"]) or [item]
             sample.update(zip(feature_keys(count, "synthetic"), (f.float() for f in cache.get(rng.choice(options)))))
