@@ -188,6 +188,7 @@ def run_benchmark(data: Path, backbone: str | None, out: Path, settings: Benchma
                                       copies if method == "unet_synthetic" else None, merge)
                     dice = _unet_dice(net, test, device)
                 else:
+                    torch.manual_seed(seed)  # the head's initial weights, whatever ran before in this process
                     model = model_for(method)
                     cache = caches["random" if method == "random_backbone" else "pretrained"]
                     strip = _without_text if method == "empty_text" else (lambda items: items)
