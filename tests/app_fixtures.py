@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import shutil
+import time
 from pathlib import Path
 
 from textdiff.backbone import build_scheduler, build_unet, save_diffusion
@@ -33,6 +34,23 @@ def make_deployment(root: Path, tiny_config) -> dict:
             "pretrain_batch_size": "4", "image_size": "32"}
     return {"studies": studies, "model_dir": model_dir, "conf": conf, "groundtruth": data / "train-groundtruth",
             "conf_json": json.dumps(conf)}
+
+
+def wait_until_serving(process, url: str, log: Path, seconds: float = 240) -> None:
+    """Wait for a started `monailabel start_server` to answer /info/; fail with its log if it dies or hangs."""
+    import pytest
+    import requests
+
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{url}/info/", timeout=5).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        assert process.poll() is None, log.read_text()[-3000:]
+        time.sleep(1)
+    pytest.fail("server did not start: " + log.read_text()[-3000:])
 
 
 @contextlib.contextmanager

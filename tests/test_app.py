@@ -48,7 +48,7 @@ def test_info_lists_the_model_its_text_option_and_the_tasks(client):
     info = client.get("/info/").json()
     assert info["models"]["textdiff"]["type"] == "segmentation"
     assert "text" in info["models"]["textdiff"]["config"]  # shown in Slicer's options panel
-    assert info["labels"] == {"infection": 1}
+    assert info["labels"] == ["infection"]  # a list, as OHIF's MONAI Label panel needs
     assert set(info["trainers"]) == {"textdiff", "diffusion_pretrain", "cdm"}
     assert "cdm" not in info["models"]  # no CDM is trained yet
     assert {"random", "first", "uncertainty", "diverse"} <= set(info["strategies"])

@@ -16,7 +16,7 @@ import pytest
 import requests
 
 sys.path.insert(0, str(Path(__file__).parent))
-from app_fixtures import APP_DIR, make_deployment  # noqa: E402
+from app_fixtures import APP_DIR, make_deployment, wait_until_serving  # noqa: E402
 
 
 def _free_port() -> int:
@@ -40,17 +40,7 @@ def server(tmp_path_factory, h):
          str(deployment["studies"]), "--host", "127.0.0.1", "--port", str(port), *conf],
         stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        try:
-            if requests.get(f"{url}/info/", timeout=5).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        assert process.poll() is None, (root / "server.log").read_text()[-3000:]
-        time.sleep(1)
-    else:
-        pytest.fail("server did not start: " + (root / "server.log").read_text()[-3000:])
+    wait_until_serving(process, url, root / "server.log")
     yield {"url": url, **deployment}
     process.terminate()
     process.wait(30)

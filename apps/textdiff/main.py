@@ -17,6 +17,7 @@ import torch
 from lib.configs.cdm import CDMTaskConfig
 from lib.configs.textdiff import TextDiffTaskConfig
 from lib.datastore import ReportDatastore
+from lib.dicomweb import ReportDICOMwebDatastore, cache_folder
 from lib.errors import bad_request, check_id, not_found
 from lib.trainers.textdiff import pseudo_labeled_cases
 from monailabel.config import settings
@@ -43,13 +44,15 @@ class MyApp(MONAILabelApp):
         super().__init__(
             app_dir=app_dir, studies=studies, conf=conf, name="TextDiff Label",
             description="Label-efficient segmentation from a frozen diffusion model and the images' reports",
-            version=monailabel.__version__, labels=self.model.labels,
+            # a list: OHIF's MONAI Label panel appends to the top-level labels (each model's /info has the indices)
+            version=monailabel.__version__, labels=list(self.model.labels),
         )
 
     # --- tasks -----------------------------------------------------------------------------------------------
     def init_datastore(self):
         if self.studies.startswith(("http://", "https://")):
-            return super().init_datastore()
+            return ReportDICOMwebDatastore(self.studies, cache_folder(self.model.settings.model_dir),
+                                           self.model.cfg.head.label_names)
         return ReportDatastore(self.studies, num_classes=len(self.model.cfg.head.label_names),
                                auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
                                read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
@@ -80,10 +83,8 @@ class MyApp(MONAILabelApp):
             check_id(image)
             if image not in self.datastore().list_images():
                 raise not_found(f"no image '{image}' in the datastore")
-            store = self.datastore()
-            if isinstance(store, ReportDatastore):
-                info = store.get_image_info(image)
-                request = {**request, "report": info.get("report", ""), "stored_label": info.get("image_label")}
+            info = self.datastore().get_image_info(image)
+            request = {**request, "report": info.get("report", ""), "stored_label": info.get("image_label")}
         return super().infer(request, datastore)
 
     def batch_infer(self, request, datastore=None):

@@ -1,4 +1,4 @@
-"""The `textdiff` command line: pretrain, train, predict, evaluate, import-lvit, make-sample-data, benchmark,
+"""The `textdiff` command line: pretrain, train, predict, evaluate, import-lvit, export-dicom, make-sample-data, benchmark,
 al-benchmark, the CDM's cdm-train, cdm-predict and cdm-benchmark, and EMIT-Diff's synth-train and synthesize."""
 
 from __future__ import annotations
@@ -45,6 +45,19 @@ def cmd_make_sample_data(args) -> None:
 
     summary = make_sample_data(args.out, n_train=args.train, n_test=args.test, n_labeled=args.labeled, seed=args.seed)
     print(json.dumps(summary, indent=1))
+
+
+def cmd_export_dicom(args) -> None:
+    from .dicom import export_studies, exported_files, stow
+
+    cfg = _config(args)
+    studies = export_studies(args.data, args.out, list(cfg.head.label_names), args.volume_modality,
+                             args.pixel_spacing)
+    masks = sum(s.seg_file is not None for s in studies)
+    print(f"{len(studies)} studies ({masks} with a DICOM SEG mask) written to {args.out}")
+    if args.stow:
+        count = stow(exported_files(studies), args.stow)
+        print(f"{count} instances stored in {args.stow} (STOW-RS)")
 
 
 def cmd_import_lvit(args) -> None:
@@ -281,6 +294,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", type=int, default=70, help="training images (e.g. 200 more unlabeled ones for pretraining)")
     p.add_argument("--test", type=int, default=30)
     p.add_argument("--labeled", type=int, default=20, help="training images that get a final label")
+
+    p = command("export-dicom", cmd_export_dicom, "write a studies folder as DICOM (reports in ImageComments, "
+                "final masks as DICOM SEG) and optionally upload it to a PACS over STOW-RS")
+    p.add_argument("--data", required=True, help="studies folder")
+    p.add_argument("--out", required=True, help="folder for the DICOM files, one subfolder per image")
+    p.add_argument("--stow", metavar="URL", help="DICOMweb root to upload to, e.g. http://127.0.0.1:8042/dicom-web")
+    p.add_argument("--volume-modality", default="CT", choices=["CT", "MR", "OT"], help="modality of 3D volumes "
+                   "(2D images are DX)")
+    p.add_argument("--pixel-spacing", type=float, help="mm per pixel when the files carry none (PNG/JPG: 1 mm)")
+    p.add_argument("--set", nargs="*", metavar="SECTION.NAME=VALUE", help="e.g. head.label_names=[background,lesion]")
 
     p = command("import-lvit", cmd_import_lvit, "import an LViT-format dataset into a studies folder")
     p.add_argument("--images", required=True)

@@ -92,12 +92,7 @@ class ReportDatastore(LocalDatastore):
         """A label must be readable, the size of its image and hold known classes; a bad one replaces nothing."""
         self._known(image_id)
         check_id(label_tag, "label tag")
-        with client_errors():
-            image = read_image(Path(self.get_image_uri(image_id)), "image")
-            label = read_image(Path(label_filename), "label")
-            if _without_singletons(label) == _without_singletons(image):  # a 2D image's label may be one slice
-                label = label[:1].reshape(1, *image.shape[1:])
-            check_mask(label, tuple(image.shape[1:]), self._num_classes, Path(label_filename))
+        check_label_file(Path(self.get_image_uri(image_id)), Path(label_filename), self._num_classes)
         return super().save_label(image_id, label_filename, label_tag, label_info)
 
     def remove_image(self, image_id: str) -> None:
@@ -111,6 +106,16 @@ class ReportDatastore(LocalDatastore):
     def get_image_uri(self, image_id: str) -> str:
         check_id(image_id)
         return super().get_image_uri(image_id)
+
+
+def check_label_file(image_path: Path, label_path: Path, num_classes: int) -> None:
+    """A label must be readable, the size of its image and hold known classes (else a 422)."""
+    with client_errors():
+        image = read_image(image_path, "image")
+        label = read_image(label_path, "label")
+        if _without_singletons(label) == _without_singletons(image):  # a 2D image's label may be one slice
+            label = label[:1].reshape(1, *image.shape[1:])
+        check_mask(label, tuple(image.shape[1:]), num_classes, label_path)
 
 
 def _without_singletons(data) -> tuple[int, ...]:

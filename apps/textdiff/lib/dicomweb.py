@@ -1,0 +1,140 @@
+"""MONAI Label's DICOMweb datastore (`--studies http://HOST:PORT/dicom-web`) with what this app needs on top.
+
+- Each image's report is read from its DICOM (`ImageComments`, where `textdiff export-dicom` puts it), so it
+  travels with the study; it is edited in the PACS, not through this server.
+- Images are all series that hold pixels (DX, CR, CT, MR, ...), not only CT as MONAI Label's default filter has;
+  lists are asked of the PACS each time, so a mask saved a moment ago counts as a label at once.
+- A label is checked (readable, the image's size, known classes) before anything reaches the PACS, then stored as a
+  DICOM SEG written with pydicom-seg: MONAI Label would download the dcmqi tools at start-up, which cannot be done here.
+- Whole-folder tasks (pretraining, the CDM) read `studies_dir`: the downloaded images with a `reports.csv`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pydicom
+from dicomweb_client.session_utils import create_session_from_user_pass
+from monailabel.config import settings
+from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
+from monailabel.datastore.local import LocalDatastore
+from monailabel.datastore.utils.dicom import dicom_web_upload_dcm
+from monailabel.interfaces.datastore import DefaultLabelTag
+from pydicom.dataset import Dataset
+from textdiff.data import write_reports
+from textdiff.dicom import mask_on_sources, report_of, seg_dataset
+
+from .datastore import check_label_file
+from .errors import bad_request, check_id, client_errors, not_found
+
+logger = logging.getLogger(__name__)
+
+NON_IMAGE_MODALITIES = {"SEG", "SR", "PR", "KO", "RTSTRUCT", "DOC", "REG"}
+
+
+def dicomweb_client(url: str) -> DICOMwebClientX:
+    """The client MONAI Label would make (its URL prefixes and credentials settings)."""
+    session = None
+    if settings.MONAI_LABEL_DICOMWEB_USERNAME and settings.MONAI_LABEL_DICOMWEB_PASSWORD:
+        session = create_session_from_user_pass(settings.MONAI_LABEL_DICOMWEB_USERNAME,
+                                                settings.MONAI_LABEL_DICOMWEB_PASSWORD)
+    return DICOMwebClientX(url=url.rstrip("/"), session=session, qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
+                           wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
+                           stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
+
+
+class ReportDICOMwebDatastore(DICOMWebDatastore):
+    def __init__(self, url: str, cache_path: str, label_names: list[str]):
+        super().__init__(dicomweb_client(url), search_filter={}, cache_path=cache_path,
+                         fetch_by_frame=settings.MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME, convert_to_nifti=True)
+        self._label_names = list(label_names)
+
+    # --- what the PACS holds ---------------------------------------------------------------------------------
+    def list_images(self) -> list[str]:
+        series = [Dataset.from_json(s) for s in self._client.search_for_series()]
+        return sorted(str(s.SeriesInstanceUID) for s in series if str(s.get("Modality", "")) not in NON_IMAGE_MODALITIES)
+
+    def get_labeled_images(self, label_tag: str | None = None, labels=None) -> list[str]:
+        if label_tag not in (None, DefaultLabelTag.FINAL):
+            return LocalDatastore.get_labeled_images(self, label_tag, labels)
+        return sorted(set(DICOMWebDatastore.get_labeled_images.__wrapped__(self)))  # the PACS's SEGs, uncached
+
+    def _known(self, image_id: str) -> str:
+        check_id(image_id)
+        if image_id not in self.list_images():
+            raise not_found(f"no image '{image_id}' in the PACS")
+        return image_id
+
+    def _sources(self, image_id: str) -> list[pydicom.Dataset]:
+        """The image's downloaded DICOM instances (downloaded on first use)."""
+        self.get_image_uri(image_id)
+        folder = Path(self._datastore.image_path()) / image_id
+        return [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(folder.glob("*.dcm"))]
+
+    # --- reports ---------------------------------------------------------------------------------------------
+    def report(self, image_id: str) -> str:
+        sources = self._sources(image_id)
+        return report_of(sources[0]) if sources else ""
+
+    def get_image_info(self, image_id: str) -> dict:
+        self._known(image_id)
+        info = super().get_image_info(image_id) or {}
+        info.update(report=self.report(image_id), image_label=None)
+        return info
+
+    def update_image_info(self, image_id: str, info: dict) -> None:
+        self._known(image_id)
+        if "report" in info or "image_label" in info:
+            raise bad_request("with a PACS, reports come from the images' DICOM (ImageComments): change them there")
+        super().update_image_info(image_id, info)
+
+    def add_image(self, image_id: str, image_filename: str, image_info: dict) -> str:
+        raise bad_request("this server reads its images from a PACS: store new images there (STOW-RS, e.g. "
+                          "`textdiff export-dicom --data <studies> --out <dir> --stow <dicom-web url>`)")
+
+    def remove_image(self, image_id: str) -> None:
+        raise bad_request("this server reads its images from a PACS: remove images there")
+
+    # --- labels ----------------------------------------------------------------------------------------------
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict,
+                   label_id: str = "") -> str:
+        """Check the label, store a final one in the PACS as a DICOM SEG, then keep it in the local cache."""
+        self._known(image_id)
+        check_id(label_tag, "label tag")
+        check_label_file(Path(self.get_image_uri(image_id)), Path(label_filename), len(self._label_names))
+        label_info = dict(label_info or {})
+        if label_tag == DefaultLabelTag.FINAL:
+            sources = self._sources(image_id)
+            with client_errors():
+                seg = seg_dataset(mask_on_sources(Path(label_filename), sources), sources, self._label_names)
+            seg_file = Path(self._datastore.label_path(label_tag)) / f".{image_id}.seg.dcm"
+            seg.save_as(seg_file)
+            try:
+                label_info["SeriesInstanceUID"] = dicom_web_upload_dcm(str(seg_file), self._client)
+            finally:
+                seg_file.unlink()
+            label_info.update(StudyInstanceUID=str(sources[0].StudyInstanceUID), Modality="SEG")
+        return LocalDatastore.save_label(self, image_id, label_filename, label_tag, label_info)
+
+    # --- whole-folder tasks ----------------------------------------------------------------------------------
+    @property
+    def studies_dir(self) -> Path:
+        """Every image downloaded (as NIfTI) with their reports in `reports.csv`, for tasks that read a folder."""
+        images = self.list_images()
+        for key in images:
+            self.get_image_uri(key)
+        folder = Path(self._datastore.image_path())
+        write_reports(folder, {key: (self.report(key), None) for key in images},
+                      {key: f"{key}.nii.gz" for key in images})
+        return folder
+
+    def get_image_uri(self, image_id: str) -> str:
+        check_id(image_id)
+        return super().get_image_uri(image_id)
+
+
+def cache_folder(model_dir: str) -> str:
+    """MONAI Label's cache setting when given, else a folder beside the app's models."""
+    return settings.MONAI_LABEL_DICOMWEB_CACHE_PATH.strip() or os.path.join(model_dir, "dicomweb-cache")

@@ -1,0 +1,280 @@
+"""The app on a real PACS: Orthanc with DICOMweb (scripts/orthanc.sh), studies exported and uploaded by `textdiff
+export-dicom --stow`, `monailabel start_server --studies http://127.0.0.1:PORT/dicom-web`, and OHIF in headless
+Chromium (Playwright driving the Debian browser). Slow: it starts Orthanc, the server and a browser."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import requests
+import SimpleITK as sitk
+
+from textdiff.cli import main as textdiff_cli
+from textdiff.data import read_studies, write_reports
+from textdiff.dicom import seg_to_mask, uid_for
+
+sys.path.insert(0, str(Path(__file__).parent))
+from app_fixtures import APP_DIR, wait_until_serving  # noqa: E402
+from test_app_server import _free_port  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "sample-data"
+ARTIFACTS = Path(os.environ.get("TEXTDIFF_TEST_ARTIFACTS", REPO / "test-artifacts"))
+VOLUME_ID = "chest_stack"
+
+
+def _orthanc(command: str, folder: Path, *args: str) -> str:
+    result = subprocess.run(["bash", str(REPO / "scripts" / "orthanc.sh"), command, *args], capture_output=True,
+                            text=True, env={**os.environ, "ORTHANC_DIR": str(folder)}, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def _listening(port: int) -> list[str]:
+    """Local addresses with a listening socket on `port` (from /proc/net/tcp and tcp6)."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            address, state = fields[1], fields[3]
+            if state == "0A" and int(address.rsplit(":", 1)[1], 16) == port:
+                found.append(address.rsplit(":", 1)[0])
+    return found
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("orthanc")
+    port = _free_port()
+    _orthanc("start", folder, str(port))
+    yield {"url": f"http://127.0.0.1:{port}/dicom-web", "port": port, "folder": folder}
+    _orthanc("stop", folder)
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory, pacs):
+    """Two labeled and two unlabeled sample radiographs, and a 4-slice volume (OHIF's MONAI Label mode shows only
+    CT/MR volumes), exported to DICOM and uploaded over STOW-RS."""
+    root = tmp_path_factory.mktemp("pacs-studies")
+    folder = root / "studies"
+    (folder / "labels" / "final").mkdir(parents=True)
+    cases = read_studies(SAMPLE / "train")
+    chosen = ([c for c in cases if c.label is not None and "No pulmonary" not in c.report][:2]
+              + [c for c in cases if c.label is None and "No pulmonary" not in c.report][:2])
+    for case in chosen:
+        shutil.copy(case.image, folder)
+        if case.label is not None:
+            shutil.copy(case.label, folder / "labels" / "final")
+    slices = [sitk.GetArrayFromImage(sitk.ReadImage(str(c.image))) for c in read_studies(SAMPLE / "test")[:4]]
+    volume = sitk.GetImageFromArray(np.stack(slices))
+    volume.SetSpacing((1.5, 1.5, 5.0))
+    sitk.WriteImage(volume, str(folder / f"{VOLUME_ID}.nii.gz"))
+    reports = {c.id: (c.report, c.image_label) for c in chosen}
+    write_reports(folder, reports, {c.id: c.image.name for c in chosen})
+    assert textdiff_cli(["export-dicom", "--data", str(folder), "--out", str(root / "dicom"),
+                         "--stow", pacs["url"]]) == 0
+    return {"cases": chosen, "reports": reports, "dicom": root / "dicom"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, pacs, studies):
+    root = tmp_path_factory.mktemp("pacs-server")
+    port = _free_port()
+    venv_bin = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}",
+           "MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
+    log = open(root / "server.log", "w")
+    process = subprocess.Popen(
+        [str(venv_bin / "monailabel"), "start_server", "--app", str(APP_DIR), "--studies", pacs["url"],
+         "--host", "127.0.0.1", "--port", str(port), "--conf", "model_dir", str(root / "model"),
+         "--conf", "epochs", "1"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    wait_until_serving(process, url, root / "server.log")
+    yield url
+    process.terminate()
+    process.wait(30)
+    log.close()
+
+
+def _series(key: str) -> str:
+    return uid_for(key, "series")
+
+
+def _client(pacs):
+    from dicomweb_client.api import DICOMwebClient
+
+    return DICOMwebClient(url=pacs["url"])
+
+
+def _segs(pacs) -> list[pydicom.Dataset]:
+    return [pydicom.Dataset.from_json(s) for s in _client(pacs).search_for_series(search_filters={"Modality": "SEG"})]
+
+
+def _infer_mask(server: str, image: str, tmp_path: Path) -> Path:
+    answer = requests.post(f"{server}/infer/textdiff", params={"image": image, "output": "image"},
+                           data={"params": json.dumps({"result_extension": ".nrrd", "result_dtype": "uint8"})})
+    assert answer.status_code == 200, answer.text
+    path = tmp_path / f"{image}.nrrd"
+    path.write_bytes(answer.content)
+    return path
+
+
+def test_orthanc_listens_only_on_loopback(pacs):
+    assert _listening(pacs["port"]) and set(_listening(pacs["port"])) <= {"0100007F", "00000000000000000000000001000000"}
+
+
+def test_export_carries_identifiers_spacing_report_and_seg(pacs, studies):
+    client = _client(pacs)
+    assert len(client.search_for_studies()) == len(studies["cases"]) + 1
+    for case in studies["cases"]:
+        meta = pydicom.Dataset.from_json(client.retrieve_series_metadata(uid_for(case.id, "study"), _series(case.id))[0])
+        assert (meta.PatientID, meta.Modality, meta.ImageComments) == (case.id, "DX", case.report)
+        assert [float(v) for v in meta.PixelSpacing] == [1.0, 1.0]
+    volume = client.search_for_series(search_filters={"SeriesInstanceUID": _series(VOLUME_ID)})
+    assert pydicom.Dataset.from_json(volume[0]).Modality == "CT"
+    # the exported final masks are SEGs referencing their images, equal to the masks
+    labeled = {c.id: c for c in studies["cases"] if c.label is not None}
+    referenced = {}
+    for seg in _segs(pacs):
+        meta = pydicom.Dataset.from_json(client.retrieve_series_metadata(seg.StudyInstanceUID, seg.SeriesInstanceUID)[0])
+        referenced[meta.ReferencedSeriesSequence[0].SeriesInstanceUID] = seg
+    assert set(referenced) == {_series(k) for k in labeled}
+    for key, case in labeled.items():
+        seg = referenced[_series(key)]
+        dataset = client.retrieve_series(seg.StudyInstanceUID, seg.SeriesInstanceUID)[0]
+        mask = sitk.GetArrayFromImage(seg_to_mask(dataset))[0]
+        np.testing.assert_array_equal(mask, sitk.GetArrayFromImage(sitk.ReadImage(str(case.label))))
+
+
+def test_infer_reads_image_and_report_from_the_pacs(server, studies):
+    case = studies["cases"][2]  # unlabeled
+    answer = requests.post(f"{server}/infer/textdiff", params={"image": _series(case.id), "output": "json"})
+    assert answer.status_code == 200, answer.text
+    result = answer.json()
+    assert (result["text"], result["text_source"]) == (case.report, "datastore")
+    info = requests.get(f"{server}/datastore/image/info", params={"image": _series(case.id)}).json()
+    assert info["report"] == case.report
+
+
+def test_inferred_mask_saved_as_seg_reads_back_equal(server, pacs, studies, tmp_path):
+    case = studies["cases"][2]  # unlabeled, with an infection in its report
+    image = _series(case.id)
+    mask_file = _infer_mask(server, image, tmp_path)
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(mask_file)))
+    assert mask.any()
+    before = {s.SeriesInstanceUID for s in _segs(pacs)}
+    with open(mask_file, "rb") as handle:
+        answer = requests.put(f"{server}/datastore/label", params={"image": image, "tag": "final"},
+                              files={"label": (mask_file.name, handle)})
+    assert answer.status_code == 200, answer.text
+    new = [s for s in _segs(pacs) if s.SeriesInstanceUID not in before]
+    assert len(new) == 1
+    dataset = _client(pacs).retrieve_series(new[0].StudyInstanceUID, new[0].SeriesInstanceUID)[0]
+    assert dataset.ReferencedSeriesSequence[0].SeriesInstanceUID == image
+    assert dataset.StudyInstanceUID == uid_for(case.id, "study")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(seg_to_mask(dataset)).reshape(mask.shape), mask)
+
+
+def test_bad_labels_and_uploads_are_refused_and_the_pacs_is_unchanged(server, pacs, studies, tmp_path):
+    image = _series(studies["cases"][3].id)
+    before = {s.SeriesInstanceUID for s in _segs(pacs)}
+    wrong_size = tmp_path / "small.nrrd"
+    sitk.WriteImage(sitk.Image(32, 32, sitk.sitkUInt8), str(wrong_size))
+    empty = tmp_path / "empty.nrrd"
+    sitk.WriteImage(sitk.Image(256, 256, sitk.sitkUInt8), str(empty))
+    for path, message in ((wrong_size, "is (32, 32)"), (empty, "empty")):
+        with open(path, "rb") as handle:
+            answer = requests.put(f"{server}/datastore/label", params={"image": image, "tag": "final"},
+                                  files={"label": (path.name, handle)})
+        assert answer.status_code == 422 and message in answer.json()["detail"], answer.text
+    with open(wrong_size, "rb") as handle:
+        answer = requests.put(f"{server}/datastore/image", params={"image": "new"}, files={"file": ("x.nrrd", handle)})
+    assert answer.status_code == 422 and "PACS" in answer.json()["detail"]
+    answer = requests.put(f"{server}/datastore/image/info", params={"image": image}, data={"info": '{"report": "x"}'})
+    assert answer.status_code == 422 and "ImageComments" in answer.json()["detail"]
+    assert requests.post(f"{server}/infer/textdiff", params={"image": "1.2.3.4"}).status_code == 404
+    assert {s.SeriesInstanceUID for s in _segs(pacs)} == before
+    assert requests.get(f"{server}/info/").status_code == 200
+
+
+def test_ohif_runs_textdiff_and_shows_the_mask(server):
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    study = uid_for(VOLUME_ID, "study")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=shutil.which("chromium"), args=[
+            "--no-sandbox", "--enable-unsafe-swiftshader", "--use-angle=swiftshader", "--ignore-gpu-blocklist"])
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        console: list[str] = []
+        page.on("console", lambda message: console.append(f"{message.type}: {message.text}"))
+        try:
+            page.goto(f"{server}/ohif/monai-label?StudyInstanceUIDs={study}")
+            page.get_by_text("Confirm and Hide").click(timeout=120_000)
+            page.get_by_text(VOLUME_ID).first.wait_for(timeout=120_000)
+            _wait_for(page, lambda: any("displaySetsToAllImages" in line for line in console), 120, "the volume to load")
+            server_field = page.locator("#monailabelServerURL")
+            server_field.fill(server + "/")
+            server_field.locator("xpath=../../td/button").click()  # connect
+            page.get_by_text("Auto-Segmentation").first.click(timeout=60_000)
+            before = _mask_coloured_pixels(page.screenshot())
+            page.locator("button[title='Run Segmentation']").first.click()
+            _wait_for(page, lambda: any("updated the segmentation's scalar data" in line for line in console), 180,
+                      "the mask to arrive")
+            page.wait_for_timeout(3000)  # let the viewport render the labelmap
+        finally:  # the screenshot and the browser's console are the test's artifacts, also when it fails
+            shot = page.screenshot(path=str(ARTIFACTS / "ohif-textdiff.png"))
+            (ARTIFACTS / "ohif-console.log").write_text("\n".join(console))
+            browser.close()
+    assert before == 0
+    assert _mask_coloured_pixels(shot) > 100, "no segmentation drawn over the image"
+
+
+def _wait_for(page, condition, seconds: float, what: str) -> None:
+    """Poll through Playwright (its console events arrive only while it runs, not during time.sleep)."""
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, f"timed out after {seconds} s waiting for {what} in OHIF"
+        page.wait_for_timeout(500)
+
+
+def _mask_coloured_pixels(png: bytes) -> int:
+    """Pixels of the viewports drawn in the segment's warm colour: the grey image and the blue UI have none."""
+    import io
+
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)[50:880, 285:1110]
+    return int(((rgb[..., 0] - rgb[..., 2] > 60) & (rgb[..., 0] > 120)).sum())
+
+
+def test_active_learning_and_training_on_the_pacs(server, studies):
+    """Runs after the browser test: it replaces the demo model the others use."""
+    labeled = {_series(c.id) for c in studies["cases"][:3]}  # two exported SEGs and the one saved above
+    unlabeled = {_series(studies["cases"][3].id), _series(VOLUME_ID)}
+    answer = requests.post(f"{server}/activelearning/random", json={})
+    assert answer.status_code == 200 and answer.json()["id"] in unlabeled, answer.text
+    answer = requests.post(f"{server}/train/textdiff", params={"run_sync": "true"},
+                           json={"max_epochs": 1, "val_split": 0.0})
+    assert answer.status_code == 200, answer.text
+    stats = requests.get(f"{server}/info/").json()["train_stats"]["textdiff"]
+    assert stats["labeled_images"] == len(labeled)
+
+
+def test_orthanc_stops_cleanly(pacs):
+    pid = int((pacs["folder"] / "orthanc.pid").read_text())
+    _orthanc("stop", pacs["folder"])
+    assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+    assert not _listening(pacs["port"]) and not (pacs["folder"] / "orthanc.pid").exists()
+    assert "Orthanc stopped" not in _orthanc("stop", pacs["folder"])  # stopping again is a no-op
