@@ -263,8 +263,9 @@ def test_active_learning_and_training_on_the_pacs(server, studies):
     """Runs after the browser test: it replaces the demo model the others use."""
     labeled = {_series(c.id) for c in studies["cases"][:3]}  # two exported SEGs and the one saved above
     unlabeled = {_series(studies["cases"][3].id), _series(VOLUME_ID)}
-    answer = requests.post(f"{server}/activelearning/random", json={})
-    assert answer.status_code == 200 and answer.json()["id"] in unlabeled, answer.text
+    for strategy in ("random", "diverse"):  # MONAI Label's and ours (diffusion features of the PACS's images)
+        answer = requests.post(f"{server}/activelearning/{strategy}", json={})
+        assert answer.status_code == 200 and answer.json()["id"] in unlabeled, (strategy, answer.text)
     answer = requests.post(f"{server}/train/textdiff", params={"run_sync": "true"},
                            json={"max_epochs": 1, "val_split": 0.0})
     assert answer.status_code == 200, answer.text
