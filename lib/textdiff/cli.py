@@ -1,5 +1,5 @@
-"""The `textdiff` command line: pretrain, train, predict, evaluate, import-lvit, export-dicom, make-sample-data, benchmark,
-al-benchmark, the CDM's cdm-train, cdm-predict and cdm-benchmark, and EMIT-Diff's synth-train and synthesize."""
+"""The `textdiff` command line: pretrain, train, predict, evaluate, import-lvit, export-dicom, make-sample-data,
+benchmark, al-benchmark, the CDM's cdm-train, cdm-predict and cdm-benchmark, and EMIT-Diff's synth-train and synthesize."""
 
 from __future__ import annotations
 

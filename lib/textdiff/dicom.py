@@ -34,15 +34,14 @@ VOLUME_SOP_CLASSES = {"CT": "1.2.840.10008.5.1.4.1.1.2", "MR": "1.2.840.10008.5.
                       "OT": "1.2.840.10008.5.1.4.1.1.7"}
 CT_MR_OT = tuple(VOLUME_SOP_CLASSES)
 # SNOMED CT codes for the segment of a chest finding, as DICOM SEG requires a category and a type for each segment.
-FINDING_CATEGORY = {"CodeValue": "49755003", "CodingSchemeDesignator": "SCT", "CodeMeaning": "Morphologically Altered Structure"}
+FINDING_CATEGORY = {"CodeValue": "49755003", "CodingSchemeDesignator": "SCT",
+                    "CodeMeaning": "Morphologically Altered Structure"}
 FINDING_TYPE = {"CodeValue": "128477000", "CodingSchemeDesignator": "SCT", "CodeMeaning": "Abnormal"}
 
 
 @dataclass(frozen=True)
 class ExportedStudy:
     image_id: str
-    study_uid: str
-    series_uid: str
     files: list[Path]
     seg_file: Path | None
 
@@ -99,7 +98,8 @@ def image_datasets(key: str, path: Path, report: str, volume_modality: str = "CT
     if pixel_spacing:
         spacing[:2] = [pixel_spacing, pixel_spacing]
     direction = np.array(image.GetDirection()).reshape(image.GetDimension(), image.GetDimension())
-    row_dir, col_dir = list(direction[:, 0]) + [0.0] * (3 - len(direction)), list(direction[:, 1]) + [0.0] * (3 - len(direction))
+    pad = [0.0] * (3 - len(direction))  # a 2D image's in-plane axes, in 3D
+    row_dir, col_dir = list(direction[:, 0]) + pad, list(direction[:, 1]) + pad
     study_uid, series_uid = uid_for(key, "study"), uid_for(key, "series")
     frame_uid = uid_for(key, "frame-of-reference")
     now = datetime.datetime.now()
@@ -183,7 +183,8 @@ def mask_on_sources(mask_path: Path, sources: list[pydicom.Dataset]) -> sitk.Ima
         mask.SetOrigin([float(v) for v in source.ImagePositionPatient])
         spacing = [float(v) for v in source.PixelSpacing]
         mask.SetSpacing([spacing[1], spacing[0], 1.0])
-        row, col = np.array(source.ImageOrientationPatient[:3], float), np.array(source.ImageOrientationPatient[3:], float)
+        orientation = np.array(source.ImageOrientationPatient, float)
+        row, col = orientation[:3], orientation[3:]
         mask.SetDirection(np.stack([row, col, np.cross(row, col)], axis=1).ravel().tolist())
     return mask
 
@@ -214,8 +215,7 @@ def export_studies(studies: str | Path, out: str | Path, label_names: list[str],
                 logger.info("no SEG for %s: %s", case.id, err)
             else:
                 seg_file = write_datasets([seg], out / case.id / "seg")[0]
-        exported.append(ExportedStudy(case.id, datasets[0].StudyInstanceUID, datasets[0].SeriesInstanceUID, files,
-                                      seg_file))
+        exported.append(ExportedStudy(case.id, files, seg_file))
     return exported
 
 
