@@ -127,11 +127,11 @@ def _train_unet(train: list[dict], val: list[dict], epochs: int, batch_size: int
     return net.eval()
 
 
-def _unet_dice(net, test: list[dict], device) -> float:
+def _unet_scores(net, test: list[dict], device) -> dict:
     with torch.no_grad():
         logits = net(torch.stack([it["image"] for it in test]).to(device)).cpu()
     masks = [to_original_size(lg, it["original_shape"]) for lg, it in zip(logits, test)]
-    return score_masks(masks, test, 2)["mean"]["dice"]
+    return score_masks(masks, test, 2)
 
 
 def _synthetic_items(settings: BenchmarkSettings, size: int, channels: int) -> dict[str, list[dict]]:
@@ -186,7 +186,7 @@ def run_benchmark(data: Path, backbone: str | None, out: Path, settings: Benchma
                 if method in ("unet", "unet_synthetic"):
                     net = _train_unet(train, val, epochs, cfg.train.batch_size, seed, device,
                                       copies if method == "unet_synthetic" else None, merge)
-                    dice = _unet_dice(net, test, device)
+                    scores = _unet_scores(net, test, device)
                 else:
                     torch.manual_seed(seed)  # the head's initial weights, whatever ran before in this process
                     model = model_for(method)
@@ -199,10 +199,12 @@ def run_benchmark(data: Path, backbone: str | None, out: Path, settings: Benchma
                     train_head(model, strip(train), strip(val), train_cfg, cache=cache, progress=False,
                                synthetic=copies)
                     masks = segment_items(model, strip(test), cache=cache)
-                    dice = score_masks(masks, test, 2)["mean"]["dice"]
+                    scores = score_masks(masks, test, 2)
                     models[method] = model
+                dice = scores["mean"]["dice"]
+                per_image = {r["image"]: round(r["dice"], 4) for r in scores["images"]}
                 rows.append({"method": method, "labels": count, "seed": seed, "dice": dice,
-                             "seconds": time.perf_counter() - start})
+                             "seconds": time.perf_counter() - start, "per_image_dice": per_image})
                 print(f"{METHODS[method]:<42} labels={count:<3} seed={seed} dice={dice:.4f}", flush=True)
     timing = _timings(models.get("textdiff") or probe, pool, test, cfg, settings, seed=settings.seeds[0])
     summary = _summarise(rows)
