@@ -116,6 +116,26 @@ def test_pre_annotations_become_original_labels_and_optional_pseudo_labels(clien
     assert client.get("/info/").json()["train_stats"]["textdiff"]["pseudo_labeled_images"] == 0  # off by default
 
 
+def test_healthy_images_join_textdiff_training_with_empty_masks(client, deployment):
+    labeled = {p.name.removesuffix(".png") for p in (deployment["studies"] / "labels" / "final").glob("*.png")}
+    unlabeled = sorted(set(client.get("/datastore/?output=all").json()["objects"]) - labeled)
+    info = client.get(f"/datastore/image/info?image={unlabeled[0]}").json()
+    assert info["image_label"] == "infection"  # made normal for this test, then restored
+    client.put(f"/datastore/image/info?image={unlabeled[0]}", data={"info": json.dumps({"image_label": "normal"})})
+    try:
+        response = client.post("/train/textdiff?run_sync=true", json={"max_epochs": 1, "healthy_label": "normal"})
+        assert response.status_code == 200, response.text
+        stats = client.get("/info/").json()["train_stats"]["textdiff"]
+        assert stats["healthy_images"] == 1 and stats["labeled_images"] == len(labeled)
+        response = client.post("/train/textdiff?run_sync=true", json={"max_epochs": 1, "healthy_label": 3})
+        assert response.status_code == 422 and "healthy_label must be text" in response.text
+        assert client.post("/train/textdiff?run_sync=true", json={"max_epochs": 1}).status_code == 200
+        assert client.get("/info/").json()["train_stats"]["textdiff"]["healthy_images"] == 0  # off by default
+    finally:
+        client.put(f"/datastore/image/info?image={unlabeled[0]}",
+                   data={"info": json.dumps({"image_label": info["image_label"]})})
+
+
 def test_cdm_training_without_healthy_images_is_refused(client, deployment):
     normal = _image_ids(deployment, "normal")
     for image in normal:

@@ -80,6 +80,14 @@ def test_parse_set_values():
         "train.epochs": 3, "backbone.timesteps": [1, 2], "text.encoder": "some/model", "a.b": "x=y"}
 
 
+def test_repeated_set_options_add_up():
+    """`--set a --set b` keeps both (argparse would otherwise keep only the last)."""
+    for command in ("train", "benchmark", "pretrain"):
+        args = cli.build_parser().parse_args([command, "--data", "d", "--out", "o", "--set", "train.epochs=3",
+                                              "--set", "head.gated_text=true", "train.lr=0.01"])
+        assert cli._parse_set(args.set) == {"train.epochs": 3, "head.gated_text": True, "train.lr": 0.01}
+
+
 def test_end_to_end_pretrain_train_predict_evaluate(sample_dir, tmp_path, capsys):
     backbone = tmp_path / "backbone"
     assert main(["pretrain", "--data", str(sample_dir / "train"), "--out", str(backbone), "--epochs", "1",

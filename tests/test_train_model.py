@@ -163,3 +163,30 @@ def test_pretrained_backbone_decides_the_image_size(tmp_path, h, text_encoder):
     with torch.no_grad():
         logits = model(torch.zeros(1, 1, model.image_size, model.image_size), [h.normal])
     assert logits.shape == (1, 2, h.size, h.size)
+
+
+def test_healthy_images_without_a_mask_train_with_an_empty_mask(sample_dir, h, monkeypatch, tmp_path):
+    """`train.healthy_label`: unlabeled images with that image-level label join the training split, mask empty."""
+    import textdiff.train as train_module
+    from textdiff.data import read_studies
+
+    seen = {}
+
+    def spy(model, train_items, val_items, cfg, **kwargs):
+        seen["train"], seen["val"] = train_items, val_items
+        return train_module.TrainResult([], 0.0, 0)
+
+    monkeypatch.setattr(train_module, "train_head", spy)
+    # the normal images lose their drawn masks (an empty mask nobody needs to draw)
+    cases = [dataclasses.replace(c, label=None) if c.image_label == "normal" else c
+             for c in read_studies(sample_dir / "train")]
+    real = [c for c in cases if c.label is not None]
+    normal = {c.id for c in cases if c.image_label == "normal"}
+    assert normal and train_module.healthy_cases(cases, None) == []
+    healthy = train_module.healthy_cases(cases, "normal")
+    assert {c.id for c in healthy} == normal
+    train_module.train_on_cases(real, h.tiny_config(), tmp_path / "m.pt", healthy=healthy, progress=False)
+    added = [it for it in seen["train"] if it["id"] in normal]
+    assert len(added) == len(normal) and all(it["label"].shape == (1, h.size, h.size) for it in added)
+    assert all(it["label"].sum() == 0 for it in added)
+    assert not normal & {it["id"] for it in seen["val"]}  # validation stays on drawn masks

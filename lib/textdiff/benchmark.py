@@ -32,7 +32,7 @@ from .model import TextDiffModel
 from .plots import plot_curves
 from .synthetic import read_synthetic
 from .text import TextEncoder
-from .train import dice_per_image, split_train_val, train_head
+from .train import dice_per_image, healthy_cases, split_train_val, train_head, with_empty_mask
 
 METHODS = {
     "textdiff": "TextDiff (pretrained backbone + report)",
@@ -170,7 +170,11 @@ def run_benchmark(data: Path, backbone: str | None, out: Path, settings: Benchma
 
     probe = model_for("textdiff")
     size, channels = probe.image_size, probe.cfg.backbone.in_channels
-    pool = [load_case(c, size, channels, 2) for c in _pool(data)]
+    pool_cases = _pool(data)
+    pool = [load_case(c, size, channels, 2) for c in pool_cases]
+    # cfg.train.healthy_label: the pool's healthy images join every method's training split with an empty mask
+    healthy = {c.id for c in healthy_cases([dataclasses.replace(c, label=None) for c in pool_cases],
+                                           cfg.train.healthy_label)}
     test = [load_case(c, size, channels, 2) for c in read_studies(data / "test")]
     synthetic = _synthetic_items(settings, size, channels)
     merge = (settings.merge_alpha, settings.merge_patch)
@@ -179,6 +183,8 @@ def run_benchmark(data: Path, backbone: str | None, out: Path, settings: Benchma
         for seed in settings.seeds:
             labeled = _subset(pool, count, seed)
             train, val = split_train_val(labeled, cfg.train.val_fraction, seed)
+            drawn = {it["id"] for it in labeled}
+            train += [with_empty_mask(it) for it in pool if it["id"] in healthy and it["id"] not in drawn]
             epochs = epochs_for(settings.steps, len(train), cfg.train.batch_size)
             copies = {it["id"]: synthetic.get(it["id"], []) for it in train} if synthetic else None
             for method in settings.methods:

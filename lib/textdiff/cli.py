@@ -131,7 +131,7 @@ def cmd_train(args) -> None:
 
     from .data import find_by_id, read_studies
     from .plots import plot_training
-    from .train import train_on_cases
+    from .train import healthy_cases, train_on_cases
 
     cfg = _config(args)  # bad settings fail before any data is read
     studies = read_studies(args.data)
@@ -149,7 +149,8 @@ def cmd_train(args) -> None:
 
         synthetic = read_synthetic(args.synthetic)
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, synthetic_ratio=args.synthetic_ratio))
-    _, result = train_on_cases(cases, cfg, args.out, args.device, pseudo_cases=pseudo, synthetic=synthetic)
+    _, result = train_on_cases(cases, cfg, args.out, args.device, pseudo_cases=pseudo,
+                               healthy=healthy_cases(studies, cfg.train.healthy_label), synthetic=synthetic)
     plot = plot_training(result.history, Path(args.out).with_suffix(".png"))
     print(f"best validation Dice {result.best_dice:.4f} at epoch {result.best_epoch}; model {args.out}; curves {plot}")
 
@@ -282,10 +283,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
+    def set_option(p, section: str, example: str):
+        """--set, repeatable: `--set a=1 --set b=2` keeps both."""
+        p.add_argument("--set", nargs="*", action="extend", metavar=f"{section}.NAME=VALUE", help=f"e.g. {example}")
+
     def model_options(p):
         p.add_argument("--backbone", help="diffusers folder or hub id of the pretrained UNet (default: random init)")
         p.add_argument("--text-encoder", help="transformers folder or hub id (default: packaged all-MiniLM-L6-v2)")
-        p.add_argument("--set", nargs="*", metavar="SECTION.NAME=VALUE", help="config overrides, e.g. train.epochs=20")
+        set_option(p, "SECTION", "train.epochs=20")
         p.add_argument("--device", default="cuda" if _cuda() else "cpu")
 
     p = command("make-sample-data", cmd_make_sample_data, "write the synthetic chest X-ray sample data")
@@ -303,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--volume-modality", default="CT", choices=["CT", "MR", "OT"], help="modality of 3D volumes "
                    "(2D images are DX)")
     p.add_argument("--pixel-spacing", type=float, help="mm per pixel when the files carry none (PNG/JPG: 1 mm)")
-    p.add_argument("--set", nargs="*", metavar="SECTION.NAME=VALUE", help="e.g. head.label_names=[background,lesion]")
+    set_option(p, "SECTION", "head.label_names=[background,lesion]")
 
     p = command("import-lvit", cmd_import_lvit, "import an LViT-format dataset into a studies folder")
     p.add_argument("--images", required=True)
@@ -320,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--set", nargs="*", metavar="SECTION.NAME=VALUE", help="e.g. backbone.image_size=64")
+    set_option(p, "SECTION", "backbone.image_size=64")
 
     p = command("cdm-train", cmd_cdm_train, "train the class-conditional diffusion model on image-level labels")
     p.add_argument("--data", nargs="+", required=True, help="studies folder(s) whose reports.csv gives image labels")
@@ -332,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--embedding-lr", type=float, default=3e-3,
                    help="learning rate of the class embedding, which starts at zero on a pretrained backbone")
-    p.add_argument("--set", nargs="*", metavar="cdm.NAME=VALUE", help="e.g. cdm.tau=0.9 cdm.classes=[normal,infection]")
+    set_option(p, "cdm", "cdm.tau=0.9 cdm.classes=[normal,infection]")
 
     p = command("train", cmd_train, "train the cross-attention and head on the labeled images of a studies folder")
     p.add_argument("--data", required=True)
@@ -353,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--text-encoder", help="transformers folder or hub id (default: packaged all-MiniLM-L6-v2)")
-    p.add_argument("--set", nargs="*", metavar="synth.NAME=VALUE", help="e.g. synth.image_size=64")
+    set_option(p, "synth", "synth.image_size=64")
 
     p = command("synthesize", cmd_synthesize, "synthetic image-mask pairs of the labeled images, plus a contact sheet")
     p.add_argument("--model", required=True, help="folder written by synth-train")
@@ -371,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", nargs="+", required=True, help="image files or studies folders")
     p.add_argument("--out", required=True, help="masks here, soft maps and PNG previews in <out>/soft/")
     p.add_argument("--image-label", help="class of every image (default: its label or report; healthy -> empty mask)")
-    p.add_argument("--set", nargs="*", metavar="cdm.NAME=VALUE", help="read-out settings, e.g. cdm.tau=0.9 cdm.threshold=0.5")
+    set_option(p, "cdm", "cdm.tau=0.9 cdm.threshold=0.5")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
 
     p = command("predict", cmd_predict, "segment images: mask files with the image geometry plus PNG overlays")

@@ -80,6 +80,9 @@ class TrainConfig:
     synthetic_ratio: int = 0
     merge_alpha: float = 0.6
     merge_patch: int = 32
+    # Image-level label of healthy images (e.g. "normal"): those nobody drew a mask for still train, with an empty
+    # mask, since their report or label already says there is nothing to segment. None: off.
+    healthy_label: str | None = None
 
     def __post_init__(self):
         if self.synthetic_ratio < 0 or not 0 <= self.merge_alpha <= 1 or self.merge_patch < 1:

@@ -8,13 +8,14 @@ An image with no report gets the empty text: it still gets a mask.
 from __future__ import annotations
 
 import csv
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import EnsureChannelFirst, LoadImage, Resize, ScaleIntensityRangePercentiles
+from monai.transforms import LoadImage, Resize, ScaleIntensityRangePercentiles
 
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".png", ".jpg", ".jpeg", ".dcm")
 REPORTS_FILE = "reports.csv"
@@ -118,13 +119,23 @@ def read_studies(folder: str | Path, label_tag: str = "final") -> list[Case]:
     return cases
 
 
+_loaders = threading.local()
+
+
+def _loader() -> LoadImage:
+    """One MONAI loader per thread (readers keep per-read state): building one sets up every reader, and MONAI's GPU
+    DICOM reader logs a warning each time it is set up without a GPU (once per image, before)."""
+    if not hasattr(_loaders, "load"):
+        _loaders.load = LoadImage(image_only=True, ensure_channel_first=True)
+    return _loaders.load
+
+
 def read_image(path: Path, what: str) -> MetaTensor:
     """Load one file channel-first, 2D or 3D; any reader failure becomes a DataError naming the file."""
     if not Path(path).is_file():
         raise DataError(f"{what} file '{path}' does not exist")
     try:
-        data = LoadImage(image_only=True)(str(path))
-        return EnsureChannelFirst()(data)
+        return _loader()(str(path))
     except Exception as err:  # readers raise many types for corrupt files
         raise DataError(f"cannot read {what} '{path}': it is corrupt or not a supported image ({err})") from err
 

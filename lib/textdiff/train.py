@@ -163,19 +163,31 @@ def train_head(
     return TrainResult(history, best.best_dice, best.best_epoch)
 
 
+def healthy_cases(cases: list[Case], healthy_label: str | None) -> list[Case]:
+    """The cases without a mask whose image-level label is `healthy_label` (none when it is None)."""
+    return [c for c in cases if healthy_label and c.label is None and c.image_label == healthy_label]
+
+
+def with_empty_mask(item: dict) -> dict:
+    size = item["image"].shape[-1]
+    return {**item, "label": torch.zeros(1, size, size, dtype=torch.long)}
+
+
 def train_on_cases(cases: list[Case], cfg: TextDiffConfig, checkpoint: str | Path, device: str | torch.device = "cpu",
                    progress: bool = True, cache_folder: str | Path | None = None,
-                   pseudo_cases: list[Case] = (),
+                   pseudo_cases: list[Case] = (), healthy: list[Case] = (),
                    synthetic: dict[str, list[Case]] | None = None) -> tuple[TextDiffModel, TrainResult]:
     """Build the model of `cfg`, load the labeled cases, split off validation images, train and checkpoint.
 
     `pseudo_cases` carry masks nobody drew (e.g. CDM pre-annotations); they join the training split only, so the
     checkpoint is still chosen on real masks. An image with a real mask never uses its pseudo-label.
+    `healthy` cases (see `healthy_cases`) join the training split too, with an empty mask.
     `synthetic` (source id -> synthetic copies, from `read_synthetic`) is used when `cfg.train.synthetic_ratio` > 0.
     """
     cases = [c for c in cases if c.label is not None]
     real = {c.id for c in cases}
     pseudo_cases = [c for c in pseudo_cases if c.label is not None and c.id not in real]
+    healthy = [c for c in healthy if c.id not in real and c.id not in {p.id for p in pseudo_cases}]
     if not cases and not pseudo_cases:
         raise DataError("no labeled image: save at least one mask (labels/final) before training")
     model = TextDiffModel(cfg).to(device)
@@ -183,8 +195,10 @@ def train_on_cases(cases: list[Case], cfg: TextDiffConfig, checkpoint: str | Pat
     items = [load_case(c, size, channels, cfg.head.num_classes) for c in cases]
     train_items, val_items = split_train_val(items, cfg.train.val_fraction, cfg.train.seed)
     train_items += [load_case(c, size, channels, cfg.head.num_classes) for c in pseudo_cases]
-    if pseudo_cases:
-        logger.info("training on %d real and %d pseudo-labeled images", len(items), len(pseudo_cases))
+    train_items += [with_empty_mask(load_case(c, size, channels, cfg.head.num_classes)) for c in healthy]
+    if pseudo_cases or healthy:
+        logger.info("training on %d real, %d pseudo-labeled and %d healthy images", len(items), len(pseudo_cases),
+                    len(healthy))
     copies = None
     if cfg.train.synthetic_ratio > 0:
         if not synthetic:

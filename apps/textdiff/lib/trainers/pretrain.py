@@ -18,7 +18,7 @@ from textdiff.pretrain import PretrainSettings, pretrain
 
 from ..configs.settings import AppSettings
 from .base import StatsTrainTask
-from .textdiff import TextDiffTrain, labeled_cases
+from .textdiff import TextDiffTrain, healthy_image_cases, labeled_cases
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +37,10 @@ class DiffusionPretrain(StatsTrainTask):
         self.head_trainer = head_trainer
 
     def pre_process(self, request, datastore: Datastore) -> dict:
-        """All images of the studies folder (pretraining needs no labels), and the labeled ones for the head."""
-        return {"studies": datastore.studies_dir, "labeled": labeled_cases(datastore)}
+        """All images of the studies folder (pretraining needs no labels); the labeled and (with the head's default
+        healthy_label) healthy ones for the head."""
+        return {"studies": datastore.studies_dir, "labeled": labeled_cases(datastore),
+                "healthy": healthy_image_cases(datastore, self.head_trainer.config().get("healthy_label") or "")}
 
     def train(self, request, data: dict) -> dict:
         start = time.time()
@@ -55,7 +57,7 @@ class DiffusionPretrain(StatsTrainTask):
         if data["labeled"] and request.get("retrain_head", True):
             head_request = {**self.head_trainer.config(), "device": request["device"]}
             base = None if current else dataclasses.replace(self.head_trainer.cfg, backbone=cfg)  # a fresh architecture
-            head_data = {"labeled": data["labeled"], "pseudo": [],
+            head_data = {"labeled": data["labeled"], "pseudo": [], "healthy": data["healthy"],
                          "synthetic": self.head_trainer.synthetic_pairs(head_request)}
             head = self.head_trainer.train(head_request, head_data, backbone=str(out), base=base)
             stats["head"] = {k: v for k, v in head.items() if k != "history"}

@@ -12,7 +12,7 @@ from textdiff.config import TextDiffConfig
 from textdiff.data import SYNTHETIC_MARKER, Case, DataError, image_id
 from textdiff.model import load_checkpoint_config
 from textdiff.synthetic import read_synthetic
-from textdiff.train import train_on_cases
+from textdiff.train import healthy_cases, train_on_cases
 
 from ..configs.settings import AppSettings
 from .base import StatsTrainTask
@@ -46,6 +46,18 @@ def pseudo_labeled_cases(datastore: Datastore, model: str = PSEUDO_LABEL_MODEL) 
     return cases
 
 
+def healthy_image_cases(datastore: Datastore, healthy_label: str) -> list[Case]:
+    """Images without a final label whose image-level label is `healthy_label` (none for "")."""
+    if not isinstance(healthy_label, str):
+        raise DataError(f"healthy_label must be text, got {type(healthy_label).__name__}")
+    if not healthy_label:
+        return []
+    final = set(datastore.get_labeled_images())
+    cases = [Case(key, Path(datastore.get_image_uri(key)), None, datastore.report(key),
+                  datastore.get_image_info(key).get("image_label")) for key in datastore.list_images() if key not in final]
+    return healthy_cases(cases, healthy_label or None)
+
+
 class TextDiffTrain(StatsTrainTask):
     def __init__(self, settings: AppSettings, cfg: TextDiffConfig, backbone_for_training, description: str):
         self.model_dir = Path(settings.model_dir)
@@ -53,7 +65,8 @@ class TextDiffTrain(StatsTrainTask):
             description,
             {"max_epochs": settings.epochs, "val_split": cfg.train.val_fraction,
              "train_batch_size": cfg.train.batch_size, "learning_rate": cfg.train.lr,
-             "pseudo_labels": settings.pseudo_labels, "synthetic_ratio": settings.synthetic_ratio},
+             "pseudo_labels": settings.pseudo_labels, "synthetic_ratio": settings.synthetic_ratio,
+             "healthy_label": settings.healthy_label},
             self.model_dir / "train_stats.json", settings.train_threads,
         )
         self.settings = settings
@@ -63,10 +76,12 @@ class TextDiffTrain(StatsTrainTask):
         self.synthetic_dir = self.model_dir / "synthetic"
 
     def pre_process(self, request, datastore: Datastore) -> dict:
-        """Final labels; CDM pre-annotations of the other images when the run asks for pseudo-labels; synthetic
-        copies (kept in the model folder, never in the datastore) when it asks for a synthetic ratio."""
+        """Final labels; CDM pre-annotations of the other images when the run asks for pseudo-labels; images with
+        the run's healthy image-level label and no final label; synthetic copies (kept in the model folder, never in
+        the datastore) when it asks for a synthetic ratio."""
         data = {"labeled": labeled_cases(datastore),
-                "pseudo": pseudo_labeled_cases(datastore) if _flag(request.get("pseudo_labels")) else []}
+                "pseudo": pseudo_labeled_cases(datastore) if _flag(request.get("pseudo_labels")) else [],
+                "healthy": healthy_image_cases(datastore, request.get("healthy_label") or "")}
         if not data["labeled"] and not data["pseudo"]:
             raise DataError("no image has a final label yet: save at least one mask (Submit Label) before training")
         data["synthetic"] = self.synthetic_pairs(request)
@@ -91,15 +106,16 @@ class TextDiffTrain(StatsTrainTask):
         """
         cfg = self.run_config(request, backbone, base)
         start = time.time()
-        logger.info("training TextDiff on %d labeled and %d pseudo-labeled images, backbone %s",
-                    len(data["labeled"]), len(data["pseudo"]), cfg.backbone.pretrained)
+        logger.info("training TextDiff on %d labeled, %d pseudo-labeled and %d healthy images, backbone %s",
+                    len(data["labeled"]), len(data["pseudo"]), len(data["healthy"]), cfg.backbone.pretrained)
         _, result = train_on_cases(data["labeled"], cfg, self.checkpoint, request["device"], progress=False,
                                    cache_folder=self.model_dir / "feature-cache", pseudo_cases=data["pseudo"],
-                                   synthetic=data["synthetic"])
+                                   healthy=data["healthy"], synthetic=data["synthetic"])
         logger.info("best validation Dice %.4f at epoch %d -> %s", result.best_dice, result.best_epoch, self.checkpoint)
         return {"total_time": round(time.time() - start, 1), "epochs": cfg.train.epochs,
                 "best_metric": result.best_dice, "best_epoch": result.best_epoch, "labeled_images": len(data["labeled"]),
-                "pseudo_labeled_images": len(data["pseudo"]), "synthetic_ratio": cfg.train.synthetic_ratio,
+                "pseudo_labeled_images": len(data["pseudo"]), "healthy_images": len(data["healthy"]),
+                "synthetic_ratio": cfg.train.synthetic_ratio,
                 "images_with_synthetic_copies": len({c.id for c in data["labeled"]} & set(data["synthetic"])),
                 "backbone": cfg.backbone.pretrained, "history": result.history}
 
@@ -117,6 +133,7 @@ class TextDiffTrain(StatsTrainTask):
             batch_size=int(request.get("train_batch_size", base.train.batch_size)),
             lr=float(request.get("learning_rate", base.train.lr)),
             synthetic_ratio=_count(request.get("synthetic_ratio", 0), "synthetic_ratio"),
+            healthy_label=request.get("healthy_label") or None,
         )
         return dataclasses.replace(base, train=train, backbone=dataclasses.replace(base.backbone, pretrained=backbone))
 
