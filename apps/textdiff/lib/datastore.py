@@ -34,6 +34,10 @@ class ReportDatastore(LocalDatastore):
     def report(self, image_id: str) -> str:
         return read_reports(self._studies).get(image_id, ("", None))[0]
 
+    def image_labels(self) -> dict[str, str]:
+        """Image id -> image-level label (e.g. normal), for the images that have one; one read of the sidecar."""
+        return {key: label for key, (_, label) in read_reports(self._studies).items() if label}
+
     def _write_report(self, image_id: str, report: object, image_label: object = None) -> None:
         with client_errors():
             report = check_report(report, f"report of image '{image_id}'")

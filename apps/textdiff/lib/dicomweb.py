@@ -78,6 +78,10 @@ class ReportDICOMwebDatastore(DICOMWebDatastore):
         sources = self._sources(image_id)
         return report_of(sources[0]) if sources else ""
 
+    def image_labels(self) -> dict[str, str]:
+        """Image-level labels have no DICOM home here yet: none."""
+        return {}
+
     def get_image_info(self, image_id: str) -> dict:
         self._known(image_id)
         info = super().get_image_info(image_id) or {}

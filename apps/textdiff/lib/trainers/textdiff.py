@@ -12,7 +12,7 @@ from textdiff.config import TextDiffConfig
 from textdiff.data import SYNTHETIC_MARKER, Case, DataError, image_id
 from textdiff.model import load_checkpoint_config
 from textdiff.synthetic import read_synthetic
-from textdiff.train import healthy_cases, train_on_cases
+from textdiff.train import train_on_cases
 
 from ..configs.settings import AppSettings
 from .base import StatsTrainTask
@@ -53,9 +53,10 @@ def healthy_image_cases(datastore: Datastore, healthy_label: str) -> list[Case]:
     if not healthy_label:
         return []
     final = set(datastore.get_labeled_images())
-    cases = [Case(key, Path(datastore.get_image_uri(key)), None, datastore.report(key),
-                  datastore.get_image_info(key).get("image_label")) for key in datastore.list_images() if key not in final]
-    return healthy_cases(cases, healthy_label or None)
+    chosen = [key for key, label in datastore.image_labels().items() if label == healthy_label and key not in final]
+    images = set(datastore.list_images())
+    return [Case(key, Path(datastore.get_image_uri(key)), None, datastore.report(key), healthy_label)
+            for key in chosen if key in images]
 
 
 class TextDiffTrain(StatsTrainTask):
