@@ -1,9 +1,13 @@
-"""`textdiff benchmark`: a run does not depend on what ran before it in the same process; healthy images."""
+"""`textdiff benchmark`: a run does not depend on what ran before it in the same process; healthy images;
+`textdiff benchmark-compare`."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
+import pytest
 import torch
 
 import textdiff.benchmark as benchmark
@@ -51,3 +55,43 @@ def test_healthy_label_adds_the_pools_healthy_images_with_empty_masks(sample_dir
     added = [it for it in runs["healthy"] if it["id"] not in drawn]
     assert healthy - drawn and {it["id"] for it in added} == healthy - drawn
     assert all(it["label"].sum() == 0 for it in added)
+
+
+def _results(folder, method: str, dice_by_seed: dict[int, dict[str, float]]):
+    folder.mkdir(parents=True)
+    rows = [{"method": method, "labels": 10, "seed": seed, "dice": sum(d.values()) / len(d), "per_image_dice": d}
+            for seed, d in dice_by_seed.items()]
+    (folder / "results.json").write_text(json.dumps({"rows": rows}))
+    return folder
+
+
+def test_benchmark_compare_pairs_runs_by_seed_and_groups_test_images(tmp_path, capsys):
+    from textdiff.cli import main
+    from textdiff.data import read_studies
+
+    sample_dir = Path(__file__).resolve().parents[1] / "sample-data"  # its test split has normal images
+    labels = {c.id: c.image_label for c in read_studies(sample_dir / "test")}
+    normal = {i for i, g in labels.items() if g == "normal"}
+    assert normal and set(labels) - normal
+    # a: perfect on normal images in both seeds; b: misses them in seed 1; the same on infected images
+    a = _results(tmp_path / "a", "textdiff", {s: {i: 1.0 if i in normal else 0.5 for i in labels} for s in (0, 1)})
+    b = _results(tmp_path / "b", "empty_text", {0: {i: 1.0 if i in normal else 0.5 for i in labels},
+                                                1: {i: 0.0 if i in normal else 0.5 for i in labels},
+                                                2: {i: 0.3 for i in labels}})  # seed 2 has no partner
+    out = tmp_path / "cmp"
+    assert main(["benchmark-compare", "--a", str(a), "--b", str(b), "--data", str(sample_dir), "--out", str(out)]) == 0
+    result = json.loads((out / "comparison.json").read_text())
+    assert [p["seed"] for p in result["pairs"]] == [0, 1] and result["a_better"] == 1
+    assert result["pairs"][1]["difference"] == pytest.approx(len(normal) / len(labels))
+    assert result["groups"]["normal"] == {"images": len(normal), "a": 1.0, "b": 0.5}
+    assert result["groups"]["infection"]["a"] == result["groups"]["infection"]["b"] == 0.5
+    assert (out / "paired_dice.png").stat().st_size > 0 and "| normal |" in capsys.readouterr().out
+    both = _results(tmp_path / "both", "unet", {0: {i: 0.1 for i in labels}})
+    rows = json.loads((both / "results.json").read_text())["rows"] + json.loads((a / "results.json").read_text())["rows"]
+    (both / "results.json").write_text(json.dumps({"rows": rows}))
+    assert main(["benchmark-compare", "--a", str(both), "--b", str(b), "--data", str(sample_dir), "--out", str(out)]) == 2
+    assert "--method-a" in capsys.readouterr().err
+    assert main(["benchmark-compare", "--a", str(both), "--method-a", "unet", "--b", str(b), "--data", str(sample_dir),
+                 "--out", str(out)]) == 0
+    assert main(["benchmark-compare", "--a", str(tmp_path / "none"), "--b", str(b), "--data", str(sample_dir),
+                 "--out", str(out)]) == 2

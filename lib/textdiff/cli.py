@@ -248,6 +248,12 @@ def cmd_benchmark(args) -> None:
     run_benchmark(Path(args.data), args.backbone, Path(args.out), settings, _config(args))
 
 
+def cmd_benchmark_compare(args) -> None:
+    from .compare import run_comparison
+
+    run_comparison(args.a, args.b, Path(args.data), Path(args.out), args.method_a, args.method_b)
+
+
 def cmd_cdm_benchmark(args) -> None:
     from .cdm_benchmark import CDMBenchmarkSettings, run_cdm_benchmark
     from .gradcam import ClassifierSettings
@@ -403,6 +409,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic", help="synthetic pairs of the training pool (textdiff synthesize --masks <data>/train-groundtruth)")
     p.add_argument("--synthetic-ratio", type=int, default=4, help="synthetic copies used per real image")
     model_options(p)
+
+    p = command("benchmark-compare", cmd_benchmark_compare,
+                "two methods of benchmark runs, paired by labels and seed, overall and per group of test images")
+    p.add_argument("--a", nargs="+", required=True, help="benchmark output folders of the first method")
+    p.add_argument("--b", nargs="+", required=True, help="benchmark output folders of the second method")
+    p.add_argument("--method-a", help="method to take from the --a folders (needed when they hold several)")
+    p.add_argument("--method-b", help="method to take from the --b folders (needed when they hold several)")
+    p.add_argument("--data", default="sample-data", help="the benchmark's data: its test reports give the groups")
+    p.add_argument("--out", default="benchmark-comparison")
 
     p = command("cdm-benchmark", cmd_cdm_benchmark, "CDM vs Grad-CAM vs reconstruction masks, and CDM pseudo-labels")
     p.add_argument("--data", default="sample-data")

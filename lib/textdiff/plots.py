@@ -1,4 +1,4 @@
-"""Plots people would rather look at than read: training curves and Dice-vs-labels curves."""
+"""Plots people would rather look at than read: training curves, Dice-vs-labels curves, paired runs."""
 
 from __future__ import annotations
 
@@ -110,5 +110,22 @@ def plot_contact_sheet(rows: list[dict], path: str | Path) -> Path:
                 ax.set_title("real" if c == 0 else f"synthetic {c}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_paired(points: list[tuple[float, float]], path: str | Path, xlabel: str, ylabel: str) -> Path:
+    """One dot per paired run (x: method b, y: method a); above the diagonal, a did better."""
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], color="grey", linewidth=1)
+    ax.scatter([x for x, _ in points], [y for _, y in points], color="tab:blue")
+    ax.set_xlabel(f"{xlabel} (Dice)")
+    ax.set_ylabel(f"{ylabel} (Dice)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title("paired runs (same labels and seed)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
