@@ -123,14 +123,15 @@ def test_healthy_images_join_textdiff_training_with_empty_masks(client, deployme
     assert info["image_label"] == "infection"  # made normal for this test, then restored
     client.put(f"/datastore/image/info?image={unlabeled[0]}", data={"info": json.dumps({"image_label": "normal"})})
     try:
-        response = client.post("/train/textdiff?run_sync=true", json={"max_epochs": 1, "healthy_label": "normal"})
+        response = client.post("/train/textdiff?run_sync=true", json={"max_epochs": 1})  # on by default: normal
         assert response.status_code == 200, response.text
         stats = client.get("/info/").json()["train_stats"]["textdiff"]
         assert stats["healthy_images"] == 1 and stats["labeled_images"] == len(labeled)
         response = client.post("/train/textdiff?run_sync=true", json={"max_epochs": 1, "healthy_label": 3})
         assert response.status_code == 422 and "healthy_label must be text" in response.text
-        assert client.post("/train/textdiff?run_sync=true", json={"max_epochs": 1}).status_code == 200
-        assert client.get("/info/").json()["train_stats"]["textdiff"]["healthy_images"] == 0  # off by default
+        response = client.post("/train/textdiff?run_sync=true", json={"max_epochs": 1, "healthy_label": ""})
+        assert response.status_code == 200, response.text
+        assert client.get("/info/").json()["train_stats"]["textdiff"]["healthy_images"] == 0  # "" turns it off
     finally:
         client.put(f"/datastore/image/info?image={unlabeled[0]}",
                    data={"info": json.dumps({"image_label": info["image_label"]})})

@@ -27,9 +27,10 @@ class AppSettings:
     # <model_dir>/synthetic, which `textdiff synthesize --out <model_dir>/synthetic` writes (never the studies
     # folder); a client can set it per run with the `synthetic_ratio` train param
     synthetic_ratio: int = 0
-    # textdiff training also uses images with this image-level label (e.g. normal) and no final label, with an empty
-    # mask ("" : off); a client can set it per run with the `healthy_label` train param
-    healthy_label: str = ""
+    # textdiff training also uses the images with this image-level label and no final label, with an empty mask: a
+    # normal study needs no drawing, and it teaches the model what a normal report means (README, benchmark).
+    # "" turns it off; a client can set it per run with the `healthy_label` train param
+    healthy_label: str = "normal"
     image_size: int = 128  # size of a backbone pretrained from scratch
     train_threads: int = 0  # torch threads for background jobs (0: torch's default)
 
