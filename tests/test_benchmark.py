@@ -83,6 +83,7 @@ def test_benchmark_compare_pairs_runs_by_seed_and_groups_test_images(tmp_path, c
     result = json.loads((out / "comparison.json").read_text())
     assert [p["seed"] for p in result["pairs"]] == [0, 1] and result["a_better"] == 1
     assert result["pairs"][1]["difference"] == pytest.approx(len(normal) / len(labels))
+    assert result["median_difference"] == pytest.approx(result["mean_difference"])  # two pairs: the middle is the mean
     assert result["groups"]["normal"] == {"images": len(normal), "a": 1.0, "b": 0.5}
     assert result["groups"]["infection"]["a"] == result["groups"]["infection"]["b"] == 0.5
     assert (out / "paired_dice.png").stat().st_size > 0 and "| normal |" in capsys.readouterr().out

@@ -39,7 +39,8 @@ def _by_run(rows: list[dict], method: str | None, side: str) -> tuple[str, dict[
 
 def compare(a_rows: list[dict], b_rows: list[dict], image_labels: dict[str, str],
             method_a: str | None = None, method_b: str | None = None) -> dict:
-    """Per (labels, seed): Dice of a and b and a - b; their mean, spread and sign count; mean Dice per image group."""
+    """Per (labels, seed): Dice of a and b and a - b; their mean, spread, median and sign count (a few outlying seeds
+    can carry a mean); mean Dice per image group."""
     method_a, a = _by_run(a_rows, method_a, "a")
     method_b, b = _by_run(b_rows, method_b, "b")
     keys = sorted(set(a) & set(b))
@@ -56,7 +57,8 @@ def compare(a_rows: list[dict], b_rows: list[dict], image_labels: dict[str, str]
                 side: statistics.mean(rows[k]["per_image_dice"][i] for k in keys for i in images)
                 for side, rows in (("a", a), ("b", b))}}
     return {"a": method_a, "b": method_b, "pairs": pairs, "mean_difference": statistics.mean(differences),
-            "sd_difference": statistics.pstdev(differences), "a_better": sum(d > 0 for d in differences),
+            "sd_difference": statistics.pstdev(differences),
+            "median_difference": statistics.median(differences), "a_better": sum(d > 0 for d in differences),
             "groups": groups}
 
 
@@ -65,8 +67,9 @@ def format_comparison(result: dict) -> str:
     lines = [f"| labels | seed | {a} | {b} | difference |", "|---|---|---|---|---|"]
     lines += [f"| {p['labels']} | {p['seed']} | {p['a']:.3f} | {p['b']:.3f} | {p['difference']:+.3f} |"
               for p in result["pairs"]]
-    lines.append(f"\n{a} - {b}: {result['mean_difference']:+.3f} ± {result['sd_difference']:.3f} over "
-                 f"{len(result['pairs'])} pairs, {a} better in {result['a_better']}")
+    lines.append(f"\n{a} - {b}: {result['mean_difference']:+.3f} ± {result['sd_difference']:.3f} (median "
+                 f"{result['median_difference']:+.3f}) over {len(result['pairs'])} pairs, {a} better in "
+                 f"{result['a_better']}")
     if result["groups"]:
         lines += ["", f"| test images (image-level label) | images | {a} | {b} |", "|---|---|---|---|"]
         lines += [f"| {g} | {v['images']} | {v['a']:.3f} | {v['b']:.3f} |" for g, v in result["groups"].items()]
