@@ -96,3 +96,29 @@ def test_benchmark_compare_pairs_runs_by_seed_and_groups_test_images(tmp_path, c
                  "--out", str(out)]) == 0
     assert main(["benchmark-compare", "--a", str(tmp_path / "none"), "--b", str(b), "--data", str(sample_dir),
                  "--out", str(out)]) == 2
+
+
+def test_benchmark_summary_merges_runs_of_separate_processes(tmp_path, capsys):
+    from textdiff.cli import main
+
+    images = {"a": 1.0, "b": 0.5}
+    first = _results(tmp_path / "td-0", "textdiff", {0: images})
+    second = _results(tmp_path / "td-1", "textdiff", {1: {"a": 0.5, "b": 0.5}})
+    unet = _results(tmp_path / "unet", "unet", {0: {"a": 0.2, "b": 0.2}, 1: {"a": 0.4, "b": 0.4}})
+    out = tmp_path / "summary"
+    assert main(["benchmark-summary", str(first), str(second), str(unet), "--out", str(out)]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert len(result["rows"]) == 4 and set(result["runs"]) == {str(first), str(second), str(unet)}
+    assert result["summary"]["textdiff"]["10"] == pytest.approx([0.625, 0.125])  # mean and sd over the two seeds
+    assert result["summary"]["unet"]["10"] == pytest.approx([0.3, 0.1])
+    printed = capsys.readouterr().out
+    assert "seeds: [0, 1]" in printed and "| TextDiff (pretrained backbone + report) | 0.625 ± 0.125 |" in printed
+    assert (out / "dice_vs_labels.png").stat().st_size > 0
+    # a run found in two folders, or runs on different backbones, are refused
+    again = _results(tmp_path / "td-0-again", "textdiff", {0: images})
+    assert main(["benchmark-summary", str(first), str(again), "--out", str(out)]) == 2
+    assert "seed 0 is in both" in capsys.readouterr().err
+    other = json.loads((second / "results.json").read_text())
+    (second / "results.json").write_text(json.dumps(dict(other, backbone="elsewhere")))
+    assert main(["benchmark-summary", str(first), str(second), "--out", str(out)]) == 2
+    assert "different backbones" in capsys.readouterr().err

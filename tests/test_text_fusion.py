@@ -150,3 +150,32 @@ def test_gated_text_starts_closed_and_opens_with_training():
     with torch.no_grad():
         block.gates.fill_(0.5)
     assert not torch.allclose(block(tokens, first, mask, 4, 4), block(tokens, second, mask, 4, 4))
+
+
+def test_attention_runs_on_pooled_tokens_of_fine_scales(h):
+    """`attention_size` bounds the tokens the cross-attention sees; coarser scales and the output size are unchanged,
+    and the report still moves the logits."""
+    torch.manual_seed(0)
+    features = [torch.randn(1, 48, 16, 16), torch.randn(1, 24, 32, 32)]
+    tokens, mask = torch.randn(2, 16, 384), torch.ones(2, 16, dtype=torch.bool)
+    full = TextDiffHead([48, 24], 384, h.tiny_config(attention_size=None).head, h.size).eval()
+    bounded = TextDiffHead([48, 24], 384, h.tiny_config(attention_size=32).head, h.size).eval()
+    pooled = TextDiffHead([48, 24], 384, h.tiny_config(attention_size=8).head, h.size).eval()
+    bounded.load_state_dict(full.state_dict())
+    pooled.load_state_dict(full.state_dict())
+    seen = []
+    pooled.fusion.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
+    both = [f.expand(2, -1, -1, -1) for f in features]
+    with torch.no_grad():
+        torch.testing.assert_close(bounded(both, tokens, mask), full(both, tokens, mask))  # no scale above 32²
+        out = pooled(both, tokens, mask)
+    assert seen == [64, 64]  # 16² and 32² both pooled to 8²
+    assert out.shape == (2, 2, h.size, h.size)
+    assert not torch.allclose(out[0], out[1])  # same image, different report
+
+
+def test_attention_size_must_be_positive():
+    from textdiff.config import HeadConfig
+
+    with pytest.raises(ValueError, match="attention_size"):
+        HeadConfig(attention_size=0)

@@ -190,3 +190,12 @@ def test_healthy_images_without_a_mask_train_with_an_empty_mask(sample_dir, h, m
     assert len(added) == len(normal) and all(it["label"].shape == (1, h.size, h.size) for it in added)
     assert all(it["label"].sum() == 0 for it in added)
     assert not normal & {it["id"] for it in seen["val"]}  # validation stays on drawn masks
+
+
+def test_heads_saved_before_attention_pooling_load_with_full_size_attention(make_model, tmp_path):
+    path = save_checkpoint(make_model(attention_size=8), tmp_path / "model.pt")
+    assert load_checkpoint(path).cfg.head.attention_size == 8
+    state = torch.load(path, weights_only=True)
+    del state["config"]["head"]["attention_size"]
+    torch.save(state, path)
+    assert load_checkpoint(path).cfg.head.attention_size is None

@@ -213,14 +213,49 @@ def run_benchmark(data: Path, backbone: str | None, out: Path, settings: Benchma
                              "seconds": time.perf_counter() - start, "per_image_dice": per_image})
                 print(f"{METHODS[method]:<42} labels={count:<3} seed={seed} dice={dice:.4f}", flush=True)
     timing = _timings(models.get("textdiff") or probe, pool, test, cfg, settings, seed=settings.seeds[0])
-    summary = _summarise(rows)
-    result = {"rows": rows, "summary": summary, "timing": timing, "settings": dataclasses.asdict(settings),
-              "backbone": backbone, "device": str(device)}
+    result = {"rows": rows, "summary": summarise_rows(rows, out), "timing": timing,
+              "settings": dataclasses.asdict(settings), "backbone": backbone, "device": str(device)}
     (out / "results.json").write_text(json.dumps(result, indent=1))
-    curves = {METHODS[m]: {n: v for n, v in summary[m].items()} for m in settings.methods}
-    plot_curves(curves, out / "dice_vs_labels.png", "labeled training images", "Sample data: test Dice vs labels")
-    print(format_table(summary, settings.label_counts))
     print(json.dumps(timing, indent=1))
+    return result
+
+
+def summarise_rows(rows: list[dict], out: Path) -> dict[str, dict[int, tuple[float, float]]]:
+    """Mean ± sd per method and label count over seeds: print the table, write dice_vs_labels.png into `out`."""
+    summary = _summarise(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_curves({METHODS[m]: by for m, by in summary.items()}, out / "dice_vs_labels.png", "labeled training images",
+                "Sample data: test Dice vs labels")
+    print(f"seeds: {sorted({row['seed'] for row in rows})}")
+    print(format_table(summary, tuple(sorted({row["labels"] for row in rows}))))
+    return summary
+
+
+def merge_runs(folders: list[str | Path], out: Path) -> dict:
+    """One table, plot and results.json from several benchmark runs (e.g. one process per method or seed).
+
+    The runs must share a backbone; a (method, labels, seed) run found twice is an error, not averaged in twice.
+    """
+    runs = {}
+    for folder in folders:
+        path = Path(folder) / "results.json"
+        if not path.is_file():
+            raise DataError(f"no benchmark results in '{folder}' (expected {path})")
+        runs[str(folder)] = json.loads(path.read_text())
+    backbones = {run.get("backbone") for run in runs.values()}
+    if len(backbones) > 1:
+        raise DataError(f"these runs used different backbones ({sorted(map(str, backbones))}): merge each apart")
+    rows, seen = [], {}
+    for folder, run in runs.items():
+        for row in run["rows"]:
+            key = (row["method"], row["labels"], row["seed"])
+            if key in seen:
+                raise DataError(f"{key[0]} with {key[1]} labels, seed {key[2]} is in both '{seen[key]}' and '{folder}'")
+            seen[key] = folder
+            rows.append(row)
+    result = {"rows": rows, "summary": summarise_rows(rows, out), "backbone": backbones.pop(),
+              "runs": {folder: {k: run.get(k) for k in ("timing", "settings", "device")} for folder, run in runs.items()}}
+    (out / "results.json").write_text(json.dumps(result, indent=1))
     return result
 
 

@@ -254,6 +254,12 @@ def cmd_benchmark_compare(args) -> None:
     run_comparison(args.a, args.b, Path(args.data), Path(args.out), args.method_a, args.method_b)
 
 
+def cmd_benchmark_summary(args) -> None:
+    from .benchmark import merge_runs
+
+    merge_runs(args.results, Path(args.out))
+
+
 def cmd_cdm_benchmark(args) -> None:
     from .cdm_benchmark import CDMBenchmarkSettings, run_cdm_benchmark
     from .gradcam import ClassifierSettings
@@ -418,6 +424,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method-b", help="method to take from the --b folders (needed when they hold several)")
     p.add_argument("--data", default="sample-data", help="the benchmark's data: its test reports give the groups")
     p.add_argument("--out", default="benchmark-comparison")
+
+    p = command("benchmark-summary", cmd_benchmark_summary,
+                "one table, plot and results.json from several benchmark runs (e.g. one process per method or seed)")
+    p.add_argument("results", nargs="+", help="benchmark output folders")
+    p.add_argument("--out", required=True)
 
     p = command("cdm-benchmark", cmd_cdm_benchmark, "CDM vs Grad-CAM vs reconstruction masks, and CDM pseudo-labels")
     p.add_argument("--data", default="sample-data")

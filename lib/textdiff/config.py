@@ -54,7 +54,15 @@ class HeadConfig:
     use_text: bool = True  # False gives the "diffusion features without cross-attention" ablation
     positional_queries: bool = True  # image tokens carry their relative position into the cross-attention
     gated_text: bool = False  # tanh-gated cross-attention residuals, starting closed
+    # The shared block runs on at most attention_size x attention_size tokens: a finer scale is average-pooled to it
+    # and gets the block's change upsampled back. A report names zones, not pixels, and this keeps the trained part
+    # cheap next to the frozen backbone (what the feature cache saves). None: every scale at full size, as the paper.
+    attention_size: int | None = 32
     head_channels: tuple[int, ...] = (32, 16)
+
+    def __post_init__(self):
+        if self.attention_size is not None and self.attention_size < 1:
+            raise ValueError(f"head.attention_size must be at least 1 (or None: no pooling), got {self.attention_size}")
 
 
 @dataclass

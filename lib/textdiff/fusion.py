@@ -64,6 +64,8 @@ def _conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
 class TextDiffHead(nn.Module):
     """Reduce each diffusion scale to `dim` channels, fuse it with the report tokens, upsample, concatenate, classify.
 
+    Scales finer than `cfg.attention_size` are fused on average-pooled tokens and get the fusion's change upsampled.
+
     The classifier runs at the finest feature scale; its logits are then upsampled to `out_size` (the image size).
 
     With `cfg.use_text` False the cross-attention is skipped, which gives the "diffusion features only" ablation.
@@ -95,9 +97,21 @@ class TextDiffHead(nn.Module):
         for reduce, feature in zip(self.reduce, features):
             x = reduce(feature)
             if text is not None:
-                b, c, h, w = x.shape
-                tokens = self.fusion(x.flatten(2).transpose(1, 2), text, text_mask, h, w)
-                x = tokens.transpose(1, 2).reshape(b, c, h, w)
-            fused.append(F.interpolate(x, size=(finest, finest), mode="bilinear", align_corners=False))
+                x = self._fuse(x, text, text_mask)
+            if x.shape[-1] != finest:
+                x = F.interpolate(x, size=(finest, finest), mode="bilinear", align_corners=False)
+            fused.append(x)
         logits = self.classifier(torch.cat(fused, dim=1))
         return F.interpolate(logits, size=(self.out_size, self.out_size), mode="bilinear", align_corners=False)
+
+    def _fuse(self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """The shared cross-attention block on one scale, run on at most `attention_size`² pooled tokens."""
+        b, c, h, w = x.shape
+        limit = self.cfg.attention_size
+        size = (min(h, limit), min(w, limit)) if limit else (h, w)
+        small = F.adaptive_avg_pool2d(x, size) if size != (h, w) else x
+        tokens = self.fusion(small.flatten(2).transpose(1, 2), text, text_mask, *size)
+        change = tokens.transpose(1, 2).reshape(b, c, *size) - small
+        if size != (h, w):
+            change = F.interpolate(change, size=(h, w), mode="bilinear", align_corners=False)
+        return x + change
