@@ -7,7 +7,7 @@ import torch
 
 from textdiff.features import FeatureCache
 from textdiff.model import load_checkpoint, save_checkpoint
-from textdiff.train import dice_per_image, predict_logits, split_train_val, train_head
+from textdiff.train import pooled_dice, predict_logits, selection_items, split_train_val, train_head
 
 
 def _snapshot(module):
@@ -69,8 +69,8 @@ def test_training_lowers_the_loss_and_writes_the_best_checkpoint(make_model, lab
         original = predict_logits(model, labeled_items[4:], cache)
         rebuilt = predict_logits(loaded, labeled_items[4:], FeatureCache(loaded.extractor))
     torch.testing.assert_close(rebuilt, original, rtol=1e-4, atol=1e-4)
-    dice = dice_per_image(original, torch.stack([it["label"] for it in labeled_items[4:]]), 2)
-    assert dice.mean().item() == pytest.approx(result.best_dice, abs=1e-6)
+    dice = pooled_dice(original, torch.stack([it["label"] for it in labeled_items[4:]]), 2)
+    assert dice == pytest.approx(result.best_dice, abs=1e-6)
 
 
 @pytest.mark.parametrize("augment", ["rot90_flip", "mirror"])
@@ -138,14 +138,31 @@ def test_split_train_val():
     assert len(split_train_val(items[:4], 0.01, seed=0)[1]) == 1  # at least one once there are 4
 
 
-def test_dice_per_image_counts_empty_as_perfect():
+def test_pooled_dice_weighs_a_normal_image_by_its_false_positives():
     labels = torch.zeros(2, 1, 4, 4, dtype=torch.long)
-    labels[0, 0, :2] = 1
+    labels[0, 0, :2] = 1  # image 0: 8 foreground pixels; image 1: normal (empty mask)
     logits = torch.zeros(2, 2, 4, 4)
-    logits[0, 1, :2] = 1.0  # image 0: perfect; image 1: empty predicted empty
-    assert dice_per_image(logits, labels, 2).tolist() == [1.0, 1.0]
-    logits[1, 1] = 1.0  # image 1: predicts foreground on an empty truth
-    assert dice_per_image(logits, labels, 2).tolist() == [1.0, 0.0]
+    logits[0, 1, :2] = 1.0  # image 0 perfect, image 1 predicted empty
+    assert pooled_dice(logits, labels, 2) == 1.0
+    logits[1, 1, 0, 0] = 1.0  # one false-positive pixel on the normal image: 2*8 / (2*8 + 1), not a mean of 1 and 0
+    assert pooled_dice(logits, labels, 2) == pytest.approx(16 / 17)
+    logits[0, 1] = 0.0  # drawing nothing anywhere is the worst score, not a half
+    logits[1, 1] = 0.0
+    assert pooled_dice(logits, labels, 2) == 0.0
+
+
+def test_selection_falls_back_to_training_images_when_validation_has_no_foreground():
+    infected = {"id": "i", "label": torch.ones(1, 4, 4, dtype=torch.long)}
+    normal = {"id": "n", "label": torch.zeros(1, 4, 4, dtype=torch.long)}
+    assert selection_items([infected, normal], [normal]) == [infected, normal]
+    assert selection_items([normal], [infected, normal]) == [infected, normal]
+    assert selection_items([], [infected]) == [infected]
+
+
+def test_training_on_empty_masks_only_is_refused(make_model, labeled_items):
+    empty = [dict(item, label=torch.zeros_like(item["label"])) for item in labeled_items[:3]]
+    with pytest.raises(ValueError, match="every mask is empty"):
+        train_head(make_model(), empty, [], make_model().cfg.train, progress=False)
 
 
 def test_pretrained_backbone_decides_the_image_size(tmp_path, h, text_encoder):
@@ -192,10 +209,3 @@ def test_healthy_images_without_a_mask_train_with_an_empty_mask(sample_dir, h, m
     assert not normal & {it["id"] for it in seen["val"]}  # validation stays on drawn masks
 
 
-def test_heads_saved_before_attention_pooling_load_with_full_size_attention(make_model, tmp_path):
-    path = save_checkpoint(make_model(attention_size=8), tmp_path / "model.pt")
-    assert load_checkpoint(path).cfg.head.attention_size == 8
-    state = torch.load(path, weights_only=True)
-    del state["config"]["head"]["attention_size"]
-    torch.save(state, path)
-    assert load_checkpoint(path).cfg.head.attention_size is None

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 
 from .backbone import make_extractor, make_random_extractor
@@ -32,7 +31,8 @@ from .model import TextDiffModel
 from .plots import plot_curves
 from .synthetic import read_synthetic
 from .text import TextEncoder
-from .train import dice_per_image, healthy_cases, split_train_val, train_head, with_empty_mask
+from .train import (healthy_cases, pooled_dice, segmentation_loss, selection_items, split_train_val, train_head,
+                    with_empty_mask)
 
 METHODS = {
     "textdiff": "TextDiff (pretrained backbone + report)",
@@ -95,9 +95,9 @@ def _train_unet(train: list[dict], val: list[dict], epochs: int, batch_size: int
     torch.manual_seed(seed)
     merge_generator = torch.Generator().manual_seed(seed)
     net = UNet(2, train[0]["image"].shape[0], 2, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=2).to(device)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=1.0, lambda_dice=1.5)
+    loss_fn = segmentation_loss()
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
-    selection = val or train
+    selection = selection_items(val, train)
     rng, best, best_state = random.Random(seed), -1.0, None
     for _ in range(epochs):
         net.train()
@@ -120,7 +120,7 @@ def _train_unet(train: list[dict], val: list[dict], epochs: int, batch_size: int
         net.eval()
         with torch.no_grad():
             logits = net(torch.stack([it["image"] for it in selection]).to(device)).cpu()
-        dice = dice_per_image(logits, torch.stack([it["label"] for it in selection]), 2).mean().item()
+        dice = pooled_dice(logits, torch.stack([it["label"] for it in selection]), 2)
         if dice > best:
             best, best_state = dice, {k: v.clone() for k, v in net.state_dict().items()}
     net.load_state_dict(best_state)

@@ -54,10 +54,10 @@ class HeadConfig:
     use_text: bool = True  # False gives the "diffusion features without cross-attention" ablation
     positional_queries: bool = True  # image tokens carry their relative position into the cross-attention
     gated_text: bool = False  # tanh-gated cross-attention residuals, starting closed
-    # The shared block runs on at most attention_size x attention_size tokens: a finer scale is average-pooled to it
-    # and gets the block's change upsampled back. A report names zones, not pixels, and this keeps the trained part
-    # cheap next to the frozen backbone (what the feature cache saves). None: every scale at full size, as the paper.
-    attention_size: int | None = 32
+    # None: every scale goes through the shared block at full size, as in the paper. A number bounds the tokens: a
+    # finer scale is average-pooled to attention_size² and gets the block's change upsampled back (a report names
+    # zones, not pixels). Cheaper, at some Dice (README, "Pooled cross-attention"); for large inputs on a GPU.
+    attention_size: int | None = None
     head_channels: tuple[int, ...] = (32, 16)
 
     def __post_init__(self):

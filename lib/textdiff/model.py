@@ -69,8 +69,6 @@ def _read_checkpoint(path: str | Path) -> tuple[dict, TextDiffConfig]:
     if not path.is_file():
         raise FileNotFoundError(f"no TextDiff checkpoint at '{path}': train one with `textdiff train`")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    # heads saved before head.attention_size existed fused every scale at full size
-    state["config"].setdefault("head", {}).setdefault("attention_size", None)
     cfg = TextDiffConfig.from_dict(state["config"])
     backbone = cfg.backbone.pretrained
     if backbone and not Path(backbone).is_absolute() and (path.parent / backbone).exists():

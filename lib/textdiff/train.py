@@ -1,7 +1,7 @@
 """Training of the fusion block and the head on a handful of masks; the backbone and text encoder stay frozen.
 
-MONAI DiceCELoss (CE + 1.5 x Dice, as in the paper), MONAI DiceMetric on a validation split, the best checkpoint by
-validation Dice written atomically, seeded shuffling, augmentation and text dropout.
+MONAI DiceCELoss (CE + 1.5 x Dice, as in the paper), the best checkpoint by the validation split's pooled Dice (MONAI
+ConfusionMatrixMetric) written atomically, seeded shuffling, augmentation and text dropout.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from monai.losses import DiceCELoss
-from monai.metrics import DiceMetric
+from monai.metrics import ConfusionMatrixMetric
 from monai.networks.utils import one_hot
 from tqdm.auto import tqdm
 
@@ -42,11 +42,25 @@ def split_train_val(items: list[dict], fraction: float, seed: int) -> tuple[list
     return [items[i] for i in order[count:]], [items[i] for i in order[:count]]
 
 
-def dice_per_image(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Foreground Dice per image; an empty mask predicted empty scores 1 (normal images count)."""
-    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=False)
+def pooled_dice(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
+    """Foreground Dice of the images taken together (overlaps and areas summed over images, then the ratio; mean over
+    classes), the model-selection score. A normal image (empty mask) weighs by its false-positive pixels, where a mean
+    of per-image Dice scores it 0 or 1 like a whole image, so that one normal validation image would pick the epoch
+    that draws least, however much it misses. nan when the images hold no foreground and none is predicted."""
+    metric = ConfusionMatrixMetric(include_background=False, metric_name="f1 score", compute_sample=False,
+                                   reduction="sum_batch")  # F1 of the summed confusion matrix = pooled Dice
     predicted = one_hot(logits.argmax(1, keepdim=True), num_classes)
-    return metric(predicted, one_hot(labels, num_classes)).nanmean(1)
+    metric(predicted, one_hot(labels, num_classes))
+    return metric.aggregate()[0].nanmean().item()
+
+
+def selection_items(val_items: list[dict], train_items: list[dict]) -> list[dict]:
+    """The images the best epoch is chosen on: the validation split, or the training images when the split is empty
+    or has no foreground (on normal images alone the best epoch would be one that draws nothing)."""
+    if any(item["label"].any() for item in val_items):
+        return val_items
+    logger.info("no validation image with foreground (%d held out): selecting on the training images", len(val_items))
+    return train_items
 
 
 @torch.no_grad()
@@ -89,6 +103,11 @@ def synthetic_copies(train_items: list[dict], synthetic: dict[str, list[dict]] |
     return {item["id"]: synthetic.get(item["id"], [])[:ratio] for item in train_items}
 
 
+def segmentation_loss() -> DiceCELoss:
+    """Cross-entropy + 1.5 x Dice, as in the paper; the same for the head and the benchmark's UNet baseline."""
+    return DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=1.0, lambda_dice=1.5)
+
+
 def train_head(
     model: TextDiffModel, train_items: list[dict], val_items: list[dict], cfg: TrainConfig,
     checkpoint: str | Path | None = None, cache: FeatureCache | None = None, progress: bool = True,
@@ -113,13 +132,13 @@ def train_head(
     cache = cache or FeatureCache(model.extractor, enabled=cfg.cache_features)
     copies = synthetic_copies(train_items, synthetic, cfg.synthetic_ratio)
     cache.fill(train_items + val_items + [c for group in (copies or {}).values() for c in group], progress=progress)
-    if not val_items:
-        logger.info("no validation split (fewer than 4 labeled images): selecting on the training images")
-    selection = val_items or train_items
+    if not any(item["label"].any() for item in train_items + val_items):
+        raise ValueError("every mask is empty: draw at least one region to segment")
+    selection = selection_items(val_items, train_items)
     device = next(model.head.parameters()).device
     num_classes = model.cfg.head.num_classes
     augment = feature_augmentation(cfg.augment, len(model.extractor.cfg.feature_layers), cfg.seed)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=1.0, lambda_dice=1.5)
+    loss_fn = segmentation_loss()
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
     history, best = [], TrainResult([], -1.0, 0)
@@ -148,7 +167,7 @@ def train_head(
         scheduler.step()
         seconds = time.perf_counter() - start
         val_logits = predict_logits(model, selection, cache)
-        dice = dice_per_image(val_logits, torch.stack([it["label"] for it in selection]), num_classes).mean().item()
+        dice = pooled_dice(val_logits, torch.stack([it["label"] for it in selection]), num_classes)
         history.append({"epoch": epoch, "loss": total / len(train_items), "val_dice": dice, "seconds": seconds})
         bar.set_postfix(loss=f"{total / len(train_items):.3f}", val_dice=f"{dice:.3f}")
         # one line per epoch for logs (server jobs, -v), where a progress bar does not show
