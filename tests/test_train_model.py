@@ -7,7 +7,7 @@ import torch
 
 from textdiff.features import FeatureCache
 from textdiff.model import load_checkpoint, save_checkpoint
-from textdiff.train import pooled_dice, predict_logits, selection_items, split_train_val, train_head
+from textdiff.train import dice_per_image, predict_logits, selection_items, split_train_val, train_head
 
 
 def _snapshot(module):
@@ -69,8 +69,8 @@ def test_training_lowers_the_loss_and_writes_the_best_checkpoint(make_model, lab
         original = predict_logits(model, labeled_items[4:], cache)
         rebuilt = predict_logits(loaded, labeled_items[4:], FeatureCache(loaded.extractor))
     torch.testing.assert_close(rebuilt, original, rtol=1e-4, atol=1e-4)
-    dice = pooled_dice(original, torch.stack([it["label"] for it in labeled_items[4:]]), 2)
-    assert dice == pytest.approx(result.best_dice, abs=1e-6)
+    dice = dice_per_image(original, torch.stack([it["label"] for it in labeled_items[4:]]), 2)
+    assert dice.mean().item() == pytest.approx(result.best_dice, abs=1e-6)
 
 
 @pytest.mark.parametrize("augment", ["rot90_flip", "mirror"])
@@ -138,17 +138,14 @@ def test_split_train_val():
     assert len(split_train_val(items[:4], 0.01, seed=0)[1]) == 1  # at least one once there are 4
 
 
-def test_pooled_dice_weighs_a_normal_image_by_its_false_positives():
+def test_dice_per_image_counts_empty_as_perfect():
     labels = torch.zeros(2, 1, 4, 4, dtype=torch.long)
-    labels[0, 0, :2] = 1  # image 0: 8 foreground pixels; image 1: normal (empty mask)
+    labels[0, 0, :2] = 1
     logits = torch.zeros(2, 2, 4, 4)
-    logits[0, 1, :2] = 1.0  # image 0 perfect, image 1 predicted empty
-    assert pooled_dice(logits, labels, 2) == 1.0
-    logits[1, 1, 0, 0] = 1.0  # one false-positive pixel on the normal image: 2*8 / (2*8 + 1), not a mean of 1 and 0
-    assert pooled_dice(logits, labels, 2) == pytest.approx(16 / 17)
-    logits[0, 1] = 0.0  # drawing nothing anywhere is the worst score, not a half
-    logits[1, 1] = 0.0
-    assert pooled_dice(logits, labels, 2) == 0.0
+    logits[0, 1, :2] = 1.0  # image 0: perfect; image 1: empty predicted empty
+    assert dice_per_image(logits, labels, 2).tolist() == [1.0, 1.0]
+    logits[1, 1] = 1.0  # image 1: predicts foreground on an empty truth
+    assert dice_per_image(logits, labels, 2).tolist() == [1.0, 0.0]
 
 
 def test_selection_falls_back_to_training_images_when_validation_has_no_foreground():

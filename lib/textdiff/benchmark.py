@@ -31,7 +31,7 @@ from .model import TextDiffModel
 from .plots import plot_curves
 from .synthetic import read_synthetic
 from .text import TextEncoder
-from .train import (healthy_cases, pooled_dice, segmentation_loss, selection_items, split_train_val, train_head,
+from .train import (dice_per_image, healthy_cases, segmentation_loss, selection_items, split_train_val, train_head,
                     with_empty_mask)
 
 METHODS = {
@@ -120,7 +120,7 @@ def _train_unet(train: list[dict], val: list[dict], epochs: int, batch_size: int
         net.eval()
         with torch.no_grad():
             logits = net(torch.stack([it["image"] for it in selection]).to(device)).cpu()
-        dice = pooled_dice(logits, torch.stack([it["label"] for it in selection]), 2)
+        dice = dice_per_image(logits, torch.stack([it["label"] for it in selection]), 2).mean().item()
         if dice > best:
             best, best_state = dice, {k: v.clone() for k, v in net.state_dict().items()}
     net.load_state_dict(best_state)
