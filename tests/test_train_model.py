@@ -204,5 +204,3 @@ def test_healthy_images_without_a_mask_train_with_an_empty_mask(sample_dir, h, m
     assert len(added) == len(normal) and all(it["label"].shape == (1, h.size, h.size) for it in added)
     assert all(it["label"].sum() == 0 for it in added)
     assert not normal & {it["id"] for it in seen["val"]}  # validation stays on drawn masks
-
-
