@@ -113,6 +113,7 @@ def test_random_backbone_ablation_has_the_pretrained_architecture_and_fresh_weig
     cfg = h.tiny_backbone(pretrained=str(tmp_path / "bb"))  # configured (8, 16): the folder must win
     random_a, random_b = make_random_extractor(cfg), make_random_extractor(cfg)
     assert tuple(random_a.unet.config.block_out_channels) == (16, 32)
+    assert make_extractor(cfg).cfg.block_out_channels == (16, 32)  # what a checkpoint records
     state, pretrained = random_a.unet.state_dict(), make_extractor(cfg).unet.state_dict()
     assert state.keys() == pretrained.keys()
     assert all(state[k].shape == pretrained[k].shape for k in state)
@@ -141,6 +142,23 @@ def test_save_diffusion_is_atomic_and_loadable(tmp_path, h):
     image = torch.rand(1, 1, h.size, h.size)
     for x, y in zip(make_extractor(cfg, weights=str(target))(image), DiffusionFeatureExtractor(unet, scheduler, cfg)(image)):
         assert torch.equal(x, y)
+
+
+def test_half_precision_weights_take_half_the_space_and_load_as_float32(tmp_path, h):
+    cfg = h.tiny_backbone()
+    unet, scheduler = build_unet(cfg), build_scheduler(cfg)
+    full = save_diffusion(unet, scheduler, tmp_path / "full")
+    half = save_diffusion(unet, scheduler, tmp_path / "half", half=True)
+    assert next(unet.parameters()).dtype == torch.float32  # the model being saved is left as it was
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    assert (half / weights).stat().st_size < 0.6 * (full / weights).stat().st_size
+    loaded, _ = load_diffusion(str(half))
+    for key, value in unet.state_dict().items():
+        assert loaded.state_dict()[key].dtype == torch.float32, key
+        assert torch.equal(loaded.state_dict()[key], value.half().float()), key
+    image = torch.rand(1, 1, h.size, h.size)
+    for x, y in zip(make_extractor(cfg, weights=str(half))(image), make_extractor(cfg, weights=str(full))(image)):
+        assert x.dtype == torch.float32 and torch.allclose(x, y, atol=1e-2)
 
 
 def test_load_diffusion_of_missing_folder_raises_file_not_found(tmp_path):

@@ -44,12 +44,21 @@ def test_pretrain_writes_a_loadable_backbone(sample_dir, h, tmp_path):
     features = make_extractor(cfg, weights=str(out))(torch.zeros(1, 1, h.size, h.size))
     assert [f.shape[1] for f in features] == [48, 24]
 
-    # continuing from it extends the history and still writes a loadable model
-    more = pretrain([sample_dir / "train"], out, cfg, PretrainSettings(epochs=1, batch_size=4, history=history),
-                    init=str(out), progress=False)
+    # continuing from it extends the history and still writes a loadable model, here in half precision
+    more = pretrain([sample_dir / "train"], out, cfg,
+                    PretrainSettings(epochs=1, batch_size=4, history=history, save_half=True), init=str(out), progress=False)
     assert [row["epoch"] for row in more] == [1, 2, 3]
     assert json.loads((out / "history.json").read_text()) == more
-    load_diffusion(str(out))
+    from safetensors import safe_open
+
+    with safe_open(str(out / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as stored:
+        assert all(stored.get_tensor(k).dtype == torch.float16 for k in stored.keys())
+    unet, _ = load_diffusion(str(out))
+    assert all(p.dtype == torch.float32 for p in unet.parameters())
+    # and continuing from half-precision weights trains in float32
+    pretrain([sample_dir / "train"], tmp_path / "again", cfg, PretrainSettings(epochs=1, batch_size=4), init=str(out),
+             progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "backbone"]
 
 
 def test_continuing_uses_the_size_of_the_model_it_continues(sample_dir, h, tmp_path):

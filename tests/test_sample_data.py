@@ -78,8 +78,30 @@ def test_labeled_subset_has_normals_and_infections(sample_dir):
     (dict(n_labeled=10, n_train=5), "n_labeled"),
     (dict(normal_fraction=1.5), "normal_fraction"),
     (dict(size=32), "size"),
+    (dict(opacity=(0.0, 0.5)), "opacity"),
+    (dict(opacity=(0.6, 0.3)), "opacity"),
 ])
 def test_bad_arguments(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         make_sample_data(tmp_path, **{**SMALL, **kwargs})
     assert not any(tmp_path.iterdir())
+
+
+def test_fainter_opacities_change_only_the_infected_pixels_and_keep_masks_and_reports(tmp_path):
+    make_sample_data(tmp_path / "default", **SMALL)
+    make_sample_data(tmp_path / "faint", opacity=(0.1, 0.2), **SMALL)
+    default, faint = _files(tmp_path / "default"), _files(tmp_path / "faint")
+    masks_and_reports = [k for k in default if "labels" in k or "groundtruth" in k or k.endswith(".csv")]
+    assert masks_and_reports and all(default[k] == faint[k] for k in masks_and_reports)
+    assert "[0.1, 0.2]" in faint["README.md"].decode()
+    contrast = {}
+    for name in ("default", "faint"):
+        inside, outside = [], []
+        for case in read_studies(tmp_path / name / "test"):
+            image = np.asarray(Image.open(case.image), dtype=float)
+            mask = np.asarray(Image.open(tmp_path / name / "test" / "labels" / "final" / case.image.name)) > 0
+            if mask.any():
+                inside.append(image[mask].mean())
+                outside.append(image[~mask].mean())
+        contrast[name] = np.mean(inside) - np.mean(outside)
+    assert contrast["faint"] < contrast["default"]

@@ -162,7 +162,7 @@ def test_training_on_empty_masks_only_is_refused(make_model, labeled_items):
         train_head(make_model(), empty, [], make_model().cfg.train, progress=False)
 
 
-def test_pretrained_backbone_decides_the_image_size(tmp_path, h, text_encoder):
+def test_pretrained_backbone_decides_the_image_size_and_architecture(tmp_path, h, text_encoder):
     from textdiff.backbone import build_scheduler, build_unet, save_diffusion
     from textdiff.config import BackboneConfig
     from textdiff.model import TextDiffModel
@@ -177,6 +177,12 @@ def test_pretrained_backbone_decides_the_image_size(tmp_path, h, text_encoder):
     with torch.no_grad():
         logits = model(torch.zeros(1, 1, model.image_size, model.image_size), [h.normal])
     assert logits.shape == (1, 2, h.size, h.size)
+    # the checkpoint records the architecture of the weights, not the config's defaults (channels 16-32-64-128)
+    from textdiff.model import save_checkpoint
+
+    stored = torch.load(save_checkpoint(model, tmp_path / "head.pt"), weights_only=True)["config"]["backbone"]
+    assert tuple(stored["block_out_channels"]) == tuple(small.block_out_channels) != BackboneConfig().block_out_channels
+    assert tuple(stored["down_block_types"]) == tuple(small.down_block_types)
 
 
 def test_healthy_images_without_a_mask_train_with_an_empty_mask(sample_dir, h, monkeypatch, tmp_path):

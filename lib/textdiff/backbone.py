@@ -6,6 +6,7 @@ one fixed, seeded noise tensor, so an image's features are deterministic and can
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import shutil
@@ -38,18 +39,28 @@ def build_scheduler(cfg: BackboneConfig) -> DDPMScheduler:
     return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule="linear")
 
 
+def architecture(unet: UNet2DModel) -> dict:
+    """The `BackboneConfig` fields that a UNet's weights decide, whatever the config's defaults say: a checkpoint
+    then records the backbone it was really trained on."""
+    c = unet.config
+    return dict(image_size=c.sample_size, in_channels=c.in_channels, block_out_channels=tuple(c.block_out_channels),
+                layers_per_block=c.layers_per_block, down_block_types=tuple(c.down_block_types),
+                up_block_types=tuple(c.up_block_types))
+
+
 def load_diffusion(source: str) -> tuple[UNet2DModel, DDPMScheduler]:
     """Load a UNet2DModel and its scheduler from a diffusers folder or hub id (pipeline layout or bare unet).
 
     A pipeline folder has `unet/` and `scheduler/`; a bare model folder has config.json and the scheduler config
-    beside it (as in google/ddpm-* checkpoints).
+    beside it (as in google/ddpm-* checkpoints). Weights stored in half precision (as shipped, to halve the download)
+    are upcast to float32: half-precision convolutions are slow or missing on CPUs.
     """
     try:
         if Path(source, "unet").is_dir():
-            unet = UNet2DModel.from_pretrained(source, subfolder="unet")
+            unet = UNet2DModel.from_pretrained(source, subfolder="unet", torch_dtype=torch.float32)
             scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler")
         else:
-            unet = UNet2DModel.from_pretrained(source)
+            unet = UNet2DModel.from_pretrained(source, torch_dtype=torch.float32)
             scheduler = DDPMScheduler.from_pretrained(source)
     except (OSError, ValueError) as err:
         raise FileNotFoundError(
@@ -60,14 +71,15 @@ def load_diffusion(source: str) -> tuple[UNet2DModel, DDPMScheduler]:
 
 
 def save_diffusion(unet: UNet2DModel, scheduler: DDPMScheduler, target: str | Path,
-                   extra_files: dict[str, str] | None = None) -> Path:
+                   extra_files: dict[str, str] | None = None, half: bool = False) -> Path:
     """Write `unet/`, `scheduler/` and any `extra_files` (name -> text) into `target` atomically: a crash never
-    leaves a half-written model."""
+    leaves a half-written model. `half` stores the weights in float16 (half the size, for a model that is shipped;
+    `load_diffusion` upcasts them) and leaves `unet` itself as it is."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the model folder is meant to be shared
-    unet.save_pretrained(staging / "unet")
+    (copy.deepcopy(unet).to(torch.float16) if half else unet).save_pretrained(staging / "unet")
     scheduler.save_pretrained(staging / "scheduler")
     for name, text in (extra_files or {}).items():
         (staging / name).write_text(text)
@@ -94,8 +106,7 @@ class DiffusionFeatureExtractor(torch.nn.Module):
     def __init__(self, unet: UNet2DModel, scheduler: DDPMScheduler, cfg: BackboneConfig):
         super().__init__()
         self.unet = unet.eval().requires_grad_(False)
-        # The weights decide the input size and channels, whatever the config's defaults say.
-        cfg = dataclasses.replace(cfg, image_size=unet.config.sample_size, in_channels=unet.config.in_channels)
+        cfg = dataclasses.replace(cfg, **architecture(unet))
         self.cfg = cfg
         self.timesteps = torch.tensor(cfg.timesteps, dtype=torch.long)
         self.alphas_cumprod = scheduler.alphas_cumprod.clone()

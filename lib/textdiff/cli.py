@@ -43,7 +43,8 @@ def _config(args) -> TextDiffConfig:
 def cmd_make_sample_data(args) -> None:
     from .sample_data import make_sample_data
 
-    summary = make_sample_data(args.out, n_train=args.train, n_test=args.test, n_labeled=args.labeled, seed=args.seed)
+    summary = make_sample_data(args.out, n_train=args.train, n_test=args.test, n_labeled=args.labeled, seed=args.seed,
+                               opacity=tuple(args.opacity))
     print(json.dumps(summary, indent=1))
 
 
@@ -75,7 +76,7 @@ def cmd_pretrain(args) -> None:
     if args.init and (Path(args.init) / "history.json").exists():
         history = json.loads((Path(args.init) / "history.json").read_text())
     settings = PretrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                                history=history)
+                                history=history, save_half=args.half)
     result = pretrain(args.data, args.out, cfg.backbone, settings, init=args.init)
     print(f"backbone written to {args.out} (last loss {result[-1]['loss']:.4f} after {len(result)} epochs)")
 
@@ -311,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", type=int, default=70, help="training images (e.g. 200 more unlabeled ones for pretraining)")
     p.add_argument("--test", type=int, default=30)
     p.add_argument("--labeled", type=int, default=20, help="training images that get a final label")
+    p.add_argument("--opacity", type=float, nargs=2, default=[0.5, 0.9], metavar=("LOW", "HIGH"),
+                   help="range of an infected area's peak density (lower: fainter opacities, a harder data set)")
 
     p = command("export-dicom", cmd_export_dicom, "write a studies folder as DICOM (reports in ImageComments, "
                 "final masks as DICOM SEG) and optionally upload it to a PACS over STOW-RS")
@@ -337,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--half", action="store_true", help="store the weights in float16 (half the size; loaded as float32)")
     set_option(p, "SECTION", "backbone.image_size=64")
 
     p = command("cdm-train", cmd_cdm_train, "train the class-conditional diffusion model on image-level labels")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .backbone import DiffusionFeatureExtractor, make_extractor
+from .backbone import DiffusionFeatureExtractor, architecture, make_extractor
 from .config import TextDiffConfig
 from .fusion import TextDiffHead
 from .text import TextEncoder
@@ -22,9 +22,7 @@ class TextDiffModel(torch.nn.Module):
                  text_encoder: TextEncoder | None = None):
         super().__init__()
         self.extractor = extractor or make_extractor(cfg.backbone)
-        # The backbone's weights decide the image size and channels, not the defaults.
-        backbone = dataclasses.replace(cfg.backbone, image_size=self.extractor.cfg.image_size,
-                                       in_channels=self.extractor.cfg.in_channels)
+        backbone = dataclasses.replace(cfg.backbone, **architecture(self.extractor.unet))
         self.cfg = dataclasses.replace(cfg, backbone=backbone)
         self.text_encoder = text_encoder or TextEncoder(cfg.text)
         self.head = TextDiffHead(self.extractor.feature_channels, self.text_encoder.dim, cfg.head, backbone.image_size)

@@ -42,6 +42,9 @@ class PretrainSettings:
     class_embedding_lr: float | None = None
     seed: int = 0
     save_every: int = 10
+    # Store the weights in float16: half the size of a backbone that is shipped or copied around (training stays
+    # in float32).
+    save_half: bool = False
     history: list[dict] = field(default_factory=list)
 
 
@@ -140,7 +143,7 @@ def fit_denoiser(
         logger.info("epoch %d/%d: denoising loss %.4f", epoch + 1, settings.epochs, total / count)
         last = epoch + 1 == settings.epochs
         if rank == 0 and (last or (epoch + 1) % settings.save_every == 0):
-            _save(unet, ema, scheduler, out, history, extra_files)
+            _save(unet, ema, scheduler, out, history, extra_files, settings.save_half)
     if world > 1:
         dist.barrier()
     return history
@@ -155,9 +158,10 @@ def _parameter_groups(unet, settings: PretrainSettings) -> list[dict]:
     return groups
 
 
-def _save(unet, ema: EMAModel, scheduler, out: Path, history: list[dict], extra_files: dict[str, str] | None) -> None:
+def _save(unet, ema: EMAModel, scheduler, out: Path, history: list[dict], extra_files: dict[str, str] | None,
+          half: bool = False) -> None:
     """Write the EMA weights (what DDPMs are sampled and read out from) with the loss history."""
     ema.store(unet.parameters())
     ema.copy_to(unet.parameters())
-    save_diffusion(unet, scheduler, out, {**(extra_files or {}), "history.json": json.dumps(history, indent=1)})
+    save_diffusion(unet, scheduler, out, {**(extra_files or {}), "history.json": json.dumps(history, indent=1)}, half)
     ema.restore(unet.parameters())

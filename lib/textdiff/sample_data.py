@@ -62,21 +62,26 @@ def make_sample_data(
     normal_fraction: float = 0.2,
     size: int = 256,
     seed: int = 0,
+    opacity: tuple[float, float] = (0.5, 0.9),
 ) -> dict:
     """Write the sample data set under ``out_dir`` and return a summary of what was written.
 
     Train images form a MONAI Label studies folder in which only the first ``n_labeled``
     cases carry a final label (the label-efficient setting); ``train-groundtruth`` keeps
     every train mask for simulated labelling, and the test split is fully labelled.
+    ``opacity`` is the range of an infected area's peak density; a lower range makes faint
+    opacities, harder to see in the image alone (the masks and reports stay as they are).
     """
     _check_arguments(n_train, n_test, n_labeled, normal_fraction, size)
+    if not 0 < opacity[0] <= opacity[1]:
+        raise ValueError(f"opacity must be a range 0 < low <= high, got {tuple(opacity)}")
     out = Path(out_dir)
     rng = np.random.default_rng(seed)
     counts = _plan_area_counts(rng, n_train, n_test, n_labeled, normal_fraction)
     rows: dict[str, list[tuple[str, str, str]]] = {"train": [], "test": []}
     written = 0
     for case_id, n_areas in enumerate(tqdm(counts, desc="sample data", unit="img")):
-        case = _draw_case(np.random.default_rng([seed, case_id]), size, n_areas)
+        case = _draw_case(np.random.default_rng([seed, case_id]), size, n_areas, opacity)
         split = "train" if case_id < n_train else "test"
         name = f"case_{case_id:04d}.png"
         written += _write_atomic(out / split / name, _png_bytes(case.image))
@@ -86,7 +91,7 @@ def make_sample_data(
         rows[split].append((name, _report(case.areas), label))
     for split, split_rows in rows.items():
         written += _write_atomic(out / split / "reports.csv", _csv_bytes(split_rows))
-    written += _write_atomic(out / "README.md", _readme(n_train, n_test, n_labeled, size, seed).encode())
+    written += _write_atomic(out / "README.md", _readme(n_train, n_test, n_labeled, size, seed, opacity).encode())
     return {
         "train": n_train,
         "test": n_test,
@@ -148,7 +153,7 @@ def _mask_dirs(out: Path, split: str, case_id: int, n_labeled: int) -> list[Path
     return dirs
 
 
-def _draw_case(rng: np.random.Generator, size: int, n_areas: int) -> _Case:
+def _draw_case(rng: np.random.Generator, size: int, n_areas: int, opacity_range: tuple[float, float]) -> _Case:
     """Draw one radiograph with ``n_areas`` infected areas (fewer only if no room) and its mask."""
     chest = _draw_chest(rng, size)
     image = chest.image
@@ -163,7 +168,7 @@ def _draw_case(rng: np.random.Generator, size: int, n_areas: int) -> _Case:
         if drawn is None:
             continue
         opacity, area_mask = drawn
-        image = image + rng.uniform(0.5, 0.9) * opacity * chest.air_shadow
+        image = image + rng.uniform(*opacity_range) * opacity * chest.air_shadow
         mask |= area_mask
         areas.append((side, zone))
     return _Case(_expose(rng, image), mask.astype(np.uint8), areas)
@@ -467,14 +472,15 @@ def _write_atomic(path: Path, data: bytes) -> int:
     return len(data)
 
 
-def _readme(n_train: int, n_test: int, n_labeled: int, size: int, seed: int) -> str:
+def _readme(n_train: int, n_test: int, n_labeled: int, size: int, seed: int, opacity: tuple[float, float]) -> str:
     """Describe the layout and how to regenerate it."""
+    faint = "" if tuple(opacity) == (0.5, 0.9) else f"\nOpacity peak density in [{opacity[0]}, {opacity[1]}] (default [0.5, 0.9]).\n"
     return f"""# TextDiff sample data
 
 Synthetic chest-radiograph-like images ({size}x{size}, 8-bit grayscale) with infection
 opacities, masks and LViT/QaTa-COV19-style text reports. Generated deterministically
 (seed {seed}); nothing here comes from a patient.
-
+{faint}
 ```
 train/                    MONAI Label studies folder: {n_train} training images
   labels/final/           masks of the first {n_labeled} train images only (the labelled minority)
