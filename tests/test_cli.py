@@ -28,6 +28,11 @@ def test_make_sample_data_command(tmp_path, monkeypatch, capsys):
     assert len(list((tmp_path / "sd" / "train").glob("*.png"))) == 3
     assert (tmp_path / "sd" / "test" / "reports.csv").is_file()
     assert len(list((tmp_path / "sd" / "train" / "labels" / "final").glob("*.png"))) == 2
+    assert "Opacity peak density" not in (tmp_path / "sd" / "README.md").read_text()
+    # fainter opacities: the same layout, the range recorded in the data's README
+    assert main(["make-sample-data", "--out", str(tmp_path / "faint"), "--seed", "3", "--train", "3", "--test", "1",
+                 "--labeled", "2", "--opacity", "0.2", "0.3"]) == 0
+    assert "Opacity peak density in [0.2, 0.3]" in (tmp_path / "faint" / "README.md").read_text()
 
 
 def test_train_without_labeled_images_exits_2(tmp_path, h, capsys):

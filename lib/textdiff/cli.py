@@ -43,8 +43,9 @@ def _config(args) -> TextDiffConfig:
 def cmd_make_sample_data(args) -> None:
     from .sample_data import make_sample_data
 
+    density = {"opacity": tuple(args.opacity)} if args.opacity else {}
     summary = make_sample_data(args.out, n_train=args.train, n_test=args.test, n_labeled=args.labeled, seed=args.seed,
-                               opacity=tuple(args.opacity))
+                               **density)
     print(json.dumps(summary, indent=1))
 
 
@@ -312,8 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", type=int, default=70, help="training images (e.g. 200 more unlabeled ones for pretraining)")
     p.add_argument("--test", type=int, default=30)
     p.add_argument("--labeled", type=int, default=20, help="training images that get a final label")
-    p.add_argument("--opacity", type=float, nargs=2, default=[0.5, 0.9], metavar=("LOW", "HIGH"),
-                   help="range of an infected area's peak density (lower: fainter opacities, a harder data set)")
+    p.add_argument("--opacity", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="range of an infected area's peak density (default 0.5 0.9; lower: fainter opacities, harder)")
 
     p = command("export-dicom", cmd_export_dicom, "write a studies folder as DICOM (reports in ImageComments, "
                 "final masks as DICOM SEG) and optionally upload it to a PACS over STOW-RS")

@@ -29,6 +29,7 @@ _ZONE_PROBS = (0.25, 0.35, 0.40)  # infections favour the lower lung, as in COVI
 _PLACEMENT_TRIES = 40  # shapes tried at one lung zone before giving up on it
 _LOCATION_TRIES = 6  # lung zones tried per area before drawing fewer areas
 _REGENERATE = "textdiff make-sample-data --out sample-data"
+DEFAULT_OPACITY = (0.5, 0.9)  # range of an infected area's peak density (lower: fainter, harder to see)
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ def make_sample_data(
     normal_fraction: float = 0.2,
     size: int = 256,
     seed: int = 0,
-    opacity: tuple[float, float] = (0.5, 0.9),
+    opacity: tuple[float, float] = DEFAULT_OPACITY,
 ) -> dict:
     """Write the sample data set under ``out_dir`` and return a summary of what was written.
 
@@ -474,13 +475,14 @@ def _write_atomic(path: Path, data: bytes) -> int:
 
 def _readme(n_train: int, n_test: int, n_labeled: int, size: int, seed: int, opacity: tuple[float, float]) -> str:
     """Describe the layout and how to regenerate it."""
-    faint = "" if tuple(opacity) == (0.5, 0.9) else f"\nOpacity peak density in [{opacity[0]}, {opacity[1]}] (default [0.5, 0.9]).\n"
+    density = "" if tuple(opacity) == DEFAULT_OPACITY else (
+        f"\nOpacity peak density in [{opacity[0]}, {opacity[1]}] (default {list(DEFAULT_OPACITY)}).\n")
     return f"""# TextDiff sample data
 
 Synthetic chest-radiograph-like images ({size}x{size}, 8-bit grayscale) with infection
 opacities, masks and LViT/QaTa-COV19-style text reports. Generated deterministically
 (seed {seed}); nothing here comes from a patient.
-{faint}
+{density}
 ```
 train/                    MONAI Label studies folder: {n_train} training images
   labels/final/           masks of the first {n_labeled} train images only (the labelled minority)
