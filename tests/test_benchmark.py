@@ -29,6 +29,26 @@ def test_a_runs_initial_head_does_not_depend_on_the_methods_before_it(sample_dir
     alone, after = initial_heads[0], initial_heads[-3]
     assert alone.keys() == after.keys()
     assert all(torch.equal(alone[k], after[k]) for k in alone)
+    # every row, UNet included, keeps the area oracle, which can only fix errors
+    rows = json.loads((tmp_path / "after" / "results.json").read_text())["rows"]
+    assert {r["method"] for r in rows} == {"unet", "empty_text", "textdiff"}
+    for row in rows:
+        oracle = row["area_oracle"]
+        assert oracle["dice"] >= row["dice"] and oracle["per_image_dice"].keys() == row["per_image_dice"].keys()
+        assert 0 <= oracle["missed_areas"] <= oracle["areas"] and oracle["false_areas"] >= 0
+
+
+def test_runs_done_before_a_crash_are_kept(sample_dir, h, tmp_path, monkeypatch):
+    def crash(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(benchmark, "_timings", crash)  # the last step, after every run
+    settings = benchmark.BenchmarkSettings(label_counts=(3,), seeds=(0, 1), steps=1, methods=("unet",))
+    with pytest.raises(RuntimeError):
+        benchmark.run_benchmark(sample_dir, None, tmp_path / "out", settings, h.tiny_config())
+    kept = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert kept["partial"] and [(r["method"], r["seed"]) for r in kept["rows"]] == [("unet", 0), ("unet", 1)]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["results.json"]
 
 
 def test_healthy_label_adds_the_pools_healthy_images_with_empty_masks(sample_dir, h, tmp_path, monkeypatch):
@@ -57,10 +77,10 @@ def test_healthy_label_adds_the_pools_healthy_images_with_empty_masks(sample_dir
     assert all(it["label"].sum() == 0 for it in added)
 
 
-def _results(folder, method: str, dice_by_seed: dict[int, dict[str, float]]):
+def _results(folder, method: str, dice_by_seed: dict[int, dict[str, float]], oracle: dict | None = None):
     folder.mkdir(parents=True)
-    rows = [{"method": method, "labels": 10, "seed": seed, "dice": sum(d.values()) / len(d), "per_image_dice": d}
-            for seed, d in dice_by_seed.items()]
+    rows = [{"method": method, "labels": 10, "seed": seed, "dice": sum(d.values()) / len(d), "per_image_dice": d,
+             **({"area_oracle": oracle} if oracle else {})} for seed, d in dice_by_seed.items()]
     (folder / "results.json").write_text(json.dumps({"rows": rows}))
     return folder
 
@@ -96,6 +116,24 @@ def test_benchmark_compare_pairs_runs_by_seed_and_groups_test_images(tmp_path, c
                  "--out", str(out)]) == 0
     assert main(["benchmark-compare", "--a", str(tmp_path / "none"), "--b", str(b), "--data", str(sample_dir),
                  "--out", str(out)]) == 2
+    assert result["area_oracle"] == {}  # runs made before the oracle existed still compare
+
+
+def test_benchmark_compare_reports_the_headroom_of_the_area_oracle(tmp_path, capsys):
+    from textdiff.cli import main
+
+    from textdiff.data import read_studies
+
+    sample_dir = Path(__file__).resolve().parents[1] / "sample-data"
+    images = [c.id for c in read_studies(sample_dir / "test")]
+    oracle = {"dice": 0.9, "areas": 4, "missed_areas": 1, "false_areas": 2}
+    a = _results(tmp_path / "a", "textdiff", {0: dict.fromkeys(images, 0.8), 1: dict.fromkeys(images, 0.6)}, oracle)
+    b = _results(tmp_path / "b", "empty_text", {0: dict.fromkeys(images, 0.7), 1: dict.fromkeys(images, 0.5)}, oracle)
+    out = tmp_path / "cmp"
+    assert main(["benchmark-compare", "--a", str(a), "--b", str(b), "--data", str(sample_dir), "--out", str(out)]) == 0
+    result = json.loads((out / "comparison.json").read_text())["area_oracle"]
+    assert result["b"] == {"dice": pytest.approx(0.6), "oracle_dice": 0.9, "areas": 8, "missed_areas": 2, "false_areas": 4}
+    assert "| empty_text | 0.600 | 0.900 | +0.300 | 8 | 2 | 4 |" in capsys.readouterr().out
 
 
 def test_benchmark_summary_merges_runs_of_separate_processes(tmp_path, capsys):

@@ -4,6 +4,7 @@ and a MONAI UNet trained from scratch, plus the feature cache's speed-up, infere
 Labeled subsets are drawn (seeded) from the training pool, whose masks are in `<data>/train-groundtruth/`. With
 `synthetic` (pairs made by `textdiff synthesize` from the pool), the "+ synthetic" methods train TextDiff and the
 UNet with EMIT-Diff augmentation: `synthetic_ratio` copies per real image and the random merging mask.
+Each row also keeps the area oracle's Dice (`headroom`): the bound on what a report could add to that run's masks.
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ from .config import TextDiffConfig
 from .data import Case, DataError, find_by_id, load_case, read_studies
 from .emit import merge_predictions
 from .features import FeatureCache
+from .headroom import area_oracle
 from .inference import score_masks, segment_items, to_original_size
 from .model import TextDiffModel
 from .plots import plot_curves
 from .synthetic import read_synthetic
 from .text import TextEncoder
-from .train import (dice_per_image, healthy_cases, segmentation_loss, selection_items, split_train_val, train_head,
-                    with_empty_mask)
+from .train import (CheckpointChoice, dice_per_image, healthy_cases, segmentation_loss, selection_items,
+                    split_train_val, train_head, with_empty_mask)
 
 METHODS = {
     "textdiff": "TextDiff (pretrained backbone + report)",
@@ -89,7 +91,8 @@ def epochs_for(steps: int, images: int, batch_size: int) -> int:
 
 
 def _train_unet(train: list[dict], val: list[dict], epochs: int, batch_size: int, seed: int, device,
-                copies: dict[str, list[dict]] | None = None, merge: tuple[float, int] = (0.6, 32)) -> torch.nn.Module:
+                copies: dict[str, list[dict]] | None = None, merge: tuple[float, int] = (0.6, 32),
+                selection_window: int = 1) -> torch.nn.Module:
     """The from-scratch baseline: same loss, epochs, batch size and model selection as TextDiff's head; with
     `copies` (id -> synthetic copies) each image is paired with one copy and the merged prediction is scored."""
     torch.manual_seed(seed)
@@ -98,7 +101,7 @@ def _train_unet(train: list[dict], val: list[dict], epochs: int, batch_size: int
     loss_fn = segmentation_loss()
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
     selection = selection_items(val, train)
-    rng, best, best_state = random.Random(seed), -1.0, None
+    rng, choice, best_state = random.Random(seed), CheckpointChoice(selection_window), None
     for _ in range(epochs):
         net.train()
         order = list(range(len(train)))
@@ -121,17 +124,16 @@ def _train_unet(train: list[dict], val: list[dict], epochs: int, batch_size: int
         with torch.no_grad():
             logits = net(torch.stack([it["image"] for it in selection]).to(device)).cpu()
         dice = dice_per_image(logits, torch.stack([it["label"] for it in selection]), 2).mean().item()
-        if dice > best:
-            best, best_state = dice, {k: v.clone() for k, v in net.state_dict().items()}
+        if choice.is_best(dice):
+            best_state = {k: v.clone() for k, v in net.state_dict().items()}
     net.load_state_dict(best_state)
     return net.eval()
 
 
-def _unet_scores(net, test: list[dict], device) -> dict:
+def _unet_masks(net, test: list[dict], device) -> list[torch.Tensor]:
     with torch.no_grad():
         logits = net(torch.stack([it["image"] for it in test]).to(device)).cpu()
-    masks = [to_original_size(lg, it["original_shape"]) for lg, it in zip(logits, test)]
-    return score_masks(masks, test, 2)
+    return [to_original_size(lg, it["original_shape"]) for lg, it in zip(logits, test)]
 
 
 def _synthetic_items(settings: BenchmarkSettings, size: int, channels: int) -> dict[str, list[dict]]:
@@ -178,7 +180,7 @@ def run_benchmark(data: Path, backbone: str | None, out: Path, settings: Benchma
     test = [load_case(c, size, channels, 2) for c in read_studies(data / "test")]
     synthetic = _synthetic_items(settings, size, channels)
     merge = (settings.merge_alpha, settings.merge_patch)
-    rows = []
+    rows, about = [], {"settings": dataclasses.asdict(settings), "backbone": backbone, "device": str(device)}
     for count in settings.label_counts:
         for seed in settings.seeds:
             labeled = _subset(pool, count, seed)
@@ -191,8 +193,8 @@ def run_benchmark(data: Path, backbone: str | None, out: Path, settings: Benchma
                 start = time.perf_counter()
                 if method in ("unet", "unet_synthetic"):
                     net = _train_unet(train, val, epochs, cfg.train.batch_size, seed, device,
-                                      copies if method == "unet_synthetic" else None, merge)
-                    scores = _unet_scores(net, test, device)
+                                      copies if method == "unet_synthetic" else None, merge, cfg.train.selection_window)
+                    masks = _unet_masks(net, test, device)
                 else:
                     torch.manual_seed(seed)  # the head's initial weights, whatever ran before in this process
                     model = model_for(method)
@@ -205,19 +207,28 @@ def run_benchmark(data: Path, backbone: str | None, out: Path, settings: Benchma
                     train_head(model, strip(train), strip(val), train_cfg, cache=cache, progress=False,
                                synthetic=copies)
                     masks = segment_items(model, strip(test), cache=cache)
-                    scores = score_masks(masks, test, 2)
                     models[method] = model
+                scores = score_masks(masks, test, 2)
                 dice = scores["mean"]["dice"]
                 per_image = {r["image"]: round(r["dice"], 4) for r in scores["images"]}
                 rows.append({"method": method, "labels": count, "seed": seed, "dice": dice,
-                             "seconds": time.perf_counter() - start, "per_image_dice": per_image})
-                print(f"{METHODS[method]:<42} labels={count:<3} seed={seed} dice={dice:.4f}", flush=True)
+                             "seconds": time.perf_counter() - start, "per_image_dice": per_image,
+                             "area_oracle": area_oracle(masks, test, 2)})
+                print(f"{METHODS[method]:<42} labels={count:<3} seed={seed} dice={dice:.4f} "
+                      f"area oracle={rows[-1]['area_oracle']['dice']:.4f}", flush=True)
+                _write_results(out, {"rows": rows, "partial": True, **about})  # a crash later keeps the runs so far
     timing = _timings(models.get("textdiff") or probe, pool, test, cfg, settings, seed=settings.seeds[0])
-    result = {"rows": rows, "summary": summarise_rows(rows, out), "timing": timing,
-              "settings": dataclasses.asdict(settings), "backbone": backbone, "device": str(device)}
-    (out / "results.json").write_text(json.dumps(result, indent=1))
+    result = {"rows": rows, "summary": summarise_rows(rows, out), "timing": timing, **about}
+    _write_results(out, result)
     print(json.dumps(timing, indent=1))
     return result
+
+
+def _write_results(out: Path, result: dict) -> None:
+    """results.json, replaced atomically (temp file, then rename)."""
+    partial = out / "results.json.tmp"
+    partial.write_text(json.dumps(result, indent=1))
+    partial.replace(out / "results.json")
 
 
 def summarise_rows(rows: list[dict], out: Path) -> dict[str, dict[int, tuple[float, float]]]:
@@ -255,7 +266,7 @@ def merge_runs(folders: list[str | Path], out: Path) -> dict:
             rows.append(row)
     result = {"rows": rows, "summary": summarise_rows(rows, out), "backbone": backbones.pop(),
               "runs": {folder: {k: run.get(k) for k in ("timing", "settings", "device")} for folder, run in runs.items()}}
-    (out / "results.json").write_text(json.dumps(result, indent=1))
+    _write_results(out, result)
     return result
 
 

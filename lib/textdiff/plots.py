@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -114,16 +115,23 @@ def plot_contact_sheet(rows: list[dict], path: str | Path) -> Path:
     return Path(path)
 
 
-def plot_paired(points: list[tuple[float, float]], path: str | Path, xlabel: str, ylabel: str) -> Path:
-    """One dot per paired run (x: method b, y: method a); above the diagonal, a did better."""
+def plot_paired(points: list[tuple[float, float]], path: str | Path, xlabel: str, ylabel: str,
+                ceilings: list[tuple[float, float]] | None = None) -> Path:
+    """One dot per paired run (x: method b, y: method a); above the diagonal, a did better. `ceilings` (x: b's Dice,
+    y: its area-oracle Dice) mark per run the most that fixing whole areas, all a report can tell, would give b."""
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot([0, 1], [0, 1], color="grey", linewidth=1)
-    ax.scatter([x for x, _ in points], [y for _, y in points], color="tab:blue")
+    if ceilings:
+        ax.scatter([x for x, _ in ceilings], [y for _, y in ceilings], marker="_", s=120, color="tab:red",
+                   label=f"{xlabel}, whole areas fixed (area oracle)")
+    ax.scatter([x for x, _ in points], [y for _, y in points], color="tab:blue", s=18, label=f"{ylabel}")
     ax.set_xlabel(f"{xlabel} (Dice)")
-    ax.set_ylabel(f"{ylabel} (Dice)")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
+    ax.set_ylabel("Dice")
+    low = math.floor(10 * min(v for point in points + (ceilings or []) for v in point) - 0.5) / 10
+    ax.set_xlim(max(low, 0), 1)  # zoomed to the runs: at a few labels the differences are small
+    ax.set_ylim(max(low, 0), 1)
     ax.set_title("paired runs (same labels and seed)")
+    ax.legend(loc="lower right", fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
