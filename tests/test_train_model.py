@@ -5,9 +5,11 @@ import dataclasses
 import pytest
 import torch
 
+from textdiff.config import TrainConfig
 from textdiff.features import FeatureCache
 from textdiff.model import load_checkpoint, save_checkpoint
-from textdiff.train import dice_per_image, predict_logits, selection_items, split_train_val, train_head
+from textdiff.train import (CheckpointChoice, dice_per_image, predict_logits, selection_items, split_train_val,
+                            train_head)
 
 
 def _snapshot(module):
@@ -154,6 +156,29 @@ def test_selection_falls_back_to_training_images_when_validation_has_no_foregrou
     assert selection_items([infected, normal], [normal]) == [infected, normal]
     assert selection_items([normal], [infected, normal]) == [infected, normal]
     assert selection_items([], [infected]) == [infected]
+
+
+def test_checkpoint_choice_over_a_window_passes_over_a_lone_spike():
+    single, windowed = CheckpointChoice(1), CheckpointChoice(3)
+    dices = [0.2, 0.9, 0.3, 0.6, 0.7, 0.7]  # window means: 0.2, 0.55, 0.47, 0.6, 0.53, 0.67
+    assert [single.is_best(d) for d in dices] == [True, True, False, False, False, False]  # ties: the first stays
+    assert [windowed.is_best(d) for d in dices] == [True, True, False, True, False, True]
+    with pytest.raises(ValueError, match="selection_window"):
+        TrainConfig(selection_window=0)
+
+
+def test_training_keeps_the_epoch_the_window_chooses(make_model, labeled_items):
+    model = make_model()
+    cfg = dataclasses.replace(model.cfg.train, epochs=6, selection_window=3)
+    result = train_head(model, labeled_items[:4], labeled_items[4:], cfg, progress=False)
+    choice = CheckpointChoice(3)
+    chosen = [row["epoch"] for row in result.history if choice.is_best(row["val_dice"])][-1]
+    assert result.best_epoch == chosen and result.best_dice == result.history[chosen - 1]["val_dice"]
+    model.eval()
+    with torch.no_grad():
+        logits = predict_logits(model, labeled_items[4:], FeatureCache(model.extractor))
+    dice = dice_per_image(logits, torch.stack([it["label"] for it in labeled_items[4:]]), 2)
+    assert dice.mean().item() == pytest.approx(result.best_dice, abs=1e-6)  # the model holds that epoch's weights
 
 
 def test_training_on_empty_masks_only_is_refused(make_model, labeled_items):

@@ -79,6 +79,9 @@ class TrainConfig:
     # sides and zones, "upper left lung").
     augment: str = "none"
     val_fraction: float = 0.2
+    # The checkpoint is the epoch whose validation Dice, averaged over it and the epochs before it (this many in all),
+    # is highest. With a few held-out images one epoch's Dice is noisy; 1 picks the single best epoch.
+    selection_window: int = 1
     seed: int = 0
     cache_features: bool = True
     num_workers: int = 0
@@ -93,6 +96,8 @@ class TrainConfig:
     healthy_label: str | None = None
 
     def __post_init__(self):
+        if self.selection_window < 1:
+            raise ValueError(f"train.selection_window must be at least 1, got {self.selection_window}")
         if self.synthetic_ratio < 0 or not 0 <= self.merge_alpha <= 1 or self.merge_patch < 1:
             raise ValueError(f"need train.synthetic_ratio >= 0, 0 <= train.merge_alpha <= 1 and train.merge_patch >= 1,"
                              f" got {self.synthetic_ratio}, {self.merge_alpha}, {self.merge_patch}")

@@ -49,6 +49,23 @@ def dice_per_image(logits: torch.Tensor, labels: torch.Tensor, num_classes: int)
     return metric(predicted, one_hot(labels, num_classes)).nanmean(1)
 
 
+class CheckpointChoice:
+    """Picks the checkpoint epoch by validation Dice averaged over a window of epochs ending at it (window 1: the
+    single best epoch). The first epoch with the highest score wins ties."""
+
+    def __init__(self, window: int = 1):
+        self.window, self.dices, self.best_score = window, [], -1.0
+
+    def is_best(self, dice: float) -> bool:
+        """Record one epoch's validation Dice; True when this epoch is now the one to keep."""
+        self.dices.append(dice)
+        score = sum(self.dices[-self.window:]) / len(self.dices[-self.window:])
+        if score > self.best_score:
+            self.best_score = score
+            return True
+        return False
+
+
 def selection_items(val_items: list[dict], train_items: list[dict]) -> list[dict]:
     """The images the best epoch is chosen on: the validation split, or the training images when the split is empty
     or has no foreground (on normal images alone the best epoch is one that draws nothing: 5 labels, seed 0)."""
@@ -137,7 +154,7 @@ def train_head(
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
     history, best = [], TrainResult([], -1.0, 0)
-    best_state = None
+    best_state, choice = None, CheckpointChoice(cfg.selection_window)
     bar = tqdm(range(1, cfg.epochs + 1), desc="train", unit="epoch", disable=not progress)
     for epoch in bar:
         model.train()
@@ -167,7 +184,7 @@ def train_head(
         bar.set_postfix(loss=f"{total / len(train_items):.3f}", val_dice=f"{dice:.3f}")
         # one line per epoch for logs (server jobs, -v), where a progress bar does not show
         logger.info("epoch %d/%d: loss %.4f, validation Dice %.4f", epoch, cfg.epochs, total / len(train_items), dice)
-        if dice > best.best_dice:
+        if choice.is_best(dice):
             best = TrainResult(history, dice, epoch)
             best_state = {k: v.detach().clone() for k, v in model.head.state_dict().items()}
             if checkpoint:
