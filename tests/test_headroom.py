@@ -29,6 +29,9 @@ def test_each_class_has_its_own_areas():
     drawn = _square(torch.zeros(1, 12, 12, dtype=torch.uint8), slice(2, 6), slice(2, 6), value=1)  # right place, wrong class
     fixed, areas, missed, false = fix_whole_areas(drawn, truth, 3)
     assert (areas, missed, false) == (1, 1, 1) and torch.equal(fixed, truth)
+    # the other way round: the missed class-1 area, once added, is not erased as class 2's false area
+    fixed, *_ = fix_whole_areas(truth, drawn, 3)
+    assert torch.equal(fixed, drawn)
     with pytest.raises(ValueError, match="differ in shape"):
         fix_whole_areas(drawn, truth[:, :6], 3)
 

@@ -37,7 +37,7 @@ def fix_whole_areas(mask: torch.Tensor, truth: torch.Tensor, num_classes: int) -
             area = drawn_areas == index
             if not true[area].any():
                 false += 1
-                fixed[area] = 0
+                fixed[area & (fixed == label)] = 0  # not what an earlier class's fix added
     return torch.as_tensor(fixed), areas, missed, false
 
 
