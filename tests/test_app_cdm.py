@@ -147,3 +147,29 @@ def test_cdm_training_without_healthy_images_is_refused(client, deployment):
     finally:
         for image in normal:
             client.put(f"/datastore/image/info?image={image}", data={"info": json.dumps({"image_label": "normal"})})
+
+
+def test_textdiff_trains_on_reports_of_unlabeled_images_and_obeys_them(client, deployment, tmp_path):
+    """The `report_weight` and `obey_report` train params: the unlabeled images' reports join training, and the
+    served masks then follow the report (nothing under "No pulmonary infection.")."""
+    labeled = {p.name.removesuffix(".png") for p in (deployment["studies"] / "labels" / "final").glob("*.png")}
+    unlabeled = set(client.get("/datastore/?output=all").json()["objects"]) - labeled
+    infected_unlabeled = unlabeled & set(_image_ids(deployment, "infection"))
+    assert infected_unlabeled
+    for bad in ("much", -1, "nan"):
+        response = client.post("/train/textdiff?run_sync=true", json={"max_epochs": 1, "report_weight": bad})
+        assert response.status_code == 422 and "report_weight" in response.text
+    response = client.post("/train/textdiff?run_sync=true",
+                           json={"max_epochs": 1, "report_weight": "0.5", "obey_report": True})
+    assert response.status_code == 200, response.text
+    stats = client.get("/info/").json()["train_stats"]["textdiff"]
+    assert stats["report_weight"] == 0.5 and stats["obey_report"] is True
+    assert stats["report_images"] == len(infected_unlabeled)  # the healthy ones train with an empty mask instead
+    image = _image_ids(deployment, "infection")[0]
+    response = client.post(f"/infer/textdiff?image={image}&output=image",
+                           data={"params": json.dumps({"text": "No pulmonary infection.", "result_extension": ".nrrd"})})
+    assert response.status_code == 200, response.text
+    assert not itk.array_from_image(_image(response.content, ".nrrd", tmp_path)).any()
+    response = client.post("/train/textdiff?run_sync=true", json={"max_epochs": 1})  # both off by default
+    stats = client.get("/info/").json()["train_stats"]["textdiff"]
+    assert stats["report_weight"] == 0.0 and stats["obey_report"] is False and stats["report_images"] == 0

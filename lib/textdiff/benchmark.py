@@ -5,6 +5,7 @@ Labeled subsets are drawn (seeded) from the training pool, whose masks are in `<
 `synthetic` (pairs made by `textdiff synthesize` from the pool), the "+ synthetic" methods train TextDiff and the
 UNet with EMIT-Diff augmentation: `synthetic_ratio` copies per real image and the random merging mask.
 Each row also keeps the area oracle's Dice (`headroom`): the bound on what a report could add to that run's masks.
+With `train.report_weight` > 0 the pool's other images (neither labeled nor healthy) train through their reports.
 """
 
 from __future__ import annotations
@@ -187,6 +188,8 @@ def run_benchmark(data: Path, backbone: str | None, out: Path, settings: Benchma
             train, val = split_train_val(labeled, cfg.train.val_fraction, seed)
             drawn = {it["id"] for it in labeled}
             train += [with_empty_mask(it) for it in pool if it["id"] in healthy and it["id"] not in drawn]
+            # cfg.train.report_weight: the rest of the pool trains through its reports alone (report supervision)
+            unlabeled = [{**it, "label": None} for it in pool if it["id"] not in drawn and it["id"] not in healthy]
             epochs = epochs_for(settings.steps, len(train), cfg.train.batch_size)
             copies = {it["id"]: synthetic.get(it["id"], []) for it in train} if synthetic else None
             for method in settings.methods:
@@ -205,7 +208,7 @@ def run_benchmark(data: Path, backbone: str | None, out: Path, settings: Benchma
                         train_cfg = dataclasses.replace(train_cfg, synthetic_ratio=settings.synthetic_ratio,
                                                         merge_alpha=settings.merge_alpha, merge_patch=settings.merge_patch)
                     train_head(model, strip(train), strip(val), train_cfg, cache=cache, progress=False,
-                               synthetic=copies)
+                               synthetic=copies, unlabeled=strip(unlabeled))
                     masks = segment_items(model, strip(test), cache=cache)
                     models[method] = model
                 scores = score_masks(masks, test, 2)

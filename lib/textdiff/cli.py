@@ -152,7 +152,8 @@ def cmd_train(args) -> None:
         synthetic = read_synthetic(args.synthetic)
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, synthetic_ratio=args.synthetic_ratio))
     _, result = train_on_cases(cases, cfg, args.out, args.device, pseudo_cases=pseudo,
-                               healthy=healthy_cases(studies, cfg.train.healthy_label), synthetic=synthetic)
+                               healthy=healthy_cases(studies, cfg.train.healthy_label), synthetic=synthetic,
+                               unlabeled=[c for c in studies if c.label is None])
     plot = plot_training(result.history, Path(args.out).with_suffix(".png"))
     print(f"best validation Dice {result.best_dice:.4f} at epoch {result.best_epoch}; model {args.out}; curves {plot}")
 

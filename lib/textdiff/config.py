@@ -54,6 +54,11 @@ class HeadConfig:
     use_text: bool = True  # False gives the "diffusion features without cross-attention" ablation
     positional_queries: bool = True  # image tokens carry their relative position into the cross-attention
     gated_text: bool = False  # tanh-gated cross-attention residuals, starting closed
+    # Masks obey the report's sides outside training: no foreground in a lung the report does not name, none at all
+    # under a report of no finding ("No pulmonary infection."), and in each lung it names at least the model's most
+    # likely area; an empty report constrains nothing. A wrong report then hides or invents a finding, so it is off
+    # by default (README, "Report supervision").
+    obey_report: bool = False
     # None: every scale goes through the shared block at full size, as in the paper. A number bounds the tokens: a
     # finer scale is average-pooled to attention_size² and gets the block's change upsampled back (a report names
     # zones, not pixels). Cheaper, at some Dice (README, "Pooled cross-attention"); for large inputs on a GPU.
@@ -94,8 +99,20 @@ class TrainConfig:
     # Image-level label of healthy images (e.g. "normal"): those nobody drew a mask for still train, with an empty
     # mask, since their report or label already says there is nothing to segment. None: off.
     healthy_label: str | None = None
+    # Weak supervision from the reports of images without a mask (0: off): each step adds, at this weight, a batch of
+    # them scored against their report's sides: no foreground in a lung the report does not name, and in a lung it
+    # names, foreground at its report_top_k most confident pixels (textdiff.report_supervision). Needs augment
+    # "none" or "mirror", which keep the sides true.
+    report_weight: float = 0.0
+    report_top_k: int = 16
 
     def __post_init__(self):
+        if not 0 <= self.report_weight < float("inf") or self.report_top_k < 1:
+            raise ValueError(f"need train.report_weight >= 0 and train.report_top_k >= 1, "
+                             f"got {self.report_weight} and {self.report_top_k}")
+        if self.report_weight > 0 and self.augment in ("flip", "rot90_flip"):
+            raise ValueError(f"train.report_weight > 0 needs train.augment 'none' or 'mirror': '{self.augment}' moves "
+                             f"the lungs away from the sides the reports name")
         if self.selection_window < 1:
             raise ValueError(f"train.selection_window must be at least 1, got {self.selection_window}")
         if self.synthetic_ratio < 0 or not 0 <= self.merge_alpha <= 1 or self.merge_patch < 1:

@@ -14,6 +14,7 @@ import torch
 from .backbone import DiffusionFeatureExtractor, architecture, make_extractor
 from .config import TextDiffConfig
 from .fusion import TextDiffHead
+from .report_supervision import obey_reports
 from .text import TextEncoder
 
 
@@ -38,8 +39,11 @@ class TextDiffModel(torch.nn.Module):
         device = features[0].device
         if self.cfg.head.use_text:
             tokens, mask = self.text_encoder(reports)
-            return self.head([f.float() for f in features], tokens.to(device), mask.to(device))
-        return self.head([f.float() for f in features])
+            logits = self.head([f.float() for f in features], tokens.to(device), mask.to(device))
+        else:
+            logits = self.head([f.float() for f in features])
+        # outside training, so the loss never meets a mask the rule forbids (a wrong report, a flipped image)
+        return obey_reports(logits, reports) if self.cfg.head.obey_report and not self.training else logits
 
     def forward(self, images: torch.Tensor, reports: list[str]) -> torch.Tensor:
         return self.logits_from_features(self.features(images), reports)

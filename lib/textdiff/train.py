@@ -1,7 +1,8 @@
 """Training of the fusion block and the head on a handful of masks; the backbone and text encoder stay frozen.
 
 MONAI DiceCELoss (CE + 1.5 x Dice, as in the paper), MONAI DiceMetric on a validation split, the best checkpoint by
-validation Dice written atomically, seeded shuffling, augmentation and text dropout.
+validation Dice written atomically, seeded shuffling, augmentation and text dropout; optionally the reports of images
+without a mask as weak supervision (`train.report_weight`, `report_supervision`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .data import Case, DataError, load_case
 from .emit import merge_predictions
 from .features import FeatureCache, feature_augmentation, feature_keys
 from .model import TextDiffModel, save_checkpoint
+from .report_supervision import named_sides, report_loss
 
 logger = logging.getLogger(__name__)
 
@@ -88,15 +90,26 @@ def predict_logits(model: TextDiffModel, items: list[dict], cache: FeatureCache,
     return torch.cat(outputs)
 
 
+@dataclass
+class _Batch:
+    features: list[torch.Tensor]
+    synthetic: list[torch.Tensor] | None  # one synthetic copy's features per image, or None
+    labels: torch.Tensor | None  # None for images without a mask (report supervision)
+    reports: list[str]  # what the model reads: some dropped to "" (text dropout)
+    sides: list[frozenset[str] | None]  # what the reports, as augmented, say before dropout (named_sides)
+
+
 def _training_batch(chunk: list[dict], cache: FeatureCache, augment, text_dropout: float, rng: random.Random,
-                    copies: dict[str, list[dict]] | None = None):
+                    copies: dict[str, list[dict]] | None = None) -> _Batch:
     """Features, masks and reports of a batch, augmented; with `copies`, each image also brings the features of one
     of its synthetic copies (its own features again when it has none) as "synthetic0", ..."""
     samples = []
     for item in chunk:
         features = cache.get(item)
         count = len(features)
-        sample = dict(zip(feature_keys(count), (f.float() for f in features)), label=item["label"], report=item["report"])
+        sample = dict(zip(feature_keys(count), (f.float() for f in features)), report=item["report"])
+        if item["label"] is not None:
+            sample["label"] = item["label"]
         if copies is not None:
             options = copies.get(item["id"]) or [item]
             sample.update(zip(feature_keys(count, "synthetic"), (f.float() for f in cache.get(rng.choice(options)))))
@@ -104,8 +117,14 @@ def _training_batch(chunk: list[dict], cache: FeatureCache, augment, text_dropou
     stack = lambda key: torch.stack([torch.as_tensor(s[key]) for s in samples])  # noqa: E731
     features = [stack(key) for key in feature_keys(count)]
     synthetic = [stack(key) for key in feature_keys(count, "synthetic")] if copies is not None else None
+    labels = stack("label").long() if "label" in samples[0] else None
     reports = ["" if rng.random() < text_dropout else s["report"] for s in samples]
-    return features, synthetic, stack("label").long(), reports
+    return _Batch(features, synthetic, labels, reports, [named_sides(s["report"]) for s in samples])
+
+
+def report_items(items: list[dict]) -> list[dict]:
+    """The images without a mask whose report constrains a mask (named_sides), for `train.report_weight`."""
+    return [item for item in items if item["label"] is None and named_sides(item["report"]) is not None]
 
 
 def synthetic_copies(train_items: list[dict], synthetic: dict[str, list[dict]] | None, ratio: int) -> dict | None:
@@ -123,21 +142,23 @@ def segmentation_loss() -> DiceCELoss:
 def train_head(
     model: TextDiffModel, train_items: list[dict], val_items: list[dict], cfg: TrainConfig,
     checkpoint: str | Path | None = None, cache: FeatureCache | None = None, progress: bool = True,
-    synthetic: dict[str, list[dict]] | None = None,
+    synthetic: dict[str, list[dict]] | None = None, unlabeled: list[dict] = (),
 ) -> TrainResult:
     """Train fusion + head; keeps (in `model` and in `checkpoint`) the weights with the best validation Dice.
 
     `synthetic` maps an image id to its synthetic copies (EMIT-Diff); with `cfg.synthetic_ratio` > 0 each training
     image is paired with one of its first `synthetic_ratio` copies and the loss sees, per patch of a random merging
     mask, the real or the synthetic prediction. Validation uses real images only.
+    `unlabeled` images (no mask) whose report names sides add `cfg.report_weight` x `report_loss` on a batch of them
+    per step, when the weight is above 0.
     """
     if not train_items:
         raise ValueError("no labeled image to train on: save at least one mask under labels/final")
     if cfg.epochs < 1:
         raise ValueError(f"train.epochs must be at least 1, got {cfg.epochs}")
-    unlabeled = [item["id"] for item in train_items + val_items if item["label"] is None]
-    if unlabeled:
-        raise ValueError(f"training items without a mask: {unlabeled[:5]}")
+    without_mask = [item["id"] for item in train_items + val_items if item["label"] is None]
+    if without_mask:
+        raise ValueError(f"training items without a mask: {without_mask[:5]}")
     if not any(item["label"].any() for item in train_items + val_items):
         raise ValueError("every mask is empty: draw at least one region to segment")
     torch.manual_seed(cfg.seed)
@@ -145,7 +166,11 @@ def train_head(
     merge_generator = torch.Generator().manual_seed(cfg.seed)
     cache = cache or FeatureCache(model.extractor, enabled=cfg.cache_features)
     copies = synthetic_copies(train_items, synthetic, cfg.synthetic_ratio)
-    cache.fill(train_items + val_items + [c for group in (copies or {}).values() for c in group], progress=progress)
+    weak = report_items(list(unlabeled)) if cfg.report_weight > 0 else []
+    if weak:
+        logger.info("report supervision: %d images without a mask, weight %g", len(weak), cfg.report_weight)
+    cache.fill(train_items + val_items + weak + [c for group in (copies or {}).values() for c in group],
+               progress=progress)
     selection = selection_items(val_items, train_items)
     device = next(model.head.parameters()).device
     num_classes = model.cfg.head.num_classes
@@ -163,15 +188,19 @@ def train_head(
         rng.shuffle(order)
         for begin in range(0, len(order), cfg.batch_size):
             chunk = [train_items[i] for i in order[begin : begin + cfg.batch_size]]
-            features, synthetic_features, labels, reports = _training_batch(
-                chunk, cache, augment, cfg.text_dropout, rng, copies)
-            if synthetic_features is None:
-                logits = model.logits_from_features([f.to(device) for f in features], reports)
+            batch = _training_batch(chunk, cache, augment, cfg.text_dropout, rng, copies)
+            if batch.synthetic is None:
+                logits = model.logits_from_features([f.to(device) for f in batch.features], batch.reports)
             else:  # real and synthetic in one forward, then merged patch by patch
-                both = [torch.cat(pair).to(device) for pair in zip(features, synthetic_features)]
-                real, fake = model.logits_from_features(both, reports + reports).chunk(2)
+                both = [torch.cat(pair).to(device) for pair in zip(batch.features, batch.synthetic)]
+                real, fake = model.logits_from_features(both, batch.reports + batch.reports).chunk(2)
                 logits = merge_predictions(real, fake, cfg.merge_alpha, cfg.merge_patch, merge_generator)
-            loss = loss_fn(logits, labels.to(device))
+            loss = loss_fn(logits, batch.labels.to(device))
+            if weak:
+                reported = _training_batch(rng.sample(weak, min(len(weak), cfg.batch_size)), cache, augment,
+                                           cfg.text_dropout, rng)
+                weak_logits = model.logits_from_features([f.to(device) for f in reported.features], reported.reports)
+                loss = loss + cfg.report_weight * report_loss(weak_logits, reported.sides, cfg.report_top_k)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -207,13 +236,15 @@ def with_empty_mask(item: dict) -> dict:
 def train_on_cases(cases: list[Case], cfg: TextDiffConfig, checkpoint: str | Path, device: str | torch.device = "cpu",
                    progress: bool = True, cache_folder: str | Path | None = None,
                    pseudo_cases: list[Case] = (), healthy: list[Case] = (),
-                   synthetic: dict[str, list[Case]] | None = None) -> tuple[TextDiffModel, TrainResult]:
+                   synthetic: dict[str, list[Case]] | None = None,
+                   unlabeled: list[Case] = ()) -> tuple[TextDiffModel, TrainResult]:
     """Build the model of `cfg`, load the labeled cases, split off validation images, train and checkpoint.
 
     `pseudo_cases` carry masks nobody drew (e.g. CDM pre-annotations); they join the training split only, so the
     checkpoint is still chosen on real masks. An image with a real mask never uses its pseudo-label.
     `healthy` cases (see `healthy_cases`) join the training split too, with an empty mask.
     `synthetic` (source id -> synthetic copies, from `read_synthetic`) is used when `cfg.train.synthetic_ratio` > 0.
+    `unlabeled` cases train through their reports alone when `cfg.train.report_weight` > 0 (`unlabeled_cases`).
     """
     cases = [c for c in cases if c.label is not None]
     real = {c.id for c in cases}
@@ -238,8 +269,14 @@ def train_on_cases(cases: list[Case], cfg: TextDiffConfig, checkpoint: str | Pat
         copies = {source: [load_case(c, size, channels, cfg.head.num_classes) for c in group[: cfg.train.synthetic_ratio]]
                   for source, group in synthetic.items() if source in wanted}
         logger.info("%d of %d training images have synthetic copies", len(copies), len(train_items))
+    weak = []
+    if cfg.train.report_weight > 0:
+        used = {item["id"] for item in train_items + val_items}
+        weak = report_items([load_case(c, size, channels, cfg.head.num_classes) for c in unlabeled
+                             if c.label is None and c.id not in used])
+        logger.info("%d images without a mask train through their reports", len(weak))
     torch.manual_seed(cfg.train.seed)
     cache = FeatureCache(model.extractor, enabled=cfg.train.cache_features, folder=cache_folder)
     result = train_head(model, train_items, val_items, cfg.train, checkpoint=checkpoint, cache=cache, progress=progress,
-                        synthetic=copies)
+                        synthetic=copies, unlabeled=weak)
     return model, result

@@ -31,6 +31,13 @@ class AppSettings:
     # normal study needs no drawing, and it teaches the model what a normal report means (README, benchmark).
     # "" turns it off; a client can set it per run with the `healthy_label` train param
     healthy_label: str = "normal"
+    # textdiff training also learns from the reports of images without a final label, at this weight (0: off): no
+    # foreground in a lung the report does not name, some in each lung it names (README, "Report supervision"); a
+    # client can set it per run with the `report_weight` train param
+    report_weight: float = 0.0
+    # the trained model's masks obey the report's sides (none in a lung it does not name, none at all under "No
+    # pulmonary infection."); a wrong report then hides a finding. Per run: the `obey_report` train param
+    obey_report: bool = False
     image_size: int = 128  # size of a backbone pretrained from scratch
     train_threads: int = 0  # torch threads for background jobs (0: torch's default)
 

@@ -18,7 +18,7 @@ from textdiff.pretrain import PretrainSettings, pretrain
 
 from ..configs.settings import AppSettings
 from .base import StatsTrainTask
-from .textdiff import TextDiffTrain, healthy_image_cases, labeled_cases
+from .textdiff import TextDiffTrain, healthy_image_cases, labeled_cases, report_weight, unlabeled_cases
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +38,11 @@ class DiffusionPretrain(StatsTrainTask):
 
     def pre_process(self, request, datastore: Datastore) -> dict:
         """All images of the studies folder (pretraining needs no labels); the labeled and (with the head's default
-        healthy_label) healthy ones for the head."""
+        healthy_label) healthy ones for the head, and (with its default report_weight) the unlabeled ones."""
+        head = self.head_trainer.config()
         return {"studies": datastore.studies_dir, "labeled": labeled_cases(datastore),
-                "healthy": healthy_image_cases(datastore, self.head_trainer.config().get("healthy_label") or "")}
+                "healthy": healthy_image_cases(datastore, head.get("healthy_label") or ""),
+                "unlabeled": unlabeled_cases(datastore) if report_weight(head.get("report_weight", 0)) else []}
 
     def train(self, request, data: dict) -> dict:
         start = time.time()
@@ -58,6 +60,7 @@ class DiffusionPretrain(StatsTrainTask):
             head_request = {**self.head_trainer.config(), "device": request["device"]}
             base = None if current else dataclasses.replace(self.head_trainer.cfg, backbone=cfg)  # a fresh architecture
             head_data = {"labeled": data["labeled"], "pseudo": [], "healthy": data["healthy"],
+                         "unlabeled": data["unlabeled"],
                          "synthetic": self.head_trainer.synthetic_pairs(head_request)}
             head = self.head_trainer.train(head_request, head_data, backbone=str(out), base=base)
             stats["head"] = {k: v for k, v in head.items() if k != "history"}

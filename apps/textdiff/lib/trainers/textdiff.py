@@ -11,6 +11,7 @@ from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from textdiff.config import TextDiffConfig
 from textdiff.data import SYNTHETIC_MARKER, Case, DataError, image_id
 from textdiff.model import load_checkpoint_config
+from textdiff.report_supervision import named_sides
 from textdiff.synthetic import read_synthetic
 from textdiff.train import train_on_cases
 
@@ -46,6 +47,13 @@ def pseudo_labeled_cases(datastore: Datastore, model: str = PSEUDO_LABEL_MODEL) 
     return cases
 
 
+def unlabeled_cases(datastore: Datastore) -> list[Case]:
+    """Images without a final label, with their reports (report supervision reads the sides they name)."""
+    final = set(datastore.get_labeled_images())
+    return [Case(key, Path(datastore.get_image_uri(key)), None, datastore.report(key))
+            for key in datastore.list_images() if key not in final]
+
+
 def healthy_image_cases(datastore: Datastore, healthy_label: str) -> list[Case]:
     """Images without a final label whose image-level label is `healthy_label` (none for "")."""
     if not isinstance(healthy_label, str):
@@ -67,7 +75,8 @@ class TextDiffTrain(StatsTrainTask):
             {"max_epochs": settings.epochs, "val_split": cfg.train.val_fraction,
              "train_batch_size": cfg.train.batch_size, "learning_rate": cfg.train.lr,
              "pseudo_labels": settings.pseudo_labels, "synthetic_ratio": settings.synthetic_ratio,
-             "healthy_label": settings.healthy_label},
+             "healthy_label": settings.healthy_label, "report_weight": settings.report_weight,
+             "obey_report": settings.obey_report},
             self.model_dir / "train_stats.json", settings.train_threads,
         )
         self.settings = settings
@@ -79,10 +88,12 @@ class TextDiffTrain(StatsTrainTask):
     def pre_process(self, request, datastore: Datastore) -> dict:
         """Final labels; CDM pre-annotations of the other images when the run asks for pseudo-labels; images with
         the run's healthy image-level label and no final label; synthetic copies (kept in the model folder, never in
-        the datastore) when it asks for a synthetic ratio."""
+        the datastore) when it asks for a synthetic ratio; the images without a final label, whose reports train
+        too when it asks for a report weight."""
         data = {"labeled": labeled_cases(datastore),
                 "pseudo": pseudo_labeled_cases(datastore) if _flag(request.get("pseudo_labels")) else [],
-                "healthy": healthy_image_cases(datastore, request.get("healthy_label") or "")}
+                "healthy": healthy_image_cases(datastore, request.get("healthy_label") or ""),
+                "unlabeled": unlabeled_cases(datastore) if report_weight(request.get("report_weight", 0)) else []}
         if not data["labeled"] and not data["pseudo"]:
             raise DataError("no image has a final label yet: save at least one mask (Submit Label) before training")
         data["synthetic"] = self.synthetic_pairs(request)
@@ -111,12 +122,13 @@ class TextDiffTrain(StatsTrainTask):
                     len(data["labeled"]), len(data["pseudo"]), len(data["healthy"]), cfg.backbone.pretrained)
         _, result = train_on_cases(data["labeled"], cfg, self.checkpoint, request["device"], progress=False,
                                    cache_folder=self.model_dir / "feature-cache", pseudo_cases=data["pseudo"],
-                                   healthy=data["healthy"], synthetic=data["synthetic"])
+                                   healthy=data["healthy"], synthetic=data["synthetic"], unlabeled=data["unlabeled"])
         logger.info("best validation Dice %.4f at epoch %d -> %s", result.best_dice, result.best_epoch, self.checkpoint)
         return {"total_time": round(time.time() - start, 1), "epochs": cfg.train.epochs,
                 "best_metric": result.best_dice, "best_epoch": result.best_epoch, "labeled_images": len(data["labeled"]),
                 "pseudo_labeled_images": len(data["pseudo"]), "healthy_images": len(data["healthy"]),
-                "synthetic_ratio": cfg.train.synthetic_ratio,
+                "synthetic_ratio": cfg.train.synthetic_ratio, "report_weight": cfg.train.report_weight,
+                "report_images": len(report_supervised(data, cfg)), "obey_report": cfg.head.obey_report,
                 "images_with_synthetic_copies": len({c.id for c in data["labeled"]} & set(data["synthetic"])),
                 "backbone": cfg.backbone.pretrained, "history": result.history}
 
@@ -135,8 +147,11 @@ class TextDiffTrain(StatsTrainTask):
             lr=float(request.get("learning_rate", base.train.lr)),
             synthetic_ratio=_count(request.get("synthetic_ratio", 0), "synthetic_ratio"),
             healthy_label=request.get("healthy_label") or None,
+            report_weight=report_weight(request.get("report_weight", 0)),
         )
-        return dataclasses.replace(base, train=train, backbone=dataclasses.replace(base.backbone, pretrained=backbone))
+        head = dataclasses.replace(base.head, obey_report=_flag(request.get("obey_report", False)))
+        return dataclasses.replace(base, train=train, head=head,
+                                   backbone=dataclasses.replace(base.backbone, pretrained=backbone))
 
 
 def _count(value, name: str) -> int:
@@ -147,6 +162,25 @@ def _count(value, name: str) -> int:
         raise DataError(f"{name} must be a whole number, got {value!r}") from None
     if number < 0:
         raise DataError(f"{name} must be 0 or more, got {number}")
+    return number
+
+
+def report_supervised(data: dict[str, list[Case]], cfg: TextDiffConfig) -> list[Case]:
+    """The unlabeled cases whose reports train (`train_on_cases`): not already training otherwise, sides named."""
+    if cfg.train.report_weight <= 0:
+        return []
+    training = {c.id for c in data["labeled"] + data["pseudo"] + data["healthy"]}
+    return [c for c in data["unlabeled"] if c.id not in training and named_sides(c.report) is not None]
+
+
+def report_weight(value) -> float:
+    """A loss weight train param (>= 0) that may come as text from a client."""
+    try:
+        number = float(str(value))
+    except ValueError:
+        raise DataError(f"report_weight must be a number, got {value!r}") from None
+    if not 0 <= number < float("inf"):
+        raise DataError(f"report_weight must be a finite number, 0 or more, got {number}")
     return number
 
 
