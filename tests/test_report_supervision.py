@@ -71,7 +71,8 @@ def test_training_with_reports_of_unlabeled_images_obeys_them(make_model, labele
     for weight in (0.0, 5.0):
         model = make_model(seed=1)
         cfg = dataclasses.replace(model.cfg.train, epochs=6, report_weight=weight, report_top_k=4)
-        train_head(model, labeled_items[:3], [], cfg, progress=False, unlabeled=pool)
+        result = train_head(model, labeled_items[:3], [], cfg, progress=False, unlabeled=pool)
+        assert result.report_images == (len(pool) if weight else 0)
         probability = predict_logits(model, pool, FeatureCache(model.extractor)).softmax(1)[:, 1]
         size = probability.shape[1]
         foreground[weight] = {side: probability[:, side_slice(side, size)].mean().item() for side in ("left", "right")}
@@ -86,7 +87,9 @@ def test_empty_reports_leave_training_as_it_was(make_model, labeled_items):
     for unlabeled in ([], _unlabeled(labeled_items, "")):
         model = make_model(seed=2)
         cfg = dataclasses.replace(model.cfg.train, epochs=2, report_weight=1.0)
-        histories.append(train_head(model, labeled_items[:3], [], cfg, progress=False, unlabeled=unlabeled).history)
+        result = train_head(model, labeled_items[:3], [], cfg, progress=False, unlabeled=unlabeled)
+        assert result.report_images == 0
+        histories.append(result.history)
     assert [r["loss"] for r in histories[0]] == [r["loss"] for r in histories[1]]
     assert report_items(_unlabeled(labeled_items, "") + labeled_items) == []  # drawn masks are not "unlabeled"
 

@@ -34,6 +34,7 @@ class TrainResult:
     history: list[dict]
     best_dice: float
     best_epoch: int
+    report_images: int = 0  # images without a mask that trained through their reports (train.report_weight)
 
 
 def split_train_val(items: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -220,7 +221,7 @@ def train_head(
                 save_checkpoint(model, checkpoint, extra={"best_val_dice": dice, "epoch": epoch})
     model.head.load_state_dict(best_state)
     model.eval()
-    return TrainResult(history, best.best_dice, best.best_epoch)
+    return TrainResult(history, best.best_dice, best.best_epoch, len(weak))
 
 
 def healthy_cases(cases: list[Case], healthy_label: str | None) -> list[Case]:

@@ -36,7 +36,8 @@ class AppSettings:
     # client can set it per run with the `report_weight` train param
     report_weight: float = 0.0
     # the trained model's masks obey the report's sides (none in a lung it does not name, none at all under "No
-    # pulmonary infection."); a wrong report then hides a finding. Per run: the `obey_report` train param
+    # pulmonary infection.", the most likely area in a named lung left empty); a wrong report then hides or invents
+    # a finding. Per run: the `obey_report` train param
     obey_report: bool = False
     image_size: int = 128  # size of a backbone pretrained from scratch
     train_threads: int = 0  # torch threads for background jobs (0: torch's default)

@@ -11,7 +11,6 @@ from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from textdiff.config import TextDiffConfig
 from textdiff.data import SYNTHETIC_MARKER, Case, DataError, image_id
 from textdiff.model import load_checkpoint_config
-from textdiff.report_supervision import named_sides
 from textdiff.synthetic import read_synthetic
 from textdiff.train import train_on_cases
 
@@ -128,7 +127,7 @@ class TextDiffTrain(StatsTrainTask):
                 "best_metric": result.best_dice, "best_epoch": result.best_epoch, "labeled_images": len(data["labeled"]),
                 "pseudo_labeled_images": len(data["pseudo"]), "healthy_images": len(data["healthy"]),
                 "synthetic_ratio": cfg.train.synthetic_ratio, "report_weight": cfg.train.report_weight,
-                "report_images": len(report_supervised(data, cfg)), "obey_report": cfg.head.obey_report,
+                "report_images": result.report_images, "obey_report": cfg.head.obey_report,
                 "images_with_synthetic_copies": len({c.id for c in data["labeled"]} & set(data["synthetic"])),
                 "backbone": cfg.backbone.pretrained, "history": result.history}
 
@@ -163,14 +162,6 @@ def _count(value, name: str) -> int:
     if number < 0:
         raise DataError(f"{name} must be 0 or more, got {number}")
     return number
-
-
-def report_supervised(data: dict[str, list[Case]], cfg: TextDiffConfig) -> list[Case]:
-    """The unlabeled cases whose reports train (`train_on_cases`): not already training otherwise, sides named."""
-    if cfg.train.report_weight <= 0:
-        return []
-    training = {c.id for c in data["labeled"] + data["pseudo"] + data["healthy"]}
-    return [c for c in data["unlabeled"] if c.id not in training and named_sides(c.report) is not None]
 
 
 def report_weight(value) -> float:
