@@ -4,7 +4,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/system-packages.sh || echo "warning: without these the PACS and OHIF tests fail (the rest works)" >&2
 PYTHON=${PYTHON:-python3.11}
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+NEED_GIB=10  # the venv takes about 8.7 GiB (torch's CUDA build and its nvidia wheels, itk)
+if [ ! -x .venv/bin/python ]; then
+  free_gib=$(( $(df -Pk . | awk 'NR==2 {print $4}') / 1048576 ))
+  if [ "$free_gib" -lt "$NEED_GIB" ]; then
+    echo "error: $free_gib GiB free on $(df -P . | awk 'NR==2 {print $6}'), the environment needs about $NEED_GIB GiB." \
+         "Free some space (old clones' .venv folders are the usual culprit) and run this again." >&2
+    exit 1
+  fi
+  "$PYTHON" -m venv .venv
+fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -r requirements.txt
 .venv/bin/python -m pip install --quiet --no-deps -e .
