@@ -33,12 +33,13 @@ def test_features_are_deterministic_and_depend_on_the_image(extractor, h):
 
 
 def test_features_of_an_image_do_not_depend_on_its_batch(extractor, h):
+    """Bit for bit: a last-bit difference is enough to change which epoch a benchmark run keeps."""
     images = torch.rand(3, 1, h.size, h.size, generator=torch.Generator().manual_seed(2)) * 2 - 1
     batched = extractor(images)
     for i in range(3):
         single = extractor(images[i : i + 1])
         for b, s in zip(batched, single):
-            torch.testing.assert_close(b[i : i + 1], s, rtol=1e-4, atol=1e-5)
+            assert torch.equal(b[i : i + 1], s)
 
 
 def test_each_timestep_is_a_separate_block_of_channels(extractor, h):
@@ -53,13 +54,13 @@ def test_each_timestep_is_a_separate_block_of_channels(extractor, h):
         assert not torch.allclose(f[:, :channels], s)
 
 
-def test_all_timesteps_go_through_one_unet_forward(extractor, h):
+def test_all_timesteps_of_an_image_go_through_one_unet_forward(extractor, h):
     calls, handle = h.count_calls(extractor.unet)
     try:
         extractor(torch.zeros(2, 1, h.size, h.size))
     finally:
         handle.remove()
-    assert calls == [2 * len(h.timesteps)]
+    assert calls == [len(h.timesteps)] * 2
 
 
 def test_extractor_stays_frozen_and_in_eval_mode(extractor):

@@ -99,8 +99,10 @@ class _Captured(Exception):
 class DiffusionFeatureExtractor(torch.nn.Module):
     """Frozen UNet whose decoder activations at several noise steps become per-scale feature maps.
 
-    All timesteps of all images go through the UNet in one batched forward. For a batch of B images, the output is
-    one tensor per hooked layer of shape (B, len(timesteps) * C_layer, h_layer, w_layer).
+    All timesteps of an image go through the UNet in one batched forward, one image at a time: a convolution's
+    arithmetic depends on the batch size, so batching images together would make an image's features depend (in the
+    last bits, enough to change a checkpoint choice) on which images it was batched with. For a batch of B images, the
+    output is one tensor per hooked layer of shape (B, len(timesteps) * C_layer, h_layer, w_layer).
     """
 
     def __init__(self, unet: UNet2DModel, scheduler: DDPMScheduler, cfg: BackboneConfig):
@@ -158,18 +160,22 @@ class DiffusionFeatureExtractor(torch.nn.Module):
                 f"backbone expects images of shape (B, {self.noise.shape[1]}, {self.cfg.image_size}, "
                 f"{self.cfg.image_size}), got {tuple(images.shape)}"
             )
-        noisy, t = self.noised(images)
+        per_image = [self._image_features(image[None]) for image in images]
+        return [torch.cat(layer) for layer in zip(*per_image)]
+
+    def _image_features(self, image: torch.Tensor) -> list[torch.Tensor]:
+        """The hooked features of one (1, C, H, W) image, all its timesteps in one forward."""
+        noisy, t = self.noised(image)
         self._store = {}
-        autocast = torch.autocast("cuda", dtype=torch.float16, enabled=images.is_cuda)
+        autocast = torch.autocast("cuda", dtype=torch.float16, enabled=image.is_cuda)
         try:
             with autocast:
                 self.unet(noisy.to(self.noise.dtype), t)
         except _Captured:
             pass
-        batch, steps = images.shape[0], len(self.timesteps)
         features = [self._store[name].float() for name in self._order]
         self._store = {}
-        return [f.reshape(batch, steps * f.shape[1], *f.shape[2:]) for f in features]
+        return [f.reshape(1, -1, *f.shape[2:]) for f in features]
 
 
 def make_extractor(cfg: BackboneConfig, weights: str | None = None) -> DiffusionFeatureExtractor:
