@@ -1,4 +1,4 @@
-"""`textdiff benchmark`: a run does not depend on what ran before it in the same process; healthy images;
+"""`textdiff benchmark`: a run does not depend on what ran before it in the same process (methods or seeds); healthy images;
 `textdiff benchmark-compare`."""
 
 from __future__ import annotations
@@ -36,6 +36,27 @@ def test_a_runs_initial_head_does_not_depend_on_the_methods_before_it(sample_dir
         oracle = row["area_oracle"]
         assert oracle["dice"] >= row["dice"] and oracle["per_image_dice"].keys() == row["per_image_dice"].keys()
         assert 0 <= oracle["missed_areas"] <= oracle["areas"] and oracle["false_areas"] >= 0
+
+
+def test_a_seeds_trained_head_does_not_depend_on_the_seeds_before_it(sample_dir, h, tmp_path, monkeypatch):
+    """`--seeds 0 1` and `--seeds 1` train the same seed-1 head bit for bit: the feature cache is filled in other
+    batches, so this holds only because an image's features do not depend on its batch."""
+    real_train_head = benchmark.train_head
+    trained_heads = []
+
+    def recording_train_head(model, *args, **kwargs):
+        result = real_train_head(model, *args, **kwargs)
+        trained_heads.append({k: v.clone() for k, v in model.head.state_dict().items()})
+        return result
+
+    monkeypatch.setattr(benchmark, "train_head", recording_train_head)
+    monkeypatch.setattr(benchmark, "_timings", lambda *args, **kwargs: {})
+    for out, seeds in (("alone", (1,)), ("after", (0, 1))):
+        settings = benchmark.BenchmarkSettings(label_counts=(3,), seeds=seeds, steps=4, methods=("textdiff",))
+        benchmark.run_benchmark(sample_dir, None, tmp_path / out, settings, h.tiny_config())
+    alone, after = trained_heads[0], trained_heads[2]
+    assert all(torch.equal(alone[k], after[k]) for k in alone)
+    assert not all(torch.equal(trained_heads[1][k], after[k]) for k in alone)  # seed 0 trained another head
 
 
 def test_runs_done_before_a_crash_are_kept(sample_dir, h, tmp_path, monkeypatch):
