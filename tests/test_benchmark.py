@@ -1,5 +1,5 @@
-"""`textdiff benchmark`: a run does not depend on what ran before it in the same process (methods or seeds); healthy images;
-`textdiff benchmark-compare`."""
+"""`textdiff benchmark`: a run does not depend on what ran before it in the same process (methods or seeds);
+healthy images; `textdiff benchmark-compare`."""
 
 from __future__ import annotations
 
