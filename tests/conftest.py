@@ -41,6 +41,7 @@ def tiny_backbone(**changes) -> BackboneConfig:
         up_block_types=("UpBlock2D", "UpBlock2D"),
         timesteps=TIMESTEPS,
         feature_layers=FEATURE_LAYERS,
+        max_windows=1,  # each image resized into one window; the tiling tests ask for windows themselves
     )
     return dataclasses.replace(cfg, **changes)
 

@@ -14,6 +14,7 @@ TINY_SET = [
     "backbone.image_size=32", "backbone.block_out_channels=[8,16]",
     'backbone.down_block_types=["DownBlock2D","DownBlock2D"]', 'backbone.up_block_types=["UpBlock2D","UpBlock2D"]',
     "backbone.timesteps=[10,50,100]", 'backbone.feature_layers=["up_blocks.0.resnets.1","up_blocks.1.resnets.1"]',
+    "backbone.max_windows=1",
 ]
 TINY_HEAD = ["head.dim=16", "head.heads=2", "head.head_channels=[8]", "text.max_tokens=16", "train.batch_size=2"]
 

@@ -79,12 +79,16 @@ def test_load_case_shapes_and_ranges(tmp_path, h):
     assert load_case(read_studies(folder)[1], 32, 3, 2)["image"].shape == (3, 32, 32)
 
 
-def test_rgb_png_becomes_one_channel(tmp_path, h):
-    rgb = np.random.default_rng(0).integers(0, 256, size=(30, 40, 3), dtype=np.uint8)
-    path = h.write_png(tmp_path / "rgb.png", rgb)
-    item = load_case(Case("rgb", path), 32, 1, 2)
+def test_grey_stored_as_rgb_feeds_a_grey_backbone_but_colour_is_refused(tmp_path, h):
+    grey = np.random.default_rng(0).integers(0, 256, size=(30, 40), dtype=np.uint8)
+    path = h.write_png(tmp_path / "grey-rgb.png", np.stack([grey] * 3, axis=-1))
+    item = load_case(Case("grey-rgb", path), 32, 1, 2)
     assert item["image"].shape == (1, 32, 32)
     assert item["original_shape"] == (40, 30)
+    colour = h.write_png(tmp_path / "he.png", np.random.default_rng(1).integers(0, 256, (30, 40, 3), dtype=np.uint8))
+    with pytest.raises(DataError, match="he.png' is in colour but the backbone reads grey"):
+        load_case(Case("he", colour), 32, 1, 2)
+    assert load_case(Case("he", colour), 32, 3, 2)["image"].shape == (3, 32, 32)
 
 
 def test_corrupt_image_names_the_file(tmp_path):

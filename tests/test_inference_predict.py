@@ -17,19 +17,18 @@ def test_segment_items_returns_masks_at_original_sizes(make_model, tmp_path, h):
     model = make_model()
     sizes = [(48, 40), (30, 50), (32, 32)]  # PIL (width, height)
     items = [
-        load_case(Case(f"i{n}", h.random_png(tmp_path / f"i{n}.png", w, hh, seed=n)), h.size, 1, 2) | {"report": h.normal}
+        model.load(Case(f"i{n}", h.random_png(tmp_path / f"i{n}.png", w, hh, seed=n))) | {"report": h.normal}
         for n, (w, hh) in enumerate(sizes)
     ]
-    masks = segment_items(model, items, batch_size=2)
+    masks = segment_items(model, items)
     assert len(masks) == 3
     for mask, item, (w, hh) in zip(masks, items, sizes):
         assert mask.shape == (1, *item["original_shape"]) == (1, w, hh)
         assert mask.dtype == torch.uint8
         assert set(mask.unique().tolist()) <= {0, 1}
-    # the same masks come out through a filled cache and with another batch size
+    # the same masks come out through a filled cache
     cache = FeatureCache(model.extractor)
-    cache.fill(items, progress=False)
-    for a, b in zip(masks, segment_items(model, items, cache=cache, batch_size=1)):
+    for a, b in zip(masks, segment_items(model, items, cache=cache)):
         assert torch.equal(a, b)
 
 

@@ -7,8 +7,9 @@ import math
 import torch
 
 from .features import FeatureCache
+from .inference import grid_logits
 from .model import TextDiffModel
-from .train import predict_logits
+from .tiling import window_items
 
 
 def mask_uncertainty(logits: torch.Tensor) -> torch.Tensor:
@@ -19,16 +20,19 @@ def mask_uncertainty(logits: torch.Tensor) -> torch.Tensor:
 
 
 def uncertainty_scores(model: TextDiffModel, items: list[dict], cache: FeatureCache | None = None) -> list[float]:
-    """Uncertainty of the model's mask for each item (with its report), in order."""
+    """Uncertainty of the model's mask for each item (with its report, on its working grid), in order."""
     cache = cache or FeatureCache(model.extractor)
-    cache.fill(items, progress=False)
-    return mask_uncertainty(predict_logits(model, items, cache)).tolist()
+    return [mask_uncertainty(grid_logits(model, item, cache)[None]).item() for item in items]
 
 
 def image_embeddings(cache: FeatureCache, items: list[dict]) -> torch.Tensor:
-    """One unit vector per image: every diffusion feature map averaged over space, scales concatenated."""
-    cache.fill(items, progress=False)
-    vectors = [torch.cat([f.float().mean((-2, -1)) for f in cache.get(item)]) for item in items]
+    """One unit vector per image: every diffusion feature map averaged over space (and over the image's windows when
+    it has several), scales concatenated."""
+    window = cache.extractor.cfg.image_size
+    vectors = []
+    for item in items:
+        parts = [torch.cat([f.float().mean((-2, -1)) for f in cache.get(part)]) for part in window_items(item, window)]
+        vectors.append(torch.stack(parts).mean(0))
     return torch.nn.functional.normalize(torch.stack(vectors), dim=1)
 
 

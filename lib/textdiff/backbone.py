@@ -25,8 +25,8 @@ def build_unet(cfg: BackboneConfig) -> UNet2DModel:
         torch.manual_seed(cfg.init_seed)
         return UNet2DModel(
             sample_size=cfg.image_size,
-            in_channels=cfg.in_channels,
-            out_channels=cfg.in_channels,
+            in_channels=cfg.in_channels or 1,
+            out_channels=cfg.in_channels or 1,
             layers_per_block=cfg.layers_per_block,
             block_out_channels=tuple(cfg.block_out_channels),
             down_block_types=tuple(cfg.down_block_types),

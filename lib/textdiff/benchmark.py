@@ -24,12 +24,13 @@ import torch
 from monai.networks.nets import UNet
 
 from .backbone import make_extractor, make_random_extractor
-from .config import TextDiffConfig
-from .data import Case, DataError, find_by_id, load_case, read_studies
+from .config import TextDiffConfig, TrainConfig
+from .data import Case, DataError, find_by_id, read_studies
 from .emit import merge_predictions
-from .features import FeatureCache
+from .features import FeatureCache, feature_augmentation
 from .headroom import area_oracle
 from .inference import score_masks, segment_items, to_original_size
+from .tiling import sliding_logits, windows_of
 from .model import TextDiffModel
 from .plots import plot_curves
 from .synthetic import read_synthetic
@@ -71,9 +72,11 @@ class BenchmarkSettings:
 
 
 def _pool(data: Path) -> list[Case]:
-    """Training pool with every image's ground-truth mask (for simulated labeling)."""
+    """Training pool with every image's ground-truth mask (for simulated labeling): from `train-groundtruth/` (the
+    sample data, where most training images are unlabeled), else the pool's own final labels (an imported set)."""
     truth = data / "train-groundtruth"
-    return [dataclasses.replace(c, label=find_by_id(truth, c.id)) for c in read_studies(data / "train")]
+    cases = read_studies(data / "train")
+    return [dataclasses.replace(c, label=find_by_id(truth, c.id)) for c in cases] if truth.is_dir() else cases
 
 
 def _subset(items: list[dict], count: int, seed: int) -> list[dict]:
@@ -91,61 +94,68 @@ def epochs_for(steps: int, images: int, batch_size: int) -> int:
     return math.ceil(steps / math.ceil(images / batch_size))
 
 
-def _train_unet(train: list[dict], val: list[dict], epochs: int, batch_size: int, seed: int, device,
-                copies: dict[str, list[dict]] | None = None, merge: tuple[float, int] = (0.6, 32),
-                selection_window: int = 1) -> torch.nn.Module:
-    """The from-scratch baseline: same loss, epochs, batch size and model selection as TextDiff's head; with
-    `copies` (id -> synthetic copies) each image is paired with one copy and the merged prediction is scored."""
-    torch.manual_seed(seed)
-    merge_generator = torch.Generator().manual_seed(seed)
-    net = UNet(2, train[0]["image"].shape[0], 2, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=2).to(device)
-    loss_fn = segmentation_loss()
+def _train_unet(train: list[dict], val: list[dict], epochs: int, cfg: TrainConfig, device, num_classes: int = 2,
+                copies: dict[str, list[dict]] | None = None, merge: tuple[float, int] = (0.6, 32)) -> torch.nn.Module:
+    """The from-scratch baseline on the same windows, with the same loss, epochs, batch size, augmentation and model
+    selection as TextDiff's head; with `copies` (id -> synthetic copies) each image is paired with one copy and the
+    merged prediction is scored."""
+    torch.manual_seed(cfg.seed)
+    merge_generator = torch.Generator().manual_seed(cfg.seed)
+    net = UNet(2, train[0]["image"].shape[0], num_classes, channels=(16, 32, 64, 128), strides=(2, 2, 2),
+               num_res_units=2).to(device)
+    loss_fn, augment = segmentation_loss(), feature_augmentation(cfg.augment, 0, cfg.seed)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
     selection = selection_items(val, train)
-    rng, choice, best_state = random.Random(seed), CheckpointChoice(selection_window), None
+    rng, choice, best_state = random.Random(cfg.seed), CheckpointChoice(cfg.selection_window), None
     for _ in range(epochs):
         net.train()
         order = list(range(len(train)))
         rng.shuffle(order)
-        for begin in range(0, len(order), batch_size):
-            chunk = [train[i] for i in order[begin : begin + batch_size]]
-            images = torch.stack([it["image"] for it in chunk]).to(device)
-            labels = torch.stack([it["label"] for it in chunk]).to(device)
+        for begin in range(0, len(order), cfg.batch_size):
+            chunk = [augment({k: train[i][k] for k in ("image", "label", "report")})
+                     for i in order[begin : begin + cfg.batch_size]]
+            images = torch.stack([torch.as_tensor(it["image"]) for it in chunk]).to(device)
+            labels = torch.stack([torch.as_tensor(it["label"]) for it in chunk]).long().to(device)
             if copies is None:
                 logits = net(images)
             else:
-                fakes = torch.stack([rng.choice(copies.get(it["id"]) or [it])["image"] for it in chunk]).to(device)
+                fakes = torch.stack([rng.choice(copies.get(train[i]["id"]) or [train[i]])["image"]
+                                     for i in order[begin : begin + cfg.batch_size]]).to(device)
                 real, fake = net(torch.cat([images, fakes])).chunk(2)
                 logits = merge_predictions(real, fake, *merge, merge_generator)
             loss = loss_fn(logits, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        net.eval()
-        with torch.no_grad():
-            logits = net(torch.stack([it["image"] for it in selection]).to(device)).cpu()
-        dice = dice_per_image(logits, torch.stack([it["label"] for it in selection]), 2).mean().item()
-        if choice.is_best(dice):
+        if choice.is_best(_unet_dice(net, selection, device, num_classes)):
             best_state = {k: v.clone() for k, v in net.state_dict().items()}
     net.load_state_dict(best_state)
     return net.eval()
 
 
-def _unet_masks(net, test: list[dict], device) -> list[torch.Tensor]:
-    with torch.no_grad():
-        logits = net(torch.stack([it["image"] for it in test]).to(device)).cpu()
-    return [to_original_size(lg, it["original_shape"]) for lg, it in zip(logits, test)]
+@torch.no_grad()
+def _unet_dice(net, selection: list[dict], device, num_classes: int) -> float:
+    net.eval()
+    logits = torch.cat([net(torch.stack([it["image"] for it in selection[i : i + 16]]).to(device)).cpu()
+                        for i in range(0, len(selection), 16)])
+    return dice_per_image(logits, torch.stack([it["label"] for it in selection]), num_classes).mean().item()
 
 
-def _synthetic_items(settings: BenchmarkSettings, size: int, channels: int) -> dict[str, list[dict]]:
+@torch.no_grad()
+def _unet_masks(net, test: list[dict], device, window: int, overlap: float) -> list[torch.Tensor]:
+    """The UNet's masks on the test images, read in the same windows as TextDiff's and blended the same way."""
+    logits_of = lambda windows: net(torch.stack([w["image"] for w in windows]).to(device)).cpu()  # noqa: E731
+    return [to_original_size(sliding_logits(it, window, overlap, logits_of), it["original_shape"]) for it in test]
+
+
+def _synthetic_items(settings: BenchmarkSettings, model: TextDiffModel) -> dict[str, list[dict]]:
     """Source id -> its first `synthetic_ratio` synthetic copies, loaded; {} when no synthetic folder is given."""
     if not settings.synthetic:
         return {}
     copies = read_synthetic(settings.synthetic)
     if not copies:
         raise DataError(f"no synthetic pairs in '{settings.synthetic}'")
-    return {source: [load_case(c, size, channels, 2) for c in group[: settings.synthetic_ratio]]
-            for source, group in copies.items()}
+    return {source: [model.load(c) for c in group[: settings.synthetic_ratio]] for source, group in copies.items()}
 
 
 def _peak_memory_mb() -> float:
@@ -154,73 +164,110 @@ def _peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class _Models:
+    """The benchmark's TextDiff models: one backbone and feature cache per backbone kind (pretrained or random),
+    shared by every method and run, and one text encoder."""
+
+    def __init__(self, cfg: TextDiffConfig, backbone: str | None, device: torch.device):
+        self.cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, pretrained=backbone))
+        self.device, self.caches, self.text_encoder = device, {}, TextEncoder(cfg.text)
+        self.last: dict[str, TextDiffModel] = {}  # the last trained model of each method (for the timings)
+
+    def cache(self, method: str) -> FeatureCache:
+        kind = "random" if method == "random_backbone" else "pretrained"
+        if kind not in self.caches:
+            build = make_random_extractor if kind == "random" else make_extractor
+            self.caches[kind] = FeatureCache(build(self.cfg.backbone).to(self.device))
+        return self.caches[kind]
+
+    def model(self, method: str) -> TextDiffModel:
+        head = dataclasses.replace(self.cfg.head, use_text=method != "no_cross_attention")
+        return TextDiffModel(dataclasses.replace(self.cfg, head=head), self.cache(method).extractor,
+                             self.text_encoder).to(self.device)
+
+
+@dataclass
+class _Split:
+    """One run's training data: labeled windows' images, the pool's healthy and unlabeled images, the budget."""
+
+    train: list[dict]
+    val: list[dict]
+    unlabeled: list[dict]
+    epochs: int
+    copies: dict[str, list[dict]] | None
+
+
+def _split(pool: list[dict], healthy: set[str], count: int, seed: int, cfg: TextDiffConfig, steps: int,
+           synthetic: dict[str, list[dict]]) -> _Split:
+    """The labeled subset of `count` images for `seed`, split for model selection; the pool's healthy images join
+    training with an empty mask (cfg.train.healthy_label), the rest of the pool trains through its reports alone
+    (cfg.train.report_weight)."""
+    labeled = _subset(pool, count, seed)
+    train, val = split_train_val(labeled, cfg.train.val_fraction, seed)
+    drawn = {it["id"] for it in labeled}
+    train += [with_empty_mask(it) for it in pool if it["id"] in healthy and it["id"] not in drawn]
+    unlabeled = [{**it, "label": None} for it in pool if it["id"] not in drawn and it["id"] not in healthy]
+    windows = len(windows_of(train, cfg.backbone.image_size))
+    copies = {it["id"]: synthetic.get(it["id"], []) for it in train} if synthetic else None
+    return _Split(train, val, unlabeled, epochs_for(steps, windows, cfg.train.batch_size), copies)
+
+
+def _masks(method: str, split: _Split, test: list[dict], models: _Models, settings: BenchmarkSettings,
+           seed: int) -> list[torch.Tensor]:
+    """Train one method on one split and segment the test images with it."""
+    cfg, window = models.cfg, models.cfg.backbone.image_size
+    train_cfg = dataclasses.replace(cfg.train, epochs=split.epochs, seed=seed)
+    if method in ("unet", "unet_synthetic"):
+        copies = split.copies if method == "unet_synthetic" else None
+        net = _train_unet(windows_of(split.train, window), windows_of(split.val, window), split.epochs, train_cfg,
+                          models.device, cfg.head.num_classes, copies, (settings.merge_alpha, settings.merge_patch))
+        return _unet_masks(net, test, models.device, window, cfg.backbone.window_overlap)
+    torch.manual_seed(seed)  # the head's initial weights, whatever ran before in this process
+    model, cache = models.model(method), models.cache(method)
+    strip = _without_text if method == "empty_text" else (lambda items: items)
+    if method == "textdiff_synthetic":
+        train_cfg = dataclasses.replace(train_cfg, synthetic_ratio=settings.synthetic_ratio,
+                                        merge_alpha=settings.merge_alpha, merge_patch=settings.merge_patch)
+    train_head(model, strip(split.train), strip(split.val), train_cfg, cache=cache, progress=False,
+               synthetic=split.copies, unlabeled=strip(split.unlabeled))
+    models.last[method] = model
+    return segment_items(model, strip(test), cache=cache)
+
+
+def _row(method: str, count: int, seed: int, masks: list[torch.Tensor], test: list[dict], seconds: float,
+         num_classes: int) -> dict:
+    scores = score_masks(masks, test, num_classes)
+    return {"method": method, "labels": count, "seed": seed, "dice": scores["mean"]["dice"],
+            "iou": scores["mean"]["iou"], "seconds": seconds,
+            "per_image_dice": {r["image"]: round(r["dice"], 4) for r in scores["images"]},
+            "area_oracle": area_oracle(masks, test, num_classes)}
+
+
 def run_benchmark(data: Path, backbone: str | None, out: Path, settings: BenchmarkSettings, cfg: TextDiffConfig) -> dict:
     """Run every method x label count x seed; print a table, write results.json and dice_vs_labels.png into `out`."""
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    text_encoder = TextEncoder(cfg.text)
-    pretrained_cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, pretrained=backbone))
-    models, caches = {}, {}
-
-    def model_for(method: str) -> TextDiffModel:
-        """Models share one backbone and its feature cache per backbone kind (pretrained or random)."""
-        kind = "random" if method == "random_backbone" else "pretrained"
-        if kind not in caches:
-            build = make_random_extractor if kind == "random" else make_extractor
-            caches[kind] = FeatureCache(build(pretrained_cfg.backbone).to(device))
-        head = dataclasses.replace(pretrained_cfg.head, use_text=method != "no_cross_attention")
-        return TextDiffModel(dataclasses.replace(pretrained_cfg, head=head), caches[kind].extractor, text_encoder).to(device)
-
-    probe = model_for("textdiff")
-    size, channels = probe.image_size, probe.cfg.backbone.in_channels
+    models = _Models(cfg, backbone, device)
+    probe = models.model("textdiff")
     pool_cases = _pool(data)
-    pool = [load_case(c, size, channels, 2) for c in pool_cases]
-    # cfg.train.healthy_label: the pool's healthy images join every method's training split with an empty mask
+    pool = [probe.load(c) for c in pool_cases]
     healthy = {c.id for c in healthy_cases([dataclasses.replace(c, label=None) for c in pool_cases],
                                            cfg.train.healthy_label)}
-    test = [load_case(c, size, channels, 2) for c in read_studies(data / "test")]
-    synthetic = _synthetic_items(settings, size, channels)
-    merge = (settings.merge_alpha, settings.merge_patch)
+    test = [probe.load(c) for c in read_studies(data / "test")]
+    synthetic = _synthetic_items(settings, probe)
     rows, about = [], {"settings": dataclasses.asdict(settings), "backbone": backbone, "device": str(device)}
     for count in settings.label_counts:
         for seed in settings.seeds:
-            labeled = _subset(pool, count, seed)
-            train, val = split_train_val(labeled, cfg.train.val_fraction, seed)
-            drawn = {it["id"] for it in labeled}
-            train += [with_empty_mask(it) for it in pool if it["id"] in healthy and it["id"] not in drawn]
-            # cfg.train.report_weight: the rest of the pool trains through its reports alone (report supervision)
-            unlabeled = [{**it, "label": None} for it in pool if it["id"] not in drawn and it["id"] not in healthy]
-            epochs = epochs_for(settings.steps, len(train), cfg.train.batch_size)
-            copies = {it["id"]: synthetic.get(it["id"], []) for it in train} if synthetic else None
+            split = _split(pool, healthy, count, seed, models.cfg, settings.steps, synthetic)
             for method in settings.methods:
                 start = time.perf_counter()
-                if method in ("unet", "unet_synthetic"):
-                    net = _train_unet(train, val, epochs, cfg.train.batch_size, seed, device,
-                                      copies if method == "unet_synthetic" else None, merge, cfg.train.selection_window)
-                    masks = _unet_masks(net, test, device)
-                else:
-                    torch.manual_seed(seed)  # the head's initial weights, whatever ran before in this process
-                    model = model_for(method)
-                    cache = caches["random" if method == "random_backbone" else "pretrained"]
-                    strip = _without_text if method == "empty_text" else (lambda items: items)
-                    train_cfg = dataclasses.replace(cfg.train, epochs=epochs, seed=seed)
-                    if method == "textdiff_synthetic":
-                        train_cfg = dataclasses.replace(train_cfg, synthetic_ratio=settings.synthetic_ratio,
-                                                        merge_alpha=settings.merge_alpha, merge_patch=settings.merge_patch)
-                    train_head(model, strip(train), strip(val), train_cfg, cache=cache, progress=False,
-                               synthetic=copies, unlabeled=strip(unlabeled))
-                    masks = segment_items(model, strip(test), cache=cache)
-                    models[method] = model
-                scores = score_masks(masks, test, 2)
-                dice = scores["mean"]["dice"]
-                per_image = {r["image"]: round(r["dice"], 4) for r in scores["images"]}
-                rows.append({"method": method, "labels": count, "seed": seed, "dice": dice,
-                             "seconds": time.perf_counter() - start, "per_image_dice": per_image,
-                             "area_oracle": area_oracle(masks, test, 2)})
-                print(f"{METHODS[method]:<42} labels={count:<3} seed={seed} dice={dice:.4f} "
-                      f"area oracle={rows[-1]['area_oracle']['dice']:.4f}", flush=True)
+                masks = _masks(method, split, test, models, settings, seed)
+                rows.append(_row(method, count, seed, masks, test, time.perf_counter() - start,
+                                 probe.cfg.head.num_classes))
+                print(f"{METHODS[method]:<42} labels={count:<3} seed={seed} dice={rows[-1]['dice']:.4f} "
+                      f"iou={rows[-1]['iou']:.4f} area oracle={rows[-1]['area_oracle']['dice']:.4f}", flush=True)
                 _write_results(out, {"rows": rows, "partial": True, **about})  # a crash later keeps the runs so far
-    timing = _timings(models.get("textdiff") or probe, pool, test, cfg, settings, seed=settings.seeds[0])
+    timing = _timings(models.last.get("textdiff") or probe, pool, test, cfg, settings, seed=settings.seeds[0])
     result = {"rows": rows, "summary": summarise_rows(rows, out), "timing": timing, **about}
     _write_results(out, result)
     print(json.dumps(timing, indent=1))

@@ -202,12 +202,10 @@ def _cases_for(paths: list[str]) -> list:
 
 
 def _items_for(paths: list[str], model, labeled_only: bool = False):
-    from .data import load_case
-
     cases = [c for c in _cases_for(paths) if c.label is not None or not labeled_only]
     if not cases:
         raise DataError(f"no {'labeled ' if labeled_only else ''}images in {', '.join(paths)}")
-    return [load_case(c, model.image_size, model.cfg.backbone.in_channels, model.cfg.head.num_classes) for c in cases], cases
+    return [model.load(c) for c in cases], cases
 
 
 def cmd_predict(args) -> None:

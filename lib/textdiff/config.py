@@ -18,7 +18,8 @@ class BackboneConfig:
     # Diffusers folder or hub id of a pretrained UNet2DModel (+ scheduler); None builds the architecture below.
     pretrained: str | None = None
     image_size: int = 128
-    in_channels: int = 1
+    # None: taken from the data when pretraining from scratch (colour images give a colour backbone), else 1.
+    in_channels: int | None = None
     block_out_channels: tuple[int, ...] = (16, 32, 64, 128)
     layers_per_block: int = 1
     down_block_types: tuple[str, ...] = ("DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D")
@@ -31,6 +32,23 @@ class BackboneConfig:
     noise_seed: int = 40
     # Seed of the random initialisation when no pretrained weights are given (keeps a random backbone rebuildable).
     init_seed: int = 0
+    # How an image meets the fixed image_size² input: it is scaled (aspect kept) to a working grid, which the backbone
+    # reads in image_size² windows (sliding windows with Gaussian blending when the grid is larger; textdiff.tiling).
+    # patch_scale is working pixels per image pixel. None picks it per image: an image no larger than image_size is
+    # resized to fill one window (as the papers do), a larger one keeps its own pixels but is shrunk until its longer
+    # side spans at most max_windows windows (max_windows 1: every image resized into one window). A backbone is
+    # pretrained at one scale and records it (tiling.json beside its weights); None takes the backbone's, else
+    # max_windows 4 and the automatic scale.
+    patch_scale: float | None = None
+    max_windows: float | None = None
+    window_overlap: float = 0.25
+
+    def __post_init__(self):
+        if self.patch_scale is not None and not 0 < self.patch_scale <= 16:
+            raise ValueError(f"backbone.patch_scale must be in (0, 16] (or None: from the image), got {self.patch_scale}")
+        if (self.max_windows is not None and self.max_windows < 1) or not 0 <= self.window_overlap < 1:
+            raise ValueError(f"need backbone.max_windows >= 1 and 0 <= backbone.window_overlap < 1, "
+                             f"got {self.max_windows} and {self.window_overlap}")
 
 
 @dataclass
@@ -45,7 +63,7 @@ class TextConfig:
 class HeadConfig:
     """The trained part: per-scale 1x1 reductions, the shared cross-attention block and the pixel classifier."""
 
-    num_classes: int = 2
+    # Class names in class order; class 0 is the background.
     label_names: tuple[str, ...] = ("background", "infection")
     dim: int = 64
     heads: int = 4
@@ -64,10 +82,20 @@ class HeadConfig:
     # zones, not pixels). Cheaper, at some Dice (README, "Pooled cross-attention"); for large inputs on a GPU.
     attention_size: int | None = None
     head_channels: tuple[int, ...] = (32, 16)
+    # True: every fused scale is upsampled to the window size and the classifier runs there, as DDPM-Seg and the
+    # TextDiff code do; False: it runs at the finest hooked scale and its logits are upsampled (cheaper, coarser).
+    full_resolution: bool = True
 
     def __post_init__(self):
         if self.attention_size is not None and self.attention_size < 1:
             raise ValueError(f"head.attention_size must be at least 1 (or None: no pooling), got {self.attention_size}")
+        if len(self.label_names) < 2 or len(set(self.label_names)) != len(self.label_names):
+            raise ValueError(f"head.label_names needs the background and at least one class, all distinct, "
+                             f"got {list(self.label_names)}")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
 
 
 @dataclass
@@ -132,10 +160,12 @@ class TextDiffConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TextDiffConfig":
+        head = dict(data.get("head", {}))
+        head.pop("num_classes", None)  # older checkpoints stored it beside label_names, which now decide it
         return cls(
             backbone=_build(BackboneConfig, data.get("backbone", {})),
             text=_build(TextConfig, data.get("text", {})),
-            head=_build(HeadConfig, data.get("head", {})),
+            head=_build(HeadConfig, head),
             train=_build(TrainConfig, data.get("train", {})),
         )
 

@@ -17,7 +17,10 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import LoadImage, Resize, ScaleIntensityRangePercentiles
 
-IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".png", ".jpg", ".jpeg", ".dcm")
+from .config import BackboneConfig
+from .tiling import to_working_grid
+
+IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm")
 REPORTS_FILE = "reports.csv"
 # Marks a folder of synthetic image-mask pairs (EMIT-Diff), which must never be read as real studies.
 SYNTHETIC_MARKER = "SYNTHETIC.json"
@@ -156,22 +159,37 @@ def as_slice(data: MetaTensor, path: Path | str) -> MetaTensor:
     return data
 
 
-def to_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
-    """Match the backbone's input channels: average colour to grey, or repeat grey to colour."""
+def is_colour(image: torch.Tensor) -> bool:
+    """True for a channel-first image whose first three channels differ (an RGB file of a grey image is grey)."""
+    image = torch.as_tensor(image)
+    return image.shape[0] >= 3 and not (torch.equal(image[0], image[1]) and torch.equal(image[0], image[2]))
+
+
+def to_channels(image: torch.Tensor, channels: int, what: str = "the image") -> torch.Tensor:
+    """Match the backbone's input channels: an alpha channel is dropped, a grey image stored as RGB becomes grey, a
+    grey image is repeated for a colour backbone; a colour image for a grey backbone is refused (its colour is what a
+    pathologist reads, and averaging it away would be silent)."""
+    image = image[:3] if image.shape[0] == 4 and channels != 4 else image
     if image.shape[0] == channels:
         return image
-    if channels == 1:
-        return image[:3].mean(0, keepdim=True)
+    if channels == 1 and not is_colour(image):
+        return image[:1]
     if image.shape[0] == 1:
         return image.repeat(channels, 1, 1)
-    raise DataError(f"cannot turn a {image.shape[0]}-channel image into {channels} channels")
+    if channels == 1:
+        raise DataError(f"{what} is in colour but the backbone reads grey images (1 channel): pretrain a colour "
+                        "backbone on this data (`textdiff pretrain` takes the channels from the images)")
+    raise DataError(f"cannot turn {what}'s {image.shape[0]} channels into the backbone's {channels}")
 
 
-def preprocess_image(image: torch.Tensor, size: int, channels: int) -> torch.Tensor:
-    """Channel-first 2D image -> (channels, size, size) in [-1, 1] (robust percentile scaling, as DDPMs expect)."""
-    image = to_channels(torch.as_tensor(image).float(), channels)
+def preprocess_image(image: torch.Tensor, size: int | tuple[int, int], channels: int, what: str = "the image") -> torch.Tensor:
+    """Channel-first 2D image -> (channels, *size) in [-1, 1] (robust percentile scaling, as DDPMs expect)."""
+    image = to_channels(torch.as_tensor(image).float(), channels, what)
     image = ScaleIntensityRangePercentiles(lower=0.5, upper=99.5, b_min=-1.0, b_max=1.0, clip=True)(image)
-    return torch.as_tensor(Resize((size, size), mode="bilinear", anti_aliasing=True)(image))
+    shape = (size, size) if isinstance(size, int) else tuple(size)
+    if tuple(image.shape[1:]) == shape:
+        return torch.as_tensor(image)
+    return torch.as_tensor(Resize(shape, mode="bilinear", anti_aliasing=True)(image))
 
 
 def check_mask(mask: torch.Tensor, image_shape: tuple[int, ...], num_classes: int, path: Path) -> torch.Tensor:
@@ -192,16 +210,23 @@ def preprocess_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
     return torch.as_tensor(Resize((size, size), mode="nearest")(torch.as_tensor(mask).float())).long()
 
 
-def load_case(case: Case, size: int, channels: int, num_classes: int) -> dict:
+def load_case(case: Case, size: int, channels: int, num_classes: int, tiling: BackboneConfig | None = None) -> dict:
     """Image (C, size, size) in [-1, 1], mask (1, size, size) long or None, report, and the original image and mask.
 
-    The original (unresized) image keeps its geometry (meta) so masks can be written back onto it, and the original
-    mask is kept for evaluation at full resolution.
+    With `tiling` (the backbone's config) image and mask go onto the image's working grid instead (`textdiff.tiling`:
+    resized into one window, or kept at a patch scale and read in windows). The original (unresized) image keeps its
+    geometry (meta) so masks can be written back onto it, and the original mask is kept for evaluation at full
+    resolution.
     """
     image = read_2d(case.image, "image")
+    where = f"image '{case.image}'"
+    if tiling is None:
+        resized = preprocess_image(image, size, channels, where)
+    else:
+        resized = to_working_grid(preprocess_image(image, tuple(image.shape[1:]), channels, where), tiling)
     item = {
         "id": case.id,
-        "image": preprocess_image(image, size, channels),
+        "image": resized,
         "report": case.report,
         "original_shape": tuple(image.shape[1:]),
         "original_image": image,
@@ -210,6 +235,7 @@ def load_case(case: Case, size: int, channels: int, num_classes: int) -> dict:
     }
     if case.label is not None:
         mask = check_mask(read_2d(case.label, "mask"), item["original_shape"], num_classes, case.label)
-        item["label"] = preprocess_mask(mask, size)
+        item["label"] = (preprocess_mask(mask, size) if tiling is None
+                         else to_working_grid(torch.as_tensor(mask).float(), tiling, nearest=True).long())
         item["original_label"] = torch.as_tensor(mask).long()
     return item

@@ -54,15 +54,20 @@ class RandMirrord(RandomizableTransform):
             return data
         mirrored = self.flip(dict(data))
         mirrored["report"] = mirror_report(data["report"])
+        if data.get("box") is not None:  # a window of a larger image lands on the other side of the mirrored image
+            first, last = data["box"][LEFT_RIGHT_AXIS], data["box"][LEFT_RIGHT_AXIS + 2]
+            mirrored["box"] = data["box"].clone()
+            mirrored["box"][LEFT_RIGHT_AXIS], mirrored["box"][LEFT_RIGHT_AXIS + 2] = -last, -first
         return mirrored
 
 
 def feature_augmentation(mode: str, count: int, seed: int) -> Compose:
-    """Random flips (and 90-degree rotations) applied identically to every feature map, the mask and a synthetic
-    copy's feature maps ("synthetic0", ... when present); "mirror" also rewrites the sample's "report"."""
+    """Random flips (and 90-degree rotations) applied identically to every feature map, the mask, a synthetic
+    copy's feature maps ("synthetic0", ... when present) and an "image" when present (the benchmark's UNet trains on
+    images); "mirror" also rewrites the sample's "report"."""
     if mode not in AUGMENTATIONS:
         raise ValueError(f"augment must be one of {AUGMENTATIONS}, got '{mode}'")
-    keys = [*feature_keys(count), *feature_keys(count, "synthetic"), "label"]
+    keys = [*feature_keys(count), *feature_keys(count, "synthetic"), "label", "image"]
     transforms = [RandMirrord(keys)] if mode == "mirror" else []
     if mode in ("flip", "rot90_flip"):
         transforms += [RandFlipd(keys, prob=0.5, spatial_axis=axis, allow_missing_keys=True) for axis in (0, 1)]

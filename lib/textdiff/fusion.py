@@ -12,16 +12,31 @@ from .config import HeadConfig
 POSITION_FREQUENCIES = 4
 
 
-def position_features(height: int, width: int, frequencies: int = POSITION_FREQUENCIES) -> torch.Tensor:
+def position_features(height: int, width: int, box: torch.Tensor | None = None,
+                      frequencies: int = POSITION_FREQUENCIES) -> torch.Tensor:
     """Sine/cosine features of each pixel's relative (row, column) position, (height*width, 4*frequencies).
 
     Coordinates are relative to the image, so every scale describes the same place ("lower left lung") the same way.
+    A window of a larger image passes its `box` (first and last pixel centre per axis in [-1, 1], as
+    `tiling.relative_box` gives): its pixels then get their places in the whole image.
     """
-    rows, cols = torch.meshgrid(torch.linspace(-1, 1, height), torch.linspace(-1, 1, width), indexing="ij")
+    if box is None:
+        rows, cols = torch.linspace(-1, 1, height), torch.linspace(-1, 1, width)
+    else:
+        rows, cols = torch.linspace(box[0], box[2], height), torch.linspace(box[1], box[3], width)
+    rows, cols = torch.meshgrid(rows, cols, indexing="ij")
     coords = torch.stack([rows.flatten(), cols.flatten()], dim=1)  # (h*w, 2)
     # The lowest frequency has period 4, so the two image edges (-1 and 1) stay distinct.
     angles = coords[:, :, None] * (torch.pi / 2 * 2.0 ** torch.arange(frequencies))  # (h*w, 2, f)
     return torch.cat([angles.sin(), angles.cos()], dim=2).flatten(1)
+
+
+def batch_positions(height: int, width: int, boxes: list[torch.Tensor | None] | None) -> torch.Tensor:
+    """(1 or B, height*width, 4*frequencies): one grid for whole images, one per window when any has a box."""
+    if not boxes or all(box is None for box in boxes):
+        return position_features(height, width)[None]
+    whole = torch.tensor([-1.0, -1.0, 1.0, 1.0])
+    return torch.stack([position_features(height, width, whole if box is None else box) for box in boxes])
 
 
 class CrossAttentionBlock(nn.Module):
@@ -42,10 +57,10 @@ class CrossAttentionBlock(nn.Module):
         self.ff = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * ff_mult), nn.GELU(), nn.Linear(dim * ff_mult, dim))
 
     def forward(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor,
-                height: int, width: int) -> torch.Tensor:
+                height: int, width: int, boxes: list[torch.Tensor | None] | None = None) -> torch.Tensor:
         ignore = ~text_mask.bool()
         x = image_tokens
-        where = self.position(position_features(height, width).to(x)) if self.position is not None else 0
+        where = self.position(batch_positions(height, width, boxes).to(x)) if self.position is not None else 0
         for index, (norm, attention) in enumerate(zip(self.norms, self.attentions)):
             query = norm(x) + where
             attended, _ = attention(query, text_tokens, text_tokens, key_padding_mask=ignore, need_weights=False)
@@ -66,7 +81,8 @@ class TextDiffHead(nn.Module):
 
     Scales finer than `cfg.attention_size` are fused on average-pooled tokens and get the fusion's change upsampled.
 
-    The classifier runs at the finest feature scale; its logits are then upsampled to `out_size` (the image size).
+    The classifier runs on the fused scales upsampled to `out_size` (the window size), or with
+    `cfg.full_resolution` False at the finest feature scale, its logits then upsampled to `out_size`.
 
     With `cfg.use_text` False the cross-attention is skipped, which gives the "diffusion features only" ablation.
     """
@@ -87,30 +103,35 @@ class TextDiffHead(nn.Module):
         )
 
     def forward(
-        self, features: list[torch.Tensor], text_tokens: torch.Tensor | None = None, text_mask: torch.Tensor | None = None
+        self, features: list[torch.Tensor], text_tokens: torch.Tensor | None = None, text_mask: torch.Tensor | None = None,
+        boxes: list[torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
+        """Logits (B, classes, out_size, out_size); `boxes` place windows of a larger image (`position_features`)."""
         if self.cfg.use_text and (text_tokens is None or text_mask is None):
             raise ValueError("this head fuses text: pass text_tokens and text_mask (an empty report is fine)")
         text = self.text_proj(text_tokens) if self.cfg.use_text else None
-        finest = max(f.shape[-1] for f in features)
+        size = self.out_size if self.cfg.full_resolution else max(f.shape[-1] for f in features)
         fused = []
         for reduce, feature in zip(self.reduce, features):
             x = reduce(feature)
             if text is not None:
-                x = self._fuse(x, text, text_mask)
-            if x.shape[-1] != finest:
-                x = F.interpolate(x, size=(finest, finest), mode="bilinear", align_corners=False)
+                x = self._fuse(x, text, text_mask, boxes)
+            if x.shape[-1] != size:
+                x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
             fused.append(x)
         logits = self.classifier(torch.cat(fused, dim=1))
+        if size == self.out_size:
+            return logits
         return F.interpolate(logits, size=(self.out_size, self.out_size), mode="bilinear", align_corners=False)
 
-    def _fuse(self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    def _fuse(self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
+              boxes: list[torch.Tensor | None] | None) -> torch.Tensor:
         """The shared cross-attention block on one scale, run on at most `attention_size`² pooled tokens."""
         b, c, h, w = x.shape
         limit = self.cfg.attention_size
         size = (min(h, limit), min(w, limit)) if limit else (h, w)
         small = F.adaptive_avg_pool2d(x, size) if size != (h, w) else x
-        tokens = self.fusion(small.flatten(2).transpose(1, 2), text, text_mask, *size)
+        tokens = self.fusion(small.flatten(2).transpose(1, 2), text, text_mask, *size, boxes)
         change = tokens.transpose(1, 2).reshape(b, c, *size) - small
         if size != (h, w):
             change = F.interpolate(change, size=(h, w), mode="bilinear", align_corners=False)

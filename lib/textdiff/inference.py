@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from monai.metrics import DiceMetric, MeanIoU
@@ -11,7 +13,10 @@ from tqdm.auto import tqdm
 from .data import DataError, preprocess_image
 from .features import FeatureCache
 from .model import TextDiffModel
+from .tiling import describe, sliding_logits
 from .train import predict_logits
+
+logger = logging.getLogger(__name__)
 
 
 def to_original_size(logits: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -20,16 +25,18 @@ def to_original_size(logits: torch.Tensor, shape: tuple[int, int]) -> torch.Tens
     return full.argmax(0, keepdim=True).to(torch.uint8)
 
 
+def grid_logits(model: TextDiffModel, item: dict, cache: FeatureCache) -> torch.Tensor:
+    """(classes, *grid) logits on an item's working grid: its one window, or sliding windows blended."""
+    return sliding_logits(item, model.image_size, model.cfg.backbone.window_overlap,
+                          lambda windows: predict_logits(model, windows, cache))
+
+
 def segment_items(model: TextDiffModel, items: list[dict], cache: FeatureCache | None = None,
-                  batch_size: int = 8, progress: bool = False) -> list[torch.Tensor]:
-    """One (1, H, W) label map per item, at the item's original size."""
+                  progress: bool = False) -> list[torch.Tensor]:
+    """One (1, H, W) label map per item (as `TextDiffModel.load` gives), at the item's original size."""
     cache = cache or FeatureCache(model.extractor, enabled=False)
-    masks = []
-    for start in tqdm(range(0, len(items), batch_size), desc="segment", disable=not progress):
-        chunk = items[start : start + batch_size]
-        logits = predict_logits(model, chunk, cache, batch_size)
-        masks += [to_original_size(lg, item["original_shape"]) for lg, item in zip(logits, chunk)]
-    return masks
+    return [to_original_size(grid_logits(model, item, cache), item["original_shape"])
+            for item in tqdm(items, desc="segment", unit="img", disable=not progress)]
 
 
 def score_masks(masks: list[torch.Tensor], items: list[dict], num_classes: int) -> dict:
@@ -72,13 +79,15 @@ def per_slice(image: torch.Tensor, size: int, channels: int, predict, batch_size
 
 
 @torch.no_grad()
-def segment_image(model: TextDiffModel, image: torch.Tensor, report: str, batch_size: int = 8) -> torch.Tensor:
+def segment_image(model: TextDiffModel, image: torch.Tensor, report: str) -> torch.Tensor:
     """Label map (1, *spatial) for a channel-first 2D image or 3D volume (slice by slice), at the image's own size."""
-    device = next(model.head.parameters()).device
-    model.eval()
-
-    def predict(batch: torch.Tensor, shape: tuple[int, int]) -> list[torch.Tensor]:
-        logits = model(batch.to(device), [report] * len(batch)).cpu()
-        return [to_original_size(lg, shape)[0] for lg in logits]
-
-    return per_slice(image, model.image_size, model.cfg.backbone.in_channels, predict, batch_size)
+    spatial = tuple(image.shape[1:])
+    if len(spatial) not in (2, 3):
+        raise DataError(f"expected a 2D image or 3D volume, got spatial shape {spatial}")
+    volume = torch.as_tensor(image).float()
+    volume = volume if len(spatial) == 3 else volume[..., None]
+    cache = FeatureCache(model.extractor, enabled=False)
+    logger.info("%s", describe(tuple(volume.shape[1:3]), model.cfg.backbone))
+    items = [model.plane_item(volume[..., z], f"slice{z}", report) for z in range(volume.shape[-1])]
+    masks = [to_original_size(grid_logits(model, item, cache), item["original_shape"])[0] for item in items]
+    return torch.stack(masks, dim=-1).reshape(1, *spatial)

@@ -15,7 +15,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from .data import DataError, check_report, image_id, is_image_file, write_reports
+from .data import DataError, check_report, image_id, is_image_file, read_reports, write_reports
 
 
 def read_lvit_text(path: str | Path) -> dict[str, str]:
@@ -50,7 +50,10 @@ def _binary_mask(path: Path) -> Image.Image:
 
 def import_lvit(images_dir: str | Path, masks_dir: str | Path, text_file: str | Path, out_dir: str | Path,
                 allow_missing_reports: bool = False, progress: bool = True) -> int:
-    """Copy images, write 0/1 masks under labels/final and the reports to reports.csv; returns the image count."""
+    """Copy images, write 0/1 masks under labels/final and the reports to reports.csv; returns the image count.
+
+    Importing into a folder that already holds studies adds to it (e.g. LViT's Train_Folder and Val_Folder into one
+    training pool); an image of the same id is replaced, with its mask and report."""
     images_dir, masks_dir, out_dir = Path(images_dir), Path(masks_dir), Path(out_dir)
     reports = read_lvit_text(text_file)
     masks = sorted(p for p in masks_dir.iterdir() if is_image_file(p)) if masks_dir.is_dir() else []
@@ -62,7 +65,8 @@ def import_lvit(images_dir: str | Path, masks_dir: str | Path, text_file: str | 
                         "pass --allow-missing-reports to import them with an empty report")
     labels_dir = out_dir / "labels" / "final"
     labels_dir.mkdir(parents=True, exist_ok=True)
-    rows, names = {}, {}
+    rows = read_reports(out_dir)
+    names = {image_id(path): path.name for path in out_dir.iterdir() if is_image_file(path)}
     for mask in tqdm(masks, desc="import", unit="img", disable=not progress):
         source = _source_image(images_dir, mask.name)
         key = image_id(source)
@@ -73,5 +77,5 @@ def import_lvit(images_dir: str | Path, masks_dir: str | Path, text_file: str | 
         os.replace(tmp_image, target)
         os.replace(tmp_mask, labels_dir / f"{key}.png")
         rows[key], names[key] = (reports.get(mask.name, ""), None), source.name
-    write_reports(out_dir, rows, names)
-    return len(rows)
+    write_reports(out_dir, rows, {key: names.get(key, key) for key in rows})
+    return len(masks)

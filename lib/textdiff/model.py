@@ -13,9 +13,11 @@ import torch
 
 from .backbone import DiffusionFeatureExtractor, architecture, make_extractor
 from .config import TextDiffConfig
+from .data import Case, load_case, preprocess_image
 from .fusion import TextDiffHead
 from .report_supervision import obey_reports
 from .text import TextEncoder
+from .tiling import resolve_tiling, to_working_grid
 
 
 class TextDiffModel(torch.nn.Module):
@@ -23,7 +25,8 @@ class TextDiffModel(torch.nn.Module):
                  text_encoder: TextEncoder | None = None):
         super().__init__()
         self.extractor = extractor or make_extractor(cfg.backbone)
-        backbone = dataclasses.replace(cfg.backbone, **architecture(self.extractor.unet))
+        backbone = resolve_tiling(dataclasses.replace(cfg.backbone, **architecture(self.extractor.unet)),
+                                  cfg.backbone.pretrained)
         self.cfg = dataclasses.replace(cfg, backbone=backbone)
         self.text_encoder = text_encoder or TextEncoder(cfg.text)
         self.head = TextDiffHead(self.extractor.feature_channels, self.text_encoder.dim, cfg.head, backbone.image_size)
@@ -32,20 +35,40 @@ class TextDiffModel(torch.nn.Module):
     def image_size(self) -> int:
         return self.cfg.backbone.image_size
 
+    def load(self, case: Case) -> dict:
+        """A case as this model reads it: image and mask on their working grid (`textdiff.tiling`), report."""
+        backbone = self.cfg.backbone
+        return load_case(case, backbone.image_size, backbone.in_channels, self.cfg.head.num_classes, backbone)
+
+    def plane_item(self, plane: torch.Tensor, key: str, report: str) -> dict:
+        """One channel-first 2D plane (an image, or a slice of a volume) as this model reads it, without a mask."""
+        backbone = self.cfg.backbone
+        scaled = preprocess_image(plane, tuple(plane.shape[1:]), backbone.in_channels, f"image '{key}'")
+        return {"id": key, "image": to_working_grid(scaled, backbone), "report": report,
+                "original_shape": tuple(plane.shape[1:])}
+
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         return self.extractor(images)
 
-    def logits_from_features(self, features: list[torch.Tensor], reports: list[str]) -> torch.Tensor:
+    def logits_from_features(self, features: list[torch.Tensor], reports: list[str],
+                             boxes: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+        """Logits of a batch of windows; `boxes` say where windows of larger images lie (None: whole images)."""
         device = features[0].device
         if self.cfg.head.use_text:
             tokens, mask = self.text_encoder(reports)
-            logits = self.head([f.float() for f in features], tokens.to(device), mask.to(device))
+            logits = self.head([f.float() for f in features], tokens.to(device), mask.to(device), boxes)
         else:
-            logits = self.head([f.float() for f in features])
-        # outside training, so the loss never meets a mask the rule forbids (a wrong report, a flipped image)
-        return obey_reports(logits, reports) if self.cfg.head.obey_report and not self.training else logits
+            logits = self.head([f.float() for f in features], boxes=boxes)
+        if not self.cfg.head.obey_report or self.training:
+            # outside training, so the loss never meets a mask the rule forbids (a wrong report, a flipped image)
+            return logits
+        if boxes and any(box is not None for box in boxes):
+            raise ValueError("head.obey_report reads a report's sides on whole images: set backbone.max_windows=1 "
+                             "so each image is one window")
+        return obey_reports(logits, reports)
 
     def forward(self, images: torch.Tensor, reports: list[str]) -> torch.Tensor:
+        """Logits of whole images already at the backbone's input size (one window each)."""
         return self.logits_from_features(self.features(images), reports)
 
     def trainable_parameters(self):

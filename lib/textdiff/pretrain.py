@@ -21,12 +21,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from diffusers.training_utils import EMAModel
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from monai.transforms import RandSpatialCrop, SpatialPad
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 from tqdm.auto import tqdm
 
 from .backbone import build_scheduler, build_unet, load_diffusion, save_diffusion
 from .config import BackboneConfig
-from .data import DataError, preprocess_image, read_2d, read_studies
+from .data import DataError, is_colour, preprocess_image, read_2d, read_studies
+from .tiling import PAD_VALUE, TILING_FILE, describe, resolve_tiling, tiling_record, to_working_grid
 
 logger = logging.getLogger(__name__)
 
@@ -48,19 +50,58 @@ class PretrainSettings:
     history: list[dict] = field(default_factory=list)
 
 
-def load_unlabeled_images(folders: list[str | Path], cfg: BackboneConfig) -> torch.Tensor:
-    """Every image of the given studies folders, preprocessed to (N, C, S, S) in [-1, 1]; unreadable files are skipped."""
-    images = []
+def load_unlabeled_images(folders: list[str | Path], cfg: BackboneConfig) -> torch.Tensor | Dataset:
+    """Every image of the given studies folders on its working grid (`textdiff.tiling`), in [-1, 1]: an (N, C, S, S)
+    tensor when each is one window, else a dataset of random S² windows (about one pass over every image per epoch).
+    Unreadable files are skipped; with no `cfg.in_channels` the images decide (`data_channels`)."""
+    channels = cfg.in_channels or data_channels(folders)
+    images, shapes = [], set()
     for folder in folders:
         for case in read_studies(folder):
             try:
-                images.append(preprocess_image(read_2d(case.image, "image"), cfg.image_size, cfg.in_channels))
+                image = read_2d(case.image, "image")
+                scaled = preprocess_image(image, tuple(image.shape[1:]), channels, f"image '{case.image}'")
+                images.append(to_working_grid(scaled, cfg))
+                shapes.add(tuple(image.shape[1:]))
             except DataError as err:
                 logger.warning("skipping %s", err)
     if not images:
         raise DataError(f"no readable images in {', '.join(map(str, folders))}")
-    logger.info("%d unlabeled images loaded", len(images))
-    return torch.stack(images)
+    logger.info("%d unlabeled images loaded; %s", len(images), "; ".join(describe(s, cfg) for s in sorted(shapes)[:3]))
+    window = (cfg.image_size, cfg.image_size)
+    if all(tuple(image.shape[1:]) == window for image in images):
+        return torch.stack(images)
+    return RandomWindows(images, cfg.image_size)
+
+
+class RandomWindows(Dataset):
+    """Random size² windows of images larger than one window (padded with black where smaller), so many that an
+    epoch sees about as many pixels as the images hold."""
+
+    def __init__(self, images: list[torch.Tensor], size: int, seed: int = 0):
+        pad = SpatialPad((size, size), method="end", value=PAD_VALUE)
+        self.images = [torch.as_tensor(pad(image)) for image in images]
+        self.crop = RandSpatialCrop((size, size), random_size=False).set_random_state(seed)
+        area = sum(image.shape[1] * image.shape[2] for image in self.images)
+        self.length = max(len(images), round(area / size**2))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor]:
+        return (torch.as_tensor(self.crop(self.images[index % len(self.images)])),)
+
+
+def data_channels(folders: list[str | Path]) -> int:
+    """3 when any image of the folders is in colour (a colour dataset gets a colour backbone), else 1."""
+    for folder in folders:
+        for case in read_studies(folder):
+            try:
+                if is_colour(read_2d(case.image, "image")):
+                    return 3
+            except DataError:
+                continue
+    return 1
 
 
 def _distributed() -> tuple[int, int, torch.device]:
@@ -81,21 +122,25 @@ def pretrain(
     init: str | None = None, progress: bool = True,
 ) -> list[dict]:
     """Train (or continue training `init`) a UNet to denoise the images; returns the per-epoch loss history."""
-    if init:  # continuing: the existing model decides the image size and channels
+    if init:  # continuing: the existing model decides the image size, channels and scale
         unet, scheduler = load_diffusion(init)
         cfg = dataclasses.replace(cfg, image_size=unet.config.sample_size, in_channels=unet.config.in_channels)
     else:
+        cfg = dataclasses.replace(cfg, in_channels=cfg.in_channels or data_channels(folders))
+        logger.info("a new backbone for %d-channel images", cfg.in_channels)
         unet, scheduler = build_unet(cfg), build_scheduler(cfg)
-    return fit_denoiser(unet, scheduler, load_unlabeled_images(folders, cfg), None, Path(out), settings, progress)
+    cfg = resolve_tiling(cfg, init)
+    return fit_denoiser(unet, scheduler, load_unlabeled_images(folders, cfg), None, Path(out), settings, progress,
+                        extra_files={TILING_FILE: tiling_record(cfg)})
 
 
 def fit_denoiser(
-    unet, scheduler, images: torch.Tensor, conditions: dict[str, torch.Tensor] | None, out: Path,
+    unet, scheduler, images: torch.Tensor | Dataset, conditions: dict[str, torch.Tensor] | None, out: Path,
     settings: PretrainSettings, progress: bool = True, extra_files: dict[str, str] | None = None,
     denoiser: torch.nn.Module | None = None,
 ) -> list[dict]:
-    """DDPM noise-prediction training on (N, C, S, S) images; EMA weights of `unet` (and `extra_files`) are saved
-    atomically into `out` every `save_every` epochs and at the end.
+    """DDPM noise-prediction training on (N, C, S, S) images (or a dataset of 1-tuples of them, e.g. RandomWindows);
+    EMA weights of `unet` (and `extra_files`) are saved atomically into `out` every `save_every` epochs and at the end.
 
     `conditions` are per-image tensors (first dimension N) passed by name to the model, e.g. the CDM's class labels.
     `denoiser` wraps `unet` when the conditions need more than keyword arguments (EMIT-Diff's edge map and report).
@@ -109,7 +154,7 @@ def fit_denoiser(
     ema.to(device)
     model = DistributedDataParallel(denoiser, device_ids=[device] if device.type == "cuda" else None) if world > 1 else denoiser
     names = list(conditions or {})
-    dataset = TensorDataset(images, *(conditions or {}).values())
+    dataset = TensorDataset(images, *(conditions or {}).values()) if torch.is_tensor(images) else images
     sampler = DistributedSampler(dataset, shuffle=True, seed=settings.seed) if world > 1 else None
     loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=sampler is None, sampler=sampler, drop_last=len(dataset) > settings.batch_size)
     optimizer = torch.optim.AdamW(_parameter_groups(unet, settings), lr=settings.lr, weight_decay=1e-4)

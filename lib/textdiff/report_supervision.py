@@ -21,17 +21,30 @@ from .features import LEFT_RIGHT_AXIS
 SIDES = ("left", "right")  # the patient's; as loaded, the patient's left lies at the high end of LEFT_RIGHT_AXIS
 _NO_FINDING = re.compile(r"^\s*no\b", re.IGNORECASE)  # "No pulmonary infection."
 _SIDE_WORDS = re.compile(r"\b(left|right|bilateral)\b", re.IGNORECASE)
+_LUNG_WORDS = re.compile(r"\b(lungs?|pulmonary)\b", re.IGNORECASE)
 
 
 def named_sides(report: str) -> frozenset[str] | None:
     """The lungs a report puts a finding in: empty for a report of no finding, None when it says nothing a mask must
-    obey (an empty report, or one that names no side)."""
+    obey (an empty report, one that names no side, or one that is not about the lungs: "the nuclei density in the
+    lower left is high" names a place in a tissue tile, not a lung)."""
+    if not _LUNG_WORDS.search(report):
+        return None
     if _NO_FINDING.match(report):
         return frozenset()
     words = {word.lower() for word in _SIDE_WORDS.findall(report)}
     if "bilateral" in words:
         return frozenset(SIDES)
     return frozenset(words & set(SIDES)) or None
+
+
+def check_reports_readable(reports: list[str], setting: str) -> None:
+    """The lung rules read chest radiograph reports; refuse a run that asks for them on data whose reports name no
+    lung's side (they would silently do nothing). Empty reports are no reports (the empty-report ablation)."""
+    written = [report for report in reports if report.strip()]
+    if written and not any(named_sides(report) is not None for report in written):
+        raise ValueError(f"{setting} reads which lungs a chest radiograph report names (\"... left lung.\", \"No "
+                         "pulmonary infection.\"), and no report of this data does: turn it off for this data")
 
 
 def side_slice(side: str, size: int) -> slice:

@@ -20,11 +20,12 @@ from monai.networks.utils import one_hot
 from tqdm.auto import tqdm
 
 from .config import TextDiffConfig, TrainConfig
-from .data import Case, DataError, load_case
+from .data import Case, DataError
 from .emit import merge_predictions
 from .features import FeatureCache, feature_augmentation, feature_keys
 from .model import TextDiffModel, save_checkpoint
-from .report_supervision import named_sides, report_loss
+from .report_supervision import check_reports_readable, named_sides, report_loss
+from .tiling import describe, windows_of
 
 logger = logging.getLogger(__name__)
 
@@ -80,14 +81,15 @@ def selection_items(val_items: list[dict], train_items: list[dict]) -> list[dict
 
 @torch.no_grad()
 def predict_logits(model: TextDiffModel, items: list[dict], cache: FeatureCache, batch_size: int = 8) -> torch.Tensor:
-    """Logits at model resolution for labeled or unlabeled items, in order."""
+    """Logits at window resolution for labeled or unlabeled window items (whole images or windows), in order."""
     model.eval()
     device = next(model.head.parameters()).device
     outputs = []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         features = [torch.stack(scale).to(device) for scale in zip(*(cache.get(item) for item in chunk))]
-        outputs.append(model.logits_from_features(features, [item["report"] for item in chunk]).cpu())
+        outputs.append(model.logits_from_features(features, [item["report"] for item in chunk],
+                                                  [item.get("box") for item in chunk]).cpu())
     return torch.cat(outputs)
 
 
@@ -98,6 +100,7 @@ class _Batch:
     labels: torch.Tensor | None  # None for images without a mask (report supervision)
     reports: list[str]  # what the model reads: some dropped to "" (text dropout)
     sides: list[frozenset[str] | None]  # what the reports, as augmented, say before dropout (named_sides)
+    boxes: list[torch.Tensor | None]  # where each window lies in its image, as augmented (None: a whole image)
 
 
 def _training_batch(chunk: list[dict], cache: FeatureCache, augment, text_dropout: float, rng: random.Random,
@@ -108,7 +111,8 @@ def _training_batch(chunk: list[dict], cache: FeatureCache, augment, text_dropou
     for item in chunk:
         features = cache.get(item)
         count = len(features)
-        sample = dict(zip(feature_keys(count), (f.float() for f in features)), report=item["report"])
+        sample = dict(zip(feature_keys(count), (f.float() for f in features)), report=item["report"],
+                      box=item.get("box"))
         if item["label"] is not None:
             sample["label"] = item["label"]
         if copies is not None:
@@ -120,7 +124,8 @@ def _training_batch(chunk: list[dict], cache: FeatureCache, augment, text_dropou
     synthetic = [stack(key) for key in feature_keys(count, "synthetic")] if copies is not None else None
     labels = stack("label").long() if "label" in samples[0] else None
     reports = ["" if rng.random() < text_dropout else s["report"] for s in samples]
-    return _Batch(features, synthetic, labels, reports, [named_sides(s["report"]) for s in samples])
+    return _Batch(features, synthetic, labels, reports, [named_sides(s["report"]) for s in samples],
+                  [s["box"] for s in samples])
 
 
 def report_items(items: list[dict]) -> list[dict]:
@@ -168,6 +173,14 @@ def train_head(
     cache = cache or FeatureCache(model.extractor, enabled=cfg.cache_features)
     copies = synthetic_copies(train_items, synthetic, cfg.synthetic_ratio)
     weak = report_items(list(unlabeled)) if cfg.report_weight > 0 else []
+    if cfg.report_weight > 0 and unlabeled:
+        check_reports_readable([item["report"] for item in unlabeled], "train.report_weight")
+    if model.cfg.head.obey_report:
+        check_reports_readable([item["report"] for item in train_items + val_items], "head.obey_report")
+    if copies or weak:
+        _refuse_windows(train_items + val_items + weak + [c for group in (copies or {}).values() for c in group],
+                        model.image_size)
+    train_items, val_items = windows_of(train_items, model.image_size), windows_of(val_items, model.image_size)
     if weak:
         logger.info("report supervision: %d images without a mask, weight %g", len(weak), cfg.report_weight)
     cache.fill(train_items + val_items + weak + [c for group in (copies or {}).values() for c in group],
@@ -191,7 +204,8 @@ def train_head(
             chunk = [train_items[i] for i in order[begin : begin + cfg.batch_size]]
             batch = _training_batch(chunk, cache, augment, cfg.text_dropout, rng, copies)
             if batch.synthetic is None:
-                logits = model.logits_from_features([f.to(device) for f in batch.features], batch.reports)
+                logits = model.logits_from_features([f.to(device) for f in batch.features], batch.reports,
+                                                    batch.boxes)
             else:  # real and synthetic in one forward, then merged patch by patch
                 both = [torch.cat(pair).to(device) for pair in zip(batch.features, batch.synthetic)]
                 real, fake = model.logits_from_features(both, batch.reports + batch.reports).chunk(2)
@@ -224,14 +238,20 @@ def train_head(
     return TrainResult(history, best.best_dice, best.best_epoch, len(weak))
 
 
+def _refuse_windows(items: list[dict], window: int) -> None:
+    """Synthetic copies and report supervision pair whole images (a copy, a report's sides): not windows."""
+    if any(tuple(item["image"].shape[1:]) != (window, window) for item in items):
+        raise ValueError("synthetic copies and report supervision need each image in one window: set "
+                         "backbone.max_windows=1 (or a backbone.patch_scale that fits the images into one window)")
+
+
 def healthy_cases(cases: list[Case], healthy_label: str | None) -> list[Case]:
     """The cases without a mask whose image-level label is `healthy_label` (none when it is None)."""
     return [c for c in cases if healthy_label and c.label is None and c.image_label == healthy_label]
 
 
 def with_empty_mask(item: dict) -> dict:
-    size = item["image"].shape[-1]
-    return {**item, "label": torch.zeros(1, size, size, dtype=torch.long)}
+    return {**item, "label": torch.zeros(1, *item["image"].shape[1:], dtype=torch.long)}
 
 
 def train_on_cases(cases: list[Case], cfg: TextDiffConfig, checkpoint: str | Path, device: str | torch.device = "cpu",
@@ -254,11 +274,12 @@ def train_on_cases(cases: list[Case], cfg: TextDiffConfig, checkpoint: str | Pat
     if not cases and not pseudo_cases:
         raise DataError("no labeled image: save at least one mask (labels/final) before training")
     model = TextDiffModel(cfg).to(device)
-    size, channels = model.image_size, model.cfg.backbone.in_channels
-    items = [load_case(c, size, channels, cfg.head.num_classes) for c in cases]
+    items = [model.load(c) for c in cases]
+    for shape in sorted({item["original_shape"] for item in items}):
+        logger.info("images of %s", describe(shape, model.cfg.backbone))
     train_items, val_items = split_train_val(items, cfg.train.val_fraction, cfg.train.seed)
-    train_items += [load_case(c, size, channels, cfg.head.num_classes) for c in pseudo_cases]
-    train_items += [with_empty_mask(load_case(c, size, channels, cfg.head.num_classes)) for c in healthy]
+    train_items += [model.load(c) for c in pseudo_cases]
+    train_items += [with_empty_mask(model.load(c)) for c in healthy]
     if pseudo_cases or healthy:
         logger.info("training on %d real, %d pseudo-labeled and %d healthy images", len(items), len(pseudo_cases),
                     len(healthy))
@@ -267,14 +288,13 @@ def train_on_cases(cases: list[Case], cfg: TextDiffConfig, checkpoint: str | Pat
         if not synthetic:
             raise DataError("train.synthetic_ratio > 0 needs synthetic pairs: make them with `textdiff synthesize`")
         wanted = {item["id"] for item in train_items}
-        copies = {source: [load_case(c, size, channels, cfg.head.num_classes) for c in group[: cfg.train.synthetic_ratio]]
+        copies = {source: [model.load(c) for c in group[: cfg.train.synthetic_ratio]]
                   for source, group in synthetic.items() if source in wanted}
         logger.info("%d of %d training images have synthetic copies", len(copies), len(train_items))
     weak = []
     if cfg.train.report_weight > 0:
         used = {item["id"] for item in train_items + val_items}
-        weak = report_items([load_case(c, size, channels, cfg.head.num_classes) for c in unlabeled
-                             if c.label is None and c.id not in used])
+        weak = report_items([model.load(c) for c in unlabeled if c.label is None and c.id not in used])
         logger.info("%d images without a mask train through their reports", len(weak))
     torch.manual_seed(cfg.train.seed)
     cache = FeatureCache(model.extractor, enabled=cfg.train.cache_features, folder=cache_folder)

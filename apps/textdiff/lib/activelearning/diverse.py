@@ -17,7 +17,7 @@ from monailabel.interfaces.tasks.strategy import Strategy
 from textdiff.activelearning import image_embeddings, pick_diverse
 from textdiff.features import FeatureCache
 
-from ..datastore_items import load_items
+from ..datastore_items import load_items, mean_by_source
 from ..model_store import ModelStore
 
 logger = logging.getLogger(__name__)
@@ -44,9 +44,17 @@ class Diverse(Strategy):
         cache = FeatureCache(model.extractor, folder=self.cache_folder)
         known = datastore.get_labeled_images() + sorted(k for k in pending if k in datastore.list_images())
         anchors, _ = load_items(datastore, known, model)
-        embeddings = image_embeddings(cache, candidates)
-        labeled = image_embeddings(cache, anchors) if anchors else torch.empty(0, embeddings.shape[1])
-        pick = candidates[pick_diverse(embeddings, labeled, 1)[0]]["id"]
+        embeddings = self._embeddings(cache, candidates)  # one per image: a volume's slices are averaged
+        labeled = self._embeddings(cache, anchors) if anchors else {}
+        keys = list(embeddings)
+        chosen = pick_diverse(torch.stack(list(embeddings.values())),
+                              torch.stack(list(labeled.values())) if labeled else torch.empty(0, 1), 1)[0]
+        pick = keys[chosen]
         self._handed_out[pick] = now
-        logger.info("diverse: %s of %d unlabeled candidates", pick, len(candidates))
+        logger.info("diverse: %s of %d unlabeled candidates", pick, len(keys))
         return {"id": pick}
+
+    @staticmethod
+    def _embeddings(cache: FeatureCache, items: list[dict]) -> dict[str, torch.Tensor]:
+        means = mean_by_source(items, image_embeddings(cache, items))
+        return {key: torch.nn.functional.normalize(vector, dim=0) for key, vector in means.items()}

@@ -41,6 +41,19 @@ class AppSettings:
     obey_report: bool = False
     image_size: int = 128  # size of a backbone pretrained from scratch
     train_threads: int = 0  # torch threads for background jobs (0: torch's default)
+    # The classes to segment, in class order, comma-separated (class 0, the background, is implied): e.g. "nucleus"
+    # or "white matter,grey matter,csf". A model trained on other classes is not served under these names.
+    labels: str = "infection"
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        """("background", *the configured classes)."""
+        names = [name.strip() for name in self.labels.split(",") if name.strip()]
+        names = names[1:] if names and names[0].lower() == "background" else names
+        if not names or len(set(names)) != len(names) or "background" in (n.lower() for n in names):
+            raise ValueError(f"--conf labels {self.labels!r}: give the class names to segment, comma-separated, "
+                             "each once (the background is class 0 and implied)")
+        return ("background", *names)
 
     @classmethod
     def from_conf(cls, conf: dict[str, str], app_dir: str) -> AppSettings:

@@ -32,12 +32,21 @@ class TextDiffTaskConfig(TaskConfig):
         self.model_dir = Path(self.settings.model_dir)
         self.model_dir.mkdir(parents=True, exist_ok=True)
         checkpoint = self.model_dir / CHECKPOINT
-        if self.settings.demo_weights and not checkpoint.exists() and (DEMO_DIR / CHECKPOINT).exists():
-            logger.info("no model in %s yet: starting from the sample-data demo weights", self.model_dir)
-            shutil.copytree(DEMO_DIR, self.model_dir, dirs_exist_ok=True)
         self.cfg = TextDiffConfig()
+        self.cfg.head.label_names = self.settings.label_names
         if self.settings.text_encoder:
             self.cfg.text.encoder = self.settings.text_encoder
+        demo = DEMO_DIR / CHECKPOINT
+        if self.settings.demo_weights and not checkpoint.exists() and demo.exists():
+            if load_checkpoint_config(demo).head.label_names == self.cfg.head.label_names:
+                logger.info("no model in %s yet: starting from the sample-data demo weights", self.model_dir)
+                shutil.copytree(DEMO_DIR, self.model_dir, dirs_exist_ok=True)
+            else:
+                logger.info("the demo weights segment other classes than %s: not used", self.cfg.head.label_names[1:])
+        if checkpoint.exists() and load_checkpoint_config(checkpoint).head.label_names != self.cfg.head.label_names:
+            raise ValueError(f"{checkpoint} segments {list(load_checkpoint_config(checkpoint).head.label_names[1:])}, "
+                             f"not the configured labels {list(self.cfg.head.label_names[1:])}: start with those "
+                             "labels, or with another model_dir for a new model")
         self.labels = {name: index for index, name in enumerate(self.cfg.head.label_names) if index > 0}
         self.store = ModelStore(checkpoint, self.settings.device)
         self.scoring = MaskUncertainty(self.store, self.model_dir / "feature-cache")

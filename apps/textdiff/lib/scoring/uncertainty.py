@@ -10,7 +10,9 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 from textdiff.activelearning import uncertainty_scores
 from textdiff.features import FeatureCache
 
-from ..datastore_items import load_items
+import torch
+
+from ..datastore_items import load_items, mean_by_source
 from ..model_store import ModelStore
 
 logger = logging.getLogger(__name__)
@@ -29,8 +31,8 @@ class MaskUncertainty(ScoringMethod):
         model = self.store.get()
         items, skipped = load_items(datastore, datastore.get_unlabeled_images(), model)
         cache = FeatureCache(model.extractor, folder=self.cache_folder)
-        scores = uncertainty_scores(model, items, cache) if items else []
-        for item, score in zip(items, scores):
-            datastore.update_image_info(item["id"], {SCORE_KEY: score, MODEL_KEY: self.store.version})
-        logger.info("scored %d unlabeled images (%d unreadable)", len(items), len(skipped))
-        return {"scored": len(items), "skipped": skipped}
+        scores = mean_by_source(items, torch.tensor(uncertainty_scores(model, items, cache))) if items else {}
+        for key, score in scores.items():  # a volume's score is the mean over its slices
+            datastore.update_image_info(key, {SCORE_KEY: score.item(), MODEL_KEY: self.store.version})
+        logger.info("scored %d unlabeled images (%d unreadable)", len(scores), len(skipped))
+        return {"scored": len(scores), "skipped": skipped}
