@@ -2,6 +2,7 @@
 
 import functools
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -207,3 +208,51 @@ def test_synth_train_synthesize_and_train_with_synthetic_pairs(sample_dir, tmp_p
     assert main(["train", "--data", str(sample_dir / "train"), "--out", str(out), "--synthetic", str(sample_dir / "train"),
                  "--epochs", "1", "--device", "cpu", "--set", *TINY_SET, *TINY_HEAD]) == 2
     assert "SYNTHETIC.json" in capsys.readouterr().err
+
+
+def _colour_tiff_study(folder: Path, count: int = 4) -> Path:
+    """H&E-like colour TIFF tiles larger than the tiny window, with 3-class masks (background, nucleus, stroma)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    (folder / "labels" / "final").mkdir(parents=True)
+    for n in range(count):
+        mask = np.zeros((56, 72), np.uint8)  # (rows, columns)
+        mask[:, 36:] = 2
+        mask[8 + 4 * n : 24 + 4 * n, 10:30] = 1
+        colours = np.array([[235, 200, 220], [90, 40, 140], [220, 120, 170]], np.uint8)
+        tile = np.clip(colours[mask] + rng.normal(0, 12, (56, 72, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(tile).save(folder / f"tile_{n}.tif")
+        Image.fromarray(mask).save(folder / "labels" / "final" / f"tile_{n}.png")
+    return folder
+
+
+def test_colour_tiff_study_with_three_named_classes_end_to_end(tmp_path, capsys):
+    import numpy as np
+
+    studies = _colour_tiff_study(tmp_path / "studies")
+    windows = [s for s in TINY_SET if not s.startswith("backbone.max_windows")]  # 72x56 tiles: 32² windows
+    backbone = tmp_path / "backbone"
+    assert main(["pretrain", "--data", str(studies), "--out", str(backbone), "--epochs", "1", "--batch-size", "4",
+                 "--set", *windows]) == 0
+    assert json.loads((backbone / "unet" / "config.json").read_text())["in_channels"] == 3  # colour data, colour UNet
+    assert json.loads((backbone / "tiling.json").read_text()) == {"patch_scale": None, "max_windows": 4.0}
+    model = tmp_path / "model.pt"
+    assert main(["train", "--data", str(studies), "--out", str(model), "--backbone", str(backbone), "--epochs", "2",
+                 "--device", "cpu", "--set", *windows, *TINY_HEAD, "head.label_names=[background,nucleus,stroma]",
+                 "train.val_fraction=0"]) == 0
+    state = torch.load(model, weights_only=True)
+    assert state["config"]["head"]["label_names"] == ("background", "nucleus", "stroma")
+    assert state["config"]["backbone"]["max_windows"] == 4.0 and state["config"]["backbone"]["in_channels"] == 3
+    capsys.readouterr()
+    assert main(["predict", "--model", str(model), "--images", str(studies / "tile_0.tif"), "--out",
+                 str(tmp_path / "masks"), "--device", "cpu"]) == 0
+    mask = np.asarray(Image.open(tmp_path / "masks" / "tile_0.png"))
+    assert mask.shape == (56, 72) and set(np.unique(mask)) <= {0, 1, 2}
+    assert Image.open(tmp_path / "masks" / "tile_0_overlay.png").mode == "RGB"
+    assert main(["evaluate", "--model", str(model), "--data", str(studies), "--device", "cpu"]) == 0
+    assert 0.0 <= json.loads(capsys.readouterr().out.strip().splitlines()[-1])["dice"] <= 1.0
+    # a grey backbone refuses the colour tiles with a message that says what to do
+    assert main(["train", "--data", str(studies), "--out", str(tmp_path / "grey.pt"), "--epochs", "1", "--device", "cpu",
+                 "--set", *windows, *TINY_HEAD, "backbone.in_channels=1"]) == 2
+    assert "is in colour but the backbone reads grey" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from textdiff.data import (
     MAX_REPORT_CHARS, Case, DataError, check_report, image_id, load_case, read_2d, read_reports, read_studies,
@@ -202,3 +203,26 @@ def test_constant_image_stays_in_range(tmp_path, h):
     path = h.write_png(tmp_path / "flat.png", np.full((30, 40), 77, np.uint8))
     image = load_case(Case("flat", path), 32, 1, 2)["image"]
     assert torch.isfinite(image).all() and image.min() >= -1 and image.max() <= 1
+
+
+def test_sixteen_bit_grey_png_uses_its_whole_range(tmp_path, h):
+    ramp = (np.arange(30 * 40).reshape(30, 40) * 50).astype(np.uint16)  # up to 59950: beyond 8 bits
+    path = tmp_path / "ramp16.png"
+    Image.fromarray(ramp).save(path)
+    assert Image.open(path).mode.startswith("I;16") or Image.open(path).mode == "I"
+    item = load_case(Case("ramp16", path), 32, 1, 2)
+    assert item["image"].shape == (1, 32, 32)
+    assert item["image"].min() == -1.0 and item["image"].max() == 1.0
+    assert len(torch.unique(item["image"])) > 256  # the 16-bit steps survive, not 8-bit ones
+
+
+def test_multi_page_tiff_is_a_volume_of_planes(tmp_path):
+    from textdiff.data import read_planes
+
+    frames = [Image.fromarray(np.full((6, 8), 40 * z, np.uint8)) for z in range(4)]
+    frames[0].save(tmp_path / "stack.tif", save_all=True, append_images=frames[1:])
+    planes = read_planes(tmp_path / "stack.tif", "image")
+    assert len(planes) == 4 and all(p.shape == (1, 8, 6) for p in planes)
+    assert [int(p.max()) for p in planes] == [0, 40, 80, 120]
+    with pytest.raises(DataError, match="volumes go slice by slice"):
+        read_2d(tmp_path / "stack.tif", "image")

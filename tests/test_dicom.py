@@ -69,10 +69,24 @@ def test_float_images_are_rescaled_losslessly_enough(tmp_path):
     np.testing.assert_allclose(restored, values, atol=1e-4)
 
 
+def test_colour_image_becomes_rgb_dicom_with_its_seg(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 255, (12, 16, 3), dtype=np.uint8)  # rows, columns, RGB
+    Image.fromarray(rgb).save(tmp_path / "he.tif")
+    mask = np.zeros((12, 16), np.uint8)
+    mask[2:6, 3:9] = 1
+    Image.fromarray(mask).save(tmp_path / "he-mask.png")
+    (ds,) = image_datasets("he", tmp_path / "he.tif", "The nuclei are evenly distributed.")
+    assert (ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.Modality) == (3, "RGB", "OT")
+    assert (ds.Rows, ds.Columns) == (12, 16) and "RescaleSlope" not in ds
+    written = tmp_path / "he.dcm"
+    ds.save_as(written, write_like_original=False)
+    assert np.array_equal(pydicom.dcmread(written).pixel_array, rgb)
+    seg = seg_dataset(mask_on_sources(tmp_path / "he-mask.png", [ds]), [ds], ["background", "nucleus"])
+    assert seg.SegmentSequence[0].SegmentLabel == "nucleus"
+    assert np.array_equal(sitk.GetArrayFromImage(seg_to_mask(seg))[0], mask)
+
+
 def test_refusals_name_the_problem(tmp_path, sample_dir):
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "rgb.png")
-    with pytest.raises(DataError, match="colour"):
-        image_datasets("rgb", tmp_path / "rgb.png", "")
     with pytest.raises(DataError, match="modality"):
         image_datasets("x", next((sample_dir / "train").glob("*.png")), "", volume_modality="PT")
     case = next(c for c in read_studies(sample_dir / "train") if c.label is not None)

@@ -3,6 +3,7 @@
 import itk
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 import torch
 from PIL import Image
@@ -79,14 +80,20 @@ def test_score_masks_needs_a_truth():
     assert score_masks([], [], 2) == {"mean": {}, "images": []}
 
 
-def test_mask_extension():
+def test_mask_extension(tmp_path):
     from pathlib import Path
 
     assert mask_extension(Path("a.nii.gz")) == ".nii.gz"
     assert mask_extension(Path("a.jpg")) == ".png"
+    assert mask_extension(Path("a.bmp")) == ".png"
     assert mask_extension(Path("a.png")) == ".png"
     assert mask_extension(Path("a.nrrd")) == ".nrrd"
     assert mask_extension(Path("a.dcm")) == ".nrrd"
+    frames = [Image.fromarray(np.full((6, 8), v, np.uint8)) for v in (0, 80, 160)]
+    frames[0].save(tmp_path / "tile.tif")
+    frames[0].save(tmp_path / "stack.tif", save_all=True, append_images=frames[1:])
+    assert mask_extension(tmp_path / "tile.tif") == ".png"
+    assert mask_extension(tmp_path / "stack.tif") == ".nrrd"  # a multi-page TIFF is a volume
 
 
 def test_save_png_mask_matches_the_image_orientation(tmp_path, h):
@@ -204,3 +211,15 @@ def test_segment_image_volume_equals_its_slices_one_by_one(make_model, h):
     whole = segment_image(model, volume, h.infected)
     for z in range(3):
         torch.testing.assert_close(whole[..., z], segment_image(model, volume[..., z], h.infected))
+
+
+def test_a_dx_file_with_only_pixel_spacing_gets_its_mask_at_that_spacing(tmp_path, h, make_model):
+    """ITK reads a DX file's spacing from ImagerPixelSpacing only; PixelSpacing alone must not become 1 mm."""
+    path = h.write_dicom(tmp_path / "dx.dcm", np.zeros((30, 40), np.uint16), spacing=(0.2, 0.3))
+    ds = pydicom.dcmread(path)
+    ds.Modality, ds.SOPClassUID = "DX", "1.2.840.10008.5.1.4.1.1.1.1"
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.save_as(path, write_like_original=False)
+    mask = torch.zeros(1, 40, 30, dtype=torch.uint8)
+    out = save_mask(mask, path, tmp_path / "dx-mask.nrrd")
+    assert np.allclose(tuple(itk.imread(str(out)).GetSpacing())[:2], (0.3, 0.2))  # columns, rows

@@ -128,3 +128,27 @@ def test_mask_is_paired_with_the_image_of_the_same_id(tmp_path, h):
     import_lvit(images, masks, text, tmp_path / "out", progress=False)
     assert (tmp_path / "out" / "labels" / "final" / "a.png").exists()
     assert (tmp_path / "out" / "a.png").read_bytes() == (images / "a.png").read_bytes()
+
+
+def test_tiff_images_named_png_in_the_text_and_two_folders_into_one(tmp_path, h):
+    """MoNuSeg's test images are TIFF while its text file names .png; Train and Val import into one pool."""
+    images, masks, text_file = _lvit(tmp_path, h)
+    tiffs = tmp_path / "tiff_images"
+    tiffs.mkdir()
+    for path in images.glob("*.png"):
+        Image.open(path).convert("RGB").save(tiffs / f"{path.stem}.tif")
+    out = tmp_path / "studies"
+    assert import_lvit(tiffs, masks, text_file, out, progress=False) == 3
+    assert sorted(p.name for p in out.glob("img_*")) == ["img_1.tif", "img_2.tif", "img_3.tif"]
+    cases = read_studies(out)
+    assert [c.image.suffix for c in cases] == [".tif"] * 3 and all(c.label is not None for c in cases)
+    # a second folder (other ids) adds to the first instead of replacing its reports
+    other = tmp_path / "other"
+    h.random_png(other / "img" / "val_1.png", 24, 20)
+    h.write_png(other / "masks" / "val_1.png", np.full((20, 24), 255, np.uint8))
+    pd.DataFrame({"Image": ["val_1.png"], "Description": ["The nuclei are evenly distributed."]}).to_csv(
+        other / "text.csv", index=False)
+    assert import_lvit(other / "img", other / "masks", other / "text.csv", out, progress=False) == 1
+    reports = read_reports(out)
+    assert len(reports) == 4 and reports["val_1"][0] == "The nuclei are evenly distributed."
+    assert reports["img_1"][0] == REPORTS["mask_img_1.png"]

@@ -175,3 +175,16 @@ def test_model_obeys_the_report_outside_training_only(make_model, labeled_items)
             torch.testing.assert_close(obeyed, raw)
         else:
             assert (obeyed.argmax(1) == 0).all() and not torch.equal(obeyed, raw)
+
+
+def test_lung_rules_refuse_reports_that_name_no_lung(make_model, labeled_items):
+    """A MoNuSeg report names "the lower left" of a tissue tile: the lung rules must say so, not read it as a lung."""
+    assert named_sides("The nuclei density in the lower left is high.") is None
+    tissue = [{**item, "report": "The nuclei density in the lower left is high."} for item in labeled_items]
+    model = make_model(obey_report=True)
+    with pytest.raises(ValueError, match="head.obey_report reads which lungs"):
+        train_head(model, tissue[:3], [], dataclasses.replace(model.cfg.train, epochs=1), progress=False)
+    model = make_model()
+    cfg = dataclasses.replace(model.cfg.train, epochs=1, report_weight=1.0)
+    with pytest.raises(ValueError, match="train.report_weight reads which lungs"):
+        train_head(model, labeled_items[:3], [], cfg, progress=False, unlabeled=_unlabeled(tissue, tissue[0]["report"]))

@@ -48,6 +48,11 @@ def architecture(unet: UNet2DModel) -> dict:
                 up_block_types=tuple(c.up_block_types))
 
 
+def default_feature_layers(unet: UNet2DModel) -> tuple[str, ...]:
+    """The last resnet of every decoder block but the finest: features from coarse to fine, as DDPM-Seg reads them."""
+    return tuple(f"up_blocks.{i}.resnets.{len(block.resnets) - 1}" for i, block in enumerate(unet.up_blocks[:-1]))
+
+
 def load_diffusion(source: str) -> tuple[UNet2DModel, DDPMScheduler]:
     """Load a UNet2DModel and its scheduler from a diffusers folder or hub id (pipeline layout or bare unet).
 
@@ -108,7 +113,8 @@ class DiffusionFeatureExtractor(torch.nn.Module):
     def __init__(self, unet: UNet2DModel, scheduler: DDPMScheduler, cfg: BackboneConfig):
         super().__init__()
         self.unet = unet.eval().requires_grad_(False)
-        cfg = dataclasses.replace(cfg, **architecture(unet))
+        cfg = dataclasses.replace(cfg, **architecture(unet),
+                                  feature_layers=tuple(cfg.feature_layers or default_feature_layers(unet)))
         self.cfg = cfg
         self.timesteps = torch.tensor(cfg.timesteps, dtype=torch.long)
         self.alphas_cumprod = scheduler.alphas_cumprod.clone()

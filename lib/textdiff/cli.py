@@ -16,17 +16,24 @@ from .data import DataError
 
 
 def _parse_set(values: list[str]) -> dict:
-    """`--set train.epochs=10 backbone.timesteps=[50,150]`: values are JSON when they parse, else strings."""
+    """`--set train.epochs=10 backbone.timesteps=[50,150] head.label_names=[background,nucleus]`: values are JSON
+    when they parse, lists of words in brackets, else strings."""
     overrides = {}
     for item in values or []:
         key, sep, raw = item.partition("=")
         if not sep:
             raise ValueError(f"--set takes section.name=value, got '{item}'")
-        try:
-            overrides[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            overrides[key] = raw
+        overrides[key] = _value(raw)
     return overrides
+
+
+def _value(raw: str):
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        if raw.startswith("[") and raw.endswith("]"):  # [background,nucleus]: a shell ate the quotes
+            return [_value(part.strip()) for part in raw[1:-1].split(",") if part.strip()]
+        return raw
 
 
 def _config(args) -> TextDiffConfig:
@@ -201,30 +208,24 @@ def _cases_for(paths: list[str]) -> list:
     return cases
 
 
-def _items_for(paths: list[str], model, labeled_only: bool = False):
-    cases = [c for c in _cases_for(paths) if c.label is not None or not labeled_only]
-    if not cases:
-        raise DataError(f"no {'labeled ' if labeled_only else ''}images in {', '.join(paths)}")
-    return [model.load(c) for c in cases], cases
-
-
 def cmd_predict(args) -> None:
-    from .inference import segment_items
+    from tqdm.auto import tqdm
+
+    from .data import read_image
+    from .inference import segment_image
     from .model import load_checkpoint
     from .predict import mask_extension, overlay_png, save_mask
 
     model = load_checkpoint(args.model, args.device)
-    items, cases = _items_for(args.images, model)
-    if args.text is not None:
-        for item in items:
-            item["report"] = args.text
+    cases = _cases_for(args.images)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    masks = segment_items(model, items, progress=True)
-    for item, case, mask in zip(items, cases, masks):
-        path = save_mask(mask, case.image, out / f"{item['id']}{mask_extension(case.image)}")
-        overlay_png(item["original_image"], mask, out / f"{item['id']}_overlay.png")
-        print(path)
+    for case in tqdm(cases, desc="segment", unit="img"):
+        image = read_image(case.image, "image")
+        mask = segment_image(model, image, case.report if args.text is None else args.text)
+        print(save_mask(mask, case.image, out / f"{case.id}{mask_extension(case.image)}"))
+        if mask[0].dim() == 2:  # a 2D image: a picture to check at a glance
+            overlay_png(image, mask, out / f"{case.id}_overlay.png")
 
 
 def cmd_evaluate(args) -> None:
@@ -232,7 +233,10 @@ def cmd_evaluate(args) -> None:
     from .model import load_checkpoint
 
     model = load_checkpoint(args.model, args.device)
-    items, _ = _items_for([args.data], model, labeled_only=True)
+    cases = [c for c in _cases_for([args.data]) if c.label is not None]
+    if not cases:
+        raise DataError(f"no labeled images in {args.data}")
+    items = [item for case in cases for item in model.load_planes(case)]  # a volume's slices count one by one
     scores = score_masks(segment_items(model, items, progress=True), items, model.cfg.head.num_classes)
     text = json.dumps(scores, indent=1)
     if args.out:

@@ -25,10 +25,11 @@ class BackboneConfig:
     down_block_types: tuple[str, ...] = ("DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D")
     up_block_types: tuple[str, ...] = ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D")
     num_train_timesteps: int = 1000
-    # Noise steps at which features are read (paper: 50, 150, 250) and the decoder modules hooked
-    # (here 16², 32² and 64² for 128² input; the head works at the finest hooked scale).
+    # Noise steps at which features are read (paper: 50, 150, 250) and the decoder modules hooked. None: the last
+    # resnet of every decoder block but the finest (16², 32² and 64² for a 128² input and 4 blocks), whatever the
+    # backbone's depth.
     timesteps: tuple[int, ...] = (50, 150, 250)
-    feature_layers: tuple[str, ...] = ("up_blocks.0.resnets.1", "up_blocks.1.resnets.1", "up_blocks.2.resnets.1")
+    feature_layers: tuple[str, ...] | None = None
     noise_seed: int = 40
     # Seed of the random initialisation when no pretrained weights are given (keeps a random backbone rebuildable).
     init_seed: int = 0

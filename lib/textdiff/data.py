@@ -150,12 +150,28 @@ def read_2d(path: Path, what: str) -> MetaTensor:
 
 def as_slice(data: MetaTensor, path: Path | str) -> MetaTensor:
     """Drop singleton spatial dimensions so single-slice NIfTI/NRRD/DICOM become 2D; reject true volumes."""
+    data = _without_singletons(data)
+    if data.dim() != 3:
+        raise DataError(f"'{path}' has spatial shape {tuple(data.shape[1:])}: the model is 2D (volumes go slice by slice)")
+    return data
+
+
+def read_planes(path: Path, what: str) -> list[MetaTensor]:
+    """A 2D image (or single-slice file) as one (C, X, Y) plane; a volume (multi-page TIFF, NIfTI, ...) as its
+    slices along the last axis."""
+    data = _without_singletons(read_image(path, what))
+    if data.dim() == 3:
+        return [data]
+    if data.dim() == 4:
+        return [data[..., z] for z in range(data.shape[-1])]
+    raise DataError(f"'{path}' has spatial shape {tuple(data.shape[1:])}: expected a 2D image or a 3D volume")
+
+
+def _without_singletons(data: MetaTensor) -> MetaTensor:
     spatial = data.shape[1:]
     while len(spatial) > 2 and 1 in spatial:
         data = data.squeeze(1 + list(spatial).index(1))
         spatial = data.shape[1:]
-    if len(spatial) != 2:
-        raise DataError(f"'{path}' has spatial shape {tuple(spatial)}: the model is 2D (volumes go slice by slice)")
     return data
 
 
@@ -235,7 +251,13 @@ def load_case(case: Case, size: int, channels: int, num_classes: int, tiling: Ba
     }
     if case.label is not None:
         mask = check_mask(read_2d(case.label, "mask"), item["original_shape"], num_classes, case.label)
-        item["label"] = (preprocess_mask(mask, size) if tiling is None
-                         else to_working_grid(torch.as_tensor(mask).float(), tiling, nearest=True).long())
-        item["original_label"] = torch.as_tensor(mask).long()
+        item = with_mask(item, mask, size if tiling is None else tiling)
     return item
+
+
+def with_mask(item: dict, mask: torch.Tensor, grid: int | BackboneConfig) -> dict:
+    """The item with its checked (1, X, Y) mask kept as it is and resized like the image: to grid² (an int) or onto
+    the working grid (a backbone config)."""
+    mask = torch.as_tensor(mask)
+    resized = preprocess_mask(mask, grid) if isinstance(grid, int) else to_working_grid(mask.float(), grid, nearest=True)
+    return {**item, "label": resized.long(), "original_label": mask.long()}

@@ -3,8 +3,9 @@ final mask a DICOM SEG that references its image, and STOW-RS uploads them over 
 
 UIDs are derived from the image id, so exporting the same folder twice gives the same studies (a PACS keeps one
 copy). The report travels in the image's `ImageComments` (an LT element of up to 10240 characters), where the app's
-DICOMweb datastore reads it back. 2D images become single-frame Digital X-Ray images; 3D volumes one instance per
-slice of the modality asked for (OHIF's MONAI Label mode opens only CT and MR volumes).
+DICOMweb datastore reads it back. Grey 2D images become single-frame Digital X-Ray images, colour ones RGB Secondary
+Capture images; 3D volumes one instance per slice of the modality asked for (OHIF's MONAI Label mode opens only CT
+and MR volumes).
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ from pydicom.uid import ExplicitVRLittleEndian
 from tqdm import tqdm
 
 from .data import DataError, read_studies
+from .predict import label_colour
 
 logger = logging.getLogger(__name__)
 
 REPORT_KEYWORD = "ImageComments"
 UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/textdiff-label")
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 VOLUME_SOP_CLASSES = {"CT": "1.2.840.10008.5.1.4.1.1.2", "MR": "1.2.840.10008.5.1.4.1.1.4",
                       "OT": "1.2.840.10008.5.1.4.1.1.7"}
 CT_MR_OT = tuple(VOLUME_SOP_CLASSES)
@@ -60,15 +63,39 @@ def read_geometry_image(path: Path) -> sitk.Image:
 
 def _grey_pixels(image: sitk.Image, path: Path) -> tuple[np.ndarray, float, float]:
     """Pixel data as uint8/uint16/int16 plus the rescale (slope, intercept) that gives back the stored values."""
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise DataError(f"'{path}' has {image.GetNumberOfComponentsPerPixel()} colour channels: only grey images "
-                        "are exported to DICOM")
     array = sitk.GetArrayFromImage(image)
     if array.dtype in (np.uint8, np.uint16, np.int16):
         return array, 1.0, 0.0
     low, high = float(array.min()), float(array.max())
     slope = (high - low) / 65535.0 or 1.0
     return np.round((array - low) / slope).astype(np.uint16), slope, low
+
+
+def _colour_pixels(image: sitk.Image, path: Path) -> np.ndarray:
+    """A 2D colour image as (rows, columns, 3) uint8 RGB (alpha dropped; 16-bit colour scaled to 8 bits)."""
+    array = sitk.GetArrayFromImage(image)
+    if array.ndim != 3 or array.shape[-1] not in (3, 4):
+        raise DataError(f"'{path}' is a colour volume or has {image.GetNumberOfComponentsPerPixel()} channels: "
+                        "colour is exported for 2D RGB(A) images only")
+    array = array[..., :3]
+    if array.dtype != np.uint8:
+        array = np.round(255.0 * (array - array.min()) / max(float(np.ptp(array)), 1e-6)).astype(np.uint8)
+    return array
+
+
+def _set_pixels(ds: FileDataset, plane: np.ndarray, slope: float, intercept: float, window: tuple[float, float]) -> None:
+    """Pixel data and how to read it: RGB for a colour plane (rows, columns, 3), else grey with rescale and window."""
+    ds.Rows, ds.Columns = plane.shape[:2]
+    ds.BitsAllocated = ds.BitsStored = plane.dtype.itemsize * 8
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = int(plane.dtype == np.int16)
+    if plane.ndim == 3:
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    else:
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = slope, intercept, "US"
+        ds.WindowCenter, ds.WindowWidth = float(sum(window) / 2), float(max(window[1] - window[0], 1.0))
+    ds.PixelData = np.ascontiguousarray(plane).tobytes()
 
 
 def _base_dataset(sop_class: str, sop_uid: str) -> FileDataset:
@@ -84,57 +111,63 @@ def _base_dataset(sop_class: str, sop_uid: str) -> FileDataset:
 
 def image_datasets(key: str, path: Path, report: str, volume_modality: str = "CT",
                    pixel_spacing: float | None = None) -> list[FileDataset]:
-    """The DICOM instances of one image: patient, study and series identifiers, geometry, pixels and the report."""
+    """The DICOM instances of one image: patient, study and series identifiers, geometry, pixels and the report.
+
+    A grey 2D image becomes a DX instance, a colour one (an H&E tile, a photograph) an RGB Secondary Capture, and a
+    volume one instance per slice of `volume_modality`."""
     if volume_modality not in VOLUME_SOP_CLASSES:
         raise DataError(f"volume modality {volume_modality!r} is not one of {', '.join(CT_MR_OT)}")
     image = read_geometry_image(path)
     if image.GetDimension() == 3 and image.GetSize()[2] == 1:
         image = image[:, :, 0]
-    pixels, slope, intercept = _grey_pixels(image, path)
-    is_volume = pixels.ndim == 3
-    modality = volume_modality if is_volume else "DX"
-    sop_class = VOLUME_SOP_CLASSES[modality] if is_volume else DX_FOR_PRESENTATION
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        planes, slope, intercept = _colour_pixels(image, path)[None], 1.0, 0.0
+        modality, sop_class = "OT", SECONDARY_CAPTURE
+    else:
+        pixels, slope, intercept = _grey_pixels(image, path)
+        planes = pixels if pixels.ndim == 3 else pixels[None]
+        modality = volume_modality if pixels.ndim == 3 else "DX"
+        sop_class = VOLUME_SOP_CLASSES[modality] if pixels.ndim == 3 else DX_FOR_PRESENTATION
+    window = tuple(np.percentile(planes, [0.5, 99.5]) * slope + intercept)
+    datasets = []
+    for index, plane in enumerate(planes):
+        ds = _instance(key, index, image, sop_class, modality, pixel_spacing)
+        _set_pixels(ds, plane, slope, intercept, window)
+        if report:
+            setattr(ds, REPORT_KEYWORD, report)
+        datasets.append(ds)
+    return datasets
+
+
+def _instance(key: str, index: int, image: sitk.Image, sop_class: str, modality: str,
+              pixel_spacing: float | None) -> FileDataset:
+    """One instance's identifiers (reproducible from the image id) and its place in space, without pixels."""
+    ds = _base_dataset(sop_class, uid_for(key, "instance", str(index)))
+    ds.PatientID, ds.PatientName = key, key
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = uid_for(key, "study"), uid_for(key, "series")
+    ds.FrameOfReferenceUID = uid_for(key, "frame-of-reference")
+    ds.StudyID, ds.SeriesNumber, ds.InstanceNumber, ds.AccessionNumber = "1", 1, index + 1, ""
+    now = datetime.datetime.now()
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
+    ds.Modality, ds.StudyDescription, ds.SeriesDescription = modality, "TextDiff Label study", key
+    ds.ReferringPhysicianName, ds.PatientBirthDate, ds.PatientSex = "", "", ""
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    is_volume = image.GetDimension() == 3
     spacing = list(image.GetSpacing())
     if pixel_spacing:
         spacing[:2] = [pixel_spacing, pixel_spacing]
+    if modality == "DX":
+        ds.PresentationIntentType, ds.ImagerPixelSpacing = "FOR PRESENTATION", spacing[:2]
     direction = np.array(image.GetDirection()).reshape(image.GetDimension(), image.GetDimension())
     pad = [0.0] * (3 - len(direction))  # a 2D image's in-plane axes, in 3D
     row_dir, col_dir = list(direction[:, 0]) + pad, list(direction[:, 1]) + pad
-    study_uid, series_uid = uid_for(key, "study"), uid_for(key, "series")
-    frame_uid = uid_for(key, "frame-of-reference")
-    now = datetime.datetime.now()
-    slices = pixels if is_volume else pixels[None]
-    low, high = np.percentile(pixels, [0.5, 99.5]) * slope + intercept
-    datasets = []
-    for index, plane in enumerate(slices):
-        ds = _base_dataset(sop_class, uid_for(key, "instance", str(index)))
-        ds.PatientID, ds.PatientName = key, key
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
-        ds.StudyID, ds.SeriesNumber, ds.InstanceNumber, ds.AccessionNumber = "1", 1, index + 1, ""
-        ds.StudyDate = ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
-        ds.StudyTime = ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
-        ds.Modality, ds.StudyDescription, ds.SeriesDescription = modality, "TextDiff Label study", key
-        ds.ReferringPhysicianName, ds.PatientBirthDate, ds.PatientSex = "", "", ""
-        ds.ImageType = ["ORIGINAL", "PRIMARY"]
-        if not is_volume:
-            ds.PresentationIntentType, ds.ImagerPixelSpacing = "FOR PRESENTATION", spacing[:2]
-        origin = image.TransformIndexToPhysicalPoint((0, 0, index) if is_volume else (0, 0))
-        ds.ImagePositionPatient = [float(v) for v in (list(origin) + [0.0])[:3]]
-        ds.ImageOrientationPatient = [float(v) for v in row_dir[:3] + col_dir[:3]]
-        ds.PixelSpacing = [float(spacing[1]), float(spacing[0])]  # row spacing, column spacing
-        ds.SliceThickness = float(spacing[2]) if is_volume else 1.0
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.Rows, ds.Columns = plane.shape
-        ds.BitsAllocated = ds.BitsStored = plane.dtype.itemsize * 8
-        ds.HighBit = ds.BitsStored - 1
-        ds.PixelRepresentation = int(plane.dtype == np.int16)
-        ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = slope, intercept, "US"
-        ds.WindowCenter, ds.WindowWidth = float((low + high) / 2), float(max(high - low, 1.0))
-        if report:
-            setattr(ds, REPORT_KEYWORD, report)
-        ds.PixelData = np.ascontiguousarray(plane).tobytes()
-        datasets.append(ds)
-    return datasets
+    origin = image.TransformIndexToPhysicalPoint((0, 0, index) if is_volume else (0, 0))
+    ds.ImagePositionPatient = [float(v) for v in (list(origin) + [0.0])[:3]]
+    ds.ImageOrientationPatient = [float(v) for v in row_dir[:3] + col_dir[:3]]
+    ds.PixelSpacing = [float(spacing[1]), float(spacing[0])]  # row spacing, column spacing
+    ds.SliceThickness = float(spacing[2]) if is_volume else 1.0
+    return ds
 
 
 def report_of(dataset: pydicom.Dataset) -> str:
@@ -161,7 +194,7 @@ def seg_dataset(mask: sitk.Image, sources: list[pydicom.Dataset], label_names: l
             "SegmentAlgorithmType": "SEMIAUTOMATIC", "SegmentAlgorithmName": "TextDiff Label",
             "SegmentedPropertyCategoryCodeSequence": FINDING_CATEGORY,
             "SegmentedPropertyTypeCodeSequence": FINDING_TYPE,
-            "recommendedDisplayRGBValue": [255, 64, 64],
+            "recommendedDisplayRGBValue": label_colour(value),
         } for value in present]],
     })
     writer = pydicom_seg.MultiClassWriter(template=template, inplane_cropping=False, skip_empty_slices=False,

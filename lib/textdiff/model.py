@@ -13,7 +13,7 @@ import torch
 
 from .backbone import DiffusionFeatureExtractor, architecture, make_extractor
 from .config import TextDiffConfig
-from .data import Case, load_case, preprocess_image
+from .data import Case, DataError, check_mask, load_case, preprocess_image, read_planes, with_mask
 from .fusion import TextDiffHead
 from .report_supervision import obey_reports
 from .text import TextEncoder
@@ -25,8 +25,9 @@ class TextDiffModel(torch.nn.Module):
                  text_encoder: TextEncoder | None = None):
         super().__init__()
         self.extractor = extractor or make_extractor(cfg.backbone)
-        backbone = resolve_tiling(dataclasses.replace(cfg.backbone, **architecture(self.extractor.unet)),
-                                  cfg.backbone.pretrained)
+        read = dataclasses.replace(cfg.backbone, **architecture(self.extractor.unet),
+                                   feature_layers=self.extractor.cfg.feature_layers)
+        backbone = resolve_tiling(read, cfg.backbone.pretrained)
         self.cfg = dataclasses.replace(cfg, backbone=backbone)
         self.text_encoder = text_encoder or TextEncoder(cfg.text)
         self.head = TextDiffHead(self.extractor.feature_channels, self.text_encoder.dim, cfg.head, backbone.image_size)
@@ -39,6 +40,24 @@ class TextDiffModel(torch.nn.Module):
         """A case as this model reads it: image and mask on their working grid (`textdiff.tiling`), report."""
         backbone = self.cfg.backbone
         return load_case(case, backbone.image_size, backbone.in_channels, self.cfg.head.num_classes, backbone)
+
+    def load_planes(self, case: Case) -> list[dict]:
+        """A case as items: `load` for a 2D image, one item per slice (with its mask slice) for a volume."""
+        planes = read_planes(case.image, "image")
+        if len(planes) == 1:
+            return [self.load(case)]
+        masks = read_planes(case.label, "mask") if case.label is not None else [None] * len(planes)
+        if len(masks) != len(planes):
+            raise DataError(f"mask '{case.label}' has {len(masks)} slices but its image has {len(planes)}")
+        items = []
+        for z, (plane, mask) in enumerate(zip(planes, masks)):
+            item = {**self.plane_item(plane, f"{case.id}#z{z}", case.report), "original_image": plane,
+                    "label": None, "original_label": None}
+            if mask is not None:
+                mask = check_mask(mask, tuple(plane.shape[1:]), self.cfg.head.num_classes, case.label)
+                item = with_mask(item, mask, self.cfg.backbone)
+            items.append(item)
+        return items
 
     def plane_item(self, plane: torch.Tensor, key: str, report: str) -> dict:
         """One channel-first 2D plane (an image, or a slice of a volume) as this model reads it, without a mask."""

@@ -7,21 +7,32 @@ from pathlib import Path
 import itk
 import matplotlib
 import numpy as np
+import pydicom
 import torch
 from PIL import Image
 from scipy import ndimage
 
 from .data import DataError
 
-OVERLAY_COLOURS = np.array([[0, 0, 0], [255, 60, 60], [60, 200, 255], [255, 210, 0], [120, 255, 120]], np.uint8)
+OVERLAY_COLOURS = np.array([[0, 0, 0], [255, 60, 60], [60, 200, 255], [255, 210, 0], [120, 255, 120],
+                            [200, 120, 255], [255, 140, 60]], np.uint8)
+
+
+def label_colour(index: int) -> list[int]:
+    """The RGB colour of class `index` in overlays and DICOM SEG segments (the palette repeats past its end)."""
+    return [int(c) for c in OVERLAY_COLOURS[1 + (index - 1) % (len(OVERLAY_COLOURS) - 1)]] if index else [0, 0, 0]
 
 
 def mask_extension(image_path: Path) -> str:
-    """The mask's file type for an image: the image's own, except JPEG (lossy) -> PNG and DICOM -> NRRD."""
+    """The mask's file type for an image: the image's own (NIfTI, NRRD, PNG), else PNG for a 2D picture (JPEG is
+    lossy; TIFF and BMP are seldom read as label maps) and NRRD for DICOM and any volume."""
     name = image_path.name.lower()
-    if name.endswith(".nii.gz"):
-        return ".nii.gz"
-    return {".jpg": ".png", ".jpeg": ".png", ".dcm": ".nrrd"}.get(image_path.suffix.lower(), image_path.suffix)
+    if name.endswith((".nii.gz", ".nii", ".nrrd")):
+        return ".nii.gz" if name.endswith(".nii.gz") else image_path.suffix.lower()
+    suffix = image_path.suffix.lower()
+    if suffix == ".dcm" or (suffix in (".tif", ".tiff") and sum(n > 1 for n in read_geometry(image_path)["size"]) > 2):
+        return ".nrrd"
+    return ".png"
 
 
 def read_geometry(reference: Path) -> dict:
@@ -32,12 +43,23 @@ def read_geometry(reference: Path) -> dict:
     io.SetFileName(str(reference))
     io.ReadImageInformation()
     dims = range(io.GetNumberOfDimensions())
+    spacing = [io.GetSpacing(i) for i in dims]
     return {
         "size": [io.GetDimensions(i) for i in dims],
-        "spacing": [io.GetSpacing(i) for i in dims],
+        "spacing": _dicom_pixel_spacing(reference, spacing) if io.GetNameOfClass() == "GDCMImageIO" else spacing,
         "origin": [io.GetOrigin(i) for i in dims],
         "direction": np.array([io.GetDirection(i) for i in dims]).T,  # GetDirection(i) is the i-th axis (a column)
     }
+
+
+def _dicom_pixel_spacing(reference: Path, spacing: list[float]) -> list[float]:
+    """ITK reads a DX/CR file's spacing from ImagerPixelSpacing only, and falls back to 1 mm; a file that has only
+    PixelSpacing keeps its own spacing here (column spacing first, as ITK orders axes)."""
+    header = pydicom.dcmread(str(reference), stop_before_pixels=True)
+    if "PixelSpacing" in header and "ImagerPixelSpacing" not in header:
+        row, column = (float(v) for v in header.PixelSpacing)
+        return [column, row, *spacing[2:]]
+    return spacing
 
 
 def save_mask(mask: torch.Tensor | np.ndarray, reference: Path, out_path: Path, compress: bool = True,
@@ -83,14 +105,22 @@ def _grey(image: torch.Tensor) -> np.ndarray:
     return np.clip((grey - low) / max(high - low, 1e-6), 0, 1)
 
 
+def _display_rgb(image: torch.Tensor) -> np.ndarray:
+    """(C, X, Y) image -> (X, Y, 3) float in [0, 255]: its own colours when it has three channels, else grey."""
+    if image.shape[0] >= 3:
+        colour = image[:3].float().permute(1, 2, 0).numpy()
+        low, high = np.percentile(colour, (0.5, 99.5))
+        return 255 * np.clip((colour - low) / max(high - low, 1e-6), 0, 1)
+    return np.repeat(255 * _grey(image)[..., None], 3, axis=2)
+
+
 def overlay_png(image: torch.Tensor, mask: torch.Tensor, path: Path) -> Path:
-    """Grey image with each class tinted and outlined, for a person to check the mask at a glance."""
-    grey = _grey(image)
-    rgb = np.repeat((grey * 255).astype(np.uint8)[..., None], 3, axis=2).astype(np.float32)
+    """The image (in colour when it is) with each class tinted and outlined, to check the mask at a glance."""
+    rgb = _display_rgb(image).astype(np.float32)
     labels = mask[0].numpy().astype(int)
     for value in np.unique(labels[labels > 0]):
         region = labels == value
-        colour = OVERLAY_COLOURS[value % len(OVERLAY_COLOURS)]
+        colour = np.array(label_colour(int(value)), np.uint8)
         rgb[region] = 0.6 * rgb[region] + 0.4 * colour
         rgb[region & ~ndimage.binary_erosion(region)] = colour
     # MONAI readers index (x, y); images are shown as rows = y.

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .backbone import build_scheduler, build_unet, load_diffusion, save_diffusion
 from .config import BackboneConfig
-from .data import DataError, is_colour, preprocess_image, read_2d, read_studies
+from .data import DataError, is_colour, preprocess_image, read_planes, read_studies
 from .tiling import PAD_VALUE, TILING_FILE, describe, resolve_tiling, tiling_record, to_working_grid
 
 logger = logging.getLogger(__name__)
@@ -59,10 +59,10 @@ def load_unlabeled_images(folders: list[str | Path], cfg: BackboneConfig) -> tor
     for folder in folders:
         for case in read_studies(folder):
             try:
-                image = read_2d(case.image, "image")
-                scaled = preprocess_image(image, tuple(image.shape[1:]), channels, f"image '{case.image}'")
-                images.append(to_working_grid(scaled, cfg))
-                shapes.add(tuple(image.shape[1:]))
+                for plane in read_planes(case.image, "image"):  # a volume gives each of its slices
+                    scaled = preprocess_image(plane, tuple(plane.shape[1:]), channels, f"image '{case.image}'")
+                    images.append(to_working_grid(scaled, cfg))
+                    shapes.add(tuple(plane.shape[1:]))
             except DataError as err:
                 logger.warning("skipping %s", err)
     if not images:
@@ -97,7 +97,7 @@ def data_channels(folders: list[str | Path]) -> int:
     for folder in folders:
         for case in read_studies(folder):
             try:
-                if is_colour(read_2d(case.image, "image")):
+                if is_colour(read_planes(case.image, "image")[0]):
                     return 3
             except DataError:
                 continue

@@ -274,14 +274,15 @@ def train_on_cases(cases: list[Case], cfg: TextDiffConfig, checkpoint: str | Pat
     if not cases and not pseudo_cases:
         raise DataError("no labeled image: save at least one mask (labels/final) before training")
     model = TextDiffModel(cfg).to(device)
-    items = [model.load(c) for c in cases]
-    for shape in sorted({item["original_shape"] for item in items}):
+    groups = [model.load_planes(c) for c in cases]  # a volume's slices stay on one side of the split
+    train_groups, val_groups = split_train_val(groups, cfg.train.val_fraction, cfg.train.seed)
+    train_items, val_items = [i for g in train_groups for i in g], [i for g in val_groups for i in g]
+    for shape in sorted({item["original_shape"] for item in train_items + val_items}):
         logger.info("images of %s", describe(shape, model.cfg.backbone))
-    train_items, val_items = split_train_val(items, cfg.train.val_fraction, cfg.train.seed)
-    train_items += [model.load(c) for c in pseudo_cases]
-    train_items += [with_empty_mask(model.load(c)) for c in healthy]
+    train_items += [item for c in pseudo_cases for item in model.load_planes(c)]
+    train_items += [with_empty_mask(item) for c in healthy for item in model.load_planes(c)]
     if pseudo_cases or healthy:
-        logger.info("training on %d real, %d pseudo-labeled and %d healthy images", len(items), len(pseudo_cases),
+        logger.info("training on %d real, %d pseudo-labeled and %d healthy images", len(groups), len(pseudo_cases),
                     len(healthy))
     copies = None
     if cfg.train.synthetic_ratio > 0:

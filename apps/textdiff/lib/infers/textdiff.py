@@ -7,7 +7,7 @@ from pathlib import Path
 
 from textdiff.data import check_report
 from textdiff.inference import segment_image
-from textdiff.predict import mask_extension, save_mask
+from textdiff.predict import label_colour, mask_extension, save_mask
 
 from ..errors import bad_request, client_errors
 from ..model_store import ModelStore
@@ -50,5 +50,6 @@ class TextDiffInfer(StoreInferTask):
         with client_errors():
             save_mask(data["pred"], image_path, out, compress=bool(data.get("result_compress", True)))
         result = {"text": data["text_used"], "text_source": data["text_source"],
-                  "foreground_pixels": int((data["pred"] > 0).sum())}
+                  "foreground_pixels": int((data["pred"] > 0).sum()),
+                  "label_colors": {name: label_colour(index) for name, index in self.labels.items()}}
         return str(out), result
