@@ -9,7 +9,7 @@ export PATH="$PWD/.venv/bin:$PATH"
 out=runs/demo
 mkdir -p "$out"
 [ -f "$out/backbone/unet/config.json" ] || textdiff pretrain --data sample-data/train --out "$out/backbone" \
-  --epochs "${PRETRAIN_EPOCHS:-60}" --batch-size 8 --lr 3e-4
+  --epochs "${PRETRAIN_EPOCHS:-60}" --batch-size 8 --lr 3e-4 --set backbone.max_windows=1  # whole radiographs, one window
 textdiff train --data sample-data/train --backbone "$out/backbone" --out "$out/textdiff.pt" --epochs "${TRAIN_EPOCHS:-40}"
 textdiff evaluate --model "$out/textdiff.pt" --data sample-data/test --out "$out/evaluation.json"
 textdiff predict --model "$out/textdiff.pt" --images sample-data/test --out "$out/predictions" > /dev/null

@@ -15,4 +15,5 @@ for seed in $(seq 101 112); do  # 12 x 100 images, in parallel (one thread each)
 done
 wait
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} textdiff pretrain --data sample-data/train "$UNLABELED"/*/train --out "$OUT" \
-  --epochs "${EPOCHS:-100}" --batch-size 32 --lr 3e-4 --half --set "backbone.block_out_channels=[32,64,128,256]"
+  --epochs "${EPOCHS:-100}" --batch-size 32 --lr 3e-4 --half --set "backbone.block_out_channels=[32,64,128,256]" \
+  backbone.max_windows=1  # every image resized into one 128² window (recorded in tiling.json)

@@ -62,6 +62,7 @@ class BenchmarkSettings:
     synthetic_ratio: int = 4
     merge_alpha: float = 0.6
     merge_patch: int = 32
+    timing: bool = True  # also time the feature cache, one image's latency and the peak memory
 
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in METHODS]
@@ -267,8 +268,10 @@ def run_benchmark(data: Path, backbone: str | None, out: Path, settings: Benchma
                 print(f"{METHODS[method]:<42} labels={count:<3} seed={seed} dice={rows[-1]['dice']:.4f} "
                       f"iou={rows[-1]['iou']:.4f} area oracle={rows[-1]['area_oracle']['dice']:.4f}", flush=True)
                 _write_results(out, {"rows": rows, "partial": True, **about})  # a crash later keeps the runs so far
-    timing = _timings(models.last.get("textdiff") or probe, pool, test, cfg, settings, seed=settings.seeds[0])
-    result = {"rows": rows, "summary": summarise_rows(rows, out), "timing": timing, **about}
+    timing = (_timings(models.last.get("textdiff") or probe, pool, test, cfg, settings, seed=settings.seeds[0])
+              if settings.timing else {})
+    result = {"rows": rows, "summary": summarise_rows(rows, out, f"{data.name}: test Dice vs labels"),
+              "timing": timing, **about}
     _write_results(out, result)
     print(json.dumps(timing, indent=1))
     return result
@@ -281,18 +284,24 @@ def _write_results(out: Path, result: dict) -> None:
     partial.replace(out / "results.json")
 
 
-def summarise_rows(rows: list[dict], out: Path) -> dict[str, dict[int, tuple[float, float]]]:
-    """Mean ± sd per method and label count over seeds: print the table, write dice_vs_labels.png into `out`."""
+def summarise_rows(rows: list[dict], out: Path, title: str = "test Dice vs labels",
+                   references: dict[str, float] | None = None) -> dict[str, dict[int, tuple[float, float]]]:
+    """Mean ± sd of Dice (and IoU) per method and label count over seeds: print the tables, write
+    dice_vs_labels.png into `out` (with `references`, published figures, as dashed lines)."""
     summary = _summarise(rows)
     out.mkdir(parents=True, exist_ok=True)
     plot_curves({METHODS[m]: by for m, by in summary.items()}, out / "dice_vs_labels.png", "labeled training images",
-                "Sample data: test Dice vs labels")
+                title, references)
+    counts = tuple(sorted({row["labels"] for row in rows}))
     print(f"seeds: {sorted({row['seed'] for row in rows})}")
-    print(format_table(summary, tuple(sorted({row["labels"] for row in rows}))))
+    print("Dice\n" + format_table(summary, counts))
+    if all("iou" in row for row in rows):
+        print("IoU\n" + format_table(_summarise(rows, "iou"), counts))
     return summary
 
 
-def merge_runs(folders: list[str | Path], out: Path) -> dict:
+def merge_runs(folders: list[str | Path], out: Path, title: str = "test Dice vs labels",
+               references: dict[str, float] | None = None) -> dict:
     """One table, plot and results.json from several benchmark runs (e.g. one process per method or seed).
 
     The runs must share a backbone; a (method, labels, seed) run found twice is an error, not averaged in twice.
@@ -314,16 +323,16 @@ def merge_runs(folders: list[str | Path], out: Path) -> dict:
                 raise DataError(f"{key[0]} with {key[1]} labels, seed {key[2]} is in both '{seen[key]}' and '{folder}'")
             seen[key] = folder
             rows.append(row)
-    result = {"rows": rows, "summary": summarise_rows(rows, out), "backbone": backbones.pop(),
+    result = {"rows": rows, "summary": summarise_rows(rows, out, title, references), "backbone": backbones.pop(),
               "runs": {folder: {k: run.get(k) for k in ("timing", "settings", "device")} for folder, run in runs.items()}}
     _write_results(out, result)
     return result
 
 
-def _summarise(rows: list[dict]) -> dict[str, dict[int, tuple[float, float]]]:
+def _summarise(rows: list[dict], metric: str = "dice") -> dict[str, dict[int, tuple[float, float]]]:
     summary: dict[str, dict[int, tuple[float, float]]] = {}
     for row in rows:
-        summary.setdefault(row["method"], {}).setdefault(row["labels"], []).append(row["dice"])
+        summary.setdefault(row["method"], {}).setdefault(row["labels"], []).append(row[metric])
     return {m: {n: (statistics.mean(v), statistics.pstdev(v)) for n, v in by.items()} for m, by in summary.items()}
 
 

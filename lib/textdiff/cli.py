@@ -249,7 +249,7 @@ def cmd_benchmark(args) -> None:
 
     settings = BenchmarkSettings(label_counts=tuple(args.labels), seeds=tuple(args.seeds), steps=args.steps,
                                  methods=tuple(args.methods), synthetic=args.synthetic,
-                                 synthetic_ratio=args.synthetic_ratio)
+                                 synthetic_ratio=args.synthetic_ratio, timing=not args.skip_timing)
     run_benchmark(Path(args.data), args.backbone, Path(args.out), settings, _config(args))
 
 
@@ -262,7 +262,13 @@ def cmd_benchmark_compare(args) -> None:
 def cmd_benchmark_summary(args) -> None:
     from .benchmark import merge_runs
 
-    merge_runs(args.results, Path(args.out))
+    references = {}
+    for item in args.reference or []:
+        name, sep, value = item.rpartition("=")
+        if not sep:
+            raise ValueError(f"--reference takes NAME=VALUE, got '{item}'")
+        references[name] = float(value)
+    merge_runs(args.results, Path(args.out), args.title, references)
 
 
 def cmd_cdm_benchmark(args) -> None:
@@ -422,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=400, help="optimizer steps per run, the same for every method")
     p.add_argument("--synthetic", help="synthetic pairs of the training pool (textdiff synthesize --masks <data>/train-groundtruth)")
     p.add_argument("--synthetic-ratio", type=int, default=4, help="synthetic copies used per real image")
+    p.add_argument("--skip-timing", action="store_true", help="skip timing the feature cache, latency and memory")
     model_options(p)
 
     p = command("benchmark-compare", cmd_benchmark_compare,
@@ -437,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "one table, plot and results.json from several benchmark runs (e.g. one process per method or seed)")
     p.add_argument("results", nargs="+", help="benchmark output folders")
     p.add_argument("--out", required=True)
+    p.add_argument("--title", default="test Dice vs labels", help="title of the plot")
+    p.add_argument("--reference", nargs="*", metavar="NAME=DICE",
+                   help="published results drawn as dashed lines, e.g. 'LViT-T, all labels=0.8036'")
 
     p = command("cdm-benchmark", cmd_cdm_benchmark, "CDM vs Grad-CAM vs reconstruction masks, and CDM pseudo-labels")
     p.add_argument("--data", default="sample-data")

@@ -161,10 +161,13 @@ class TextDiffConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TextDiffConfig":
-        head = dict(data.get("head", {}))
-        head.pop("num_classes", None)  # older checkpoints stored it beside label_names, which now decide it
+        backbone, head = dict(data.get("backbone", {})), dict(data.get("head", {}))
+        if "num_classes" in head:  # a checkpoint from before images were read in windows: read them as it was trained
+            head.pop("num_classes")  # (label_names decide it now)
+            backbone.setdefault("max_windows", 1)
+            head.setdefault("full_resolution", False)
         return cls(
-            backbone=_build(BackboneConfig, data.get("backbone", {})),
+            backbone=_build(BackboneConfig, backbone),
             text=_build(TextConfig, data.get("text", {})),
             head=_build(HeadConfig, head),
             train=_build(TrainConfig, data.get("train", {})),

@@ -28,9 +28,13 @@ def plot_training(history: list[dict], path: str | Path) -> Path:
     return Path(path)
 
 
-def plot_curves(curves: dict[str, dict[int, tuple[float, float]]], path: str | Path, xlabel: str, title: str) -> Path:
-    """One line per method: x -> (mean, std), with a shaded band for the spread over seeds."""
+def plot_curves(curves: dict[str, dict[int, tuple[float, float]]], path: str | Path, xlabel: str, title: str,
+                references: dict[str, float] | None = None) -> Path:
+    """One line per method: x -> (mean, std), with a shaded band for the spread over seeds; `references` (name ->
+    value, e.g. published full-label results) as dashed horizontal lines."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
+    for index, (name, value) in enumerate((references or {}).items()):
+        ax.axhline(value, linestyle="--", linewidth=1, color=f"C{7 + index % 3}", label=f"{name}: {value:.3f}")
     for name, points in curves.items():
         xs = sorted(points)
         means = [points[x][0] for x in xs]

@@ -124,7 +124,8 @@ def pretrain(
     """Train (or continue training `init`) a UNet to denoise the images; returns the per-epoch loss history."""
     if init:  # continuing: the existing model decides the image size, channels and scale
         unet, scheduler = load_diffusion(init)
-        cfg = dataclasses.replace(cfg, image_size=unet.config.sample_size, in_channels=unet.config.in_channels)
+        cfg = dataclasses.replace(cfg, image_size=unet.config.sample_size, in_channels=unet.config.in_channels,
+                                  patch_scale=None, max_windows=None)
     else:
         cfg = dataclasses.replace(cfg, in_channels=cfg.in_channels or data_channels(folders))
         logger.info("a new backbone for %d-channel images", cfg.in_channels)

@@ -152,12 +152,57 @@ def train_head(
 ) -> TrainResult:
     """Train fusion + head; keeps (in `model` and in `checkpoint`) the weights with the best validation Dice.
 
+    Items whose working grid is larger than one window train and validate as their windows (`tiling.window_items`).
     `synthetic` maps an image id to its synthetic copies (EMIT-Diff); with `cfg.synthetic_ratio` > 0 each training
     image is paired with one of its first `synthetic_ratio` copies and the loss sees, per patch of a random merging
     mask, the real or the synthetic prediction. Validation uses real images only.
     `unlabeled` images (no mask) whose report names sides add `cfg.report_weight` x `report_loss` on a batch of them
     per step, when the weight is above 0.
     """
+    _check_training_items(model, train_items, val_items, cfg, unlabeled)
+    torch.manual_seed(cfg.seed)
+    loop = _Loop(model, cache or FeatureCache(model.extractor, enabled=cfg.cache_features), cfg,
+                 feature_augmentation(cfg.augment, len(model.extractor.cfg.feature_layers), cfg.seed),
+                 random.Random(cfg.seed), synthetic_copies(train_items, synthetic, cfg.synthetic_ratio),
+                 report_items(list(unlabeled)) if cfg.report_weight > 0 else [],
+                 torch.Generator().manual_seed(cfg.seed), next(model.head.parameters()).device)
+    extra = loop.weak + [c for group in (loop.copies or {}).values() for c in group]
+    if extra:
+        _refuse_windows(train_items + val_items + extra, model.image_size)
+    if loop.weak:
+        logger.info("report supervision: %d images without a mask, weight %g", len(loop.weak), cfg.report_weight)
+    train_items, val_items = windows_of(train_items, model.image_size), windows_of(val_items, model.image_size)
+    loop.cache.fill(train_items + val_items + extra, progress=progress)
+    selection = selection_items(val_items, train_items)
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
+    history, best = [], TrainResult([], -1.0, 0)
+    best_state, choice = None, CheckpointChoice(cfg.selection_window)
+    bar = tqdm(range(1, cfg.epochs + 1), desc="train", unit="epoch", disable=not progress)
+    for epoch in bar:
+        start = time.perf_counter()
+        loss = loop.epoch(train_items, optimizer)
+        scheduler.step()
+        seconds = time.perf_counter() - start
+        dice = dice_per_image(predict_logits(model, selection, loop.cache),
+                              torch.stack([it["label"] for it in selection]), model.cfg.head.num_classes).mean().item()
+        history.append({"epoch": epoch, "loss": loss, "val_dice": dice, "seconds": seconds})
+        bar.set_postfix(loss=f"{loss:.3f}", val_dice=f"{dice:.3f}")
+        # one line per epoch for logs (server jobs, -v), where a progress bar does not show
+        logger.info("epoch %d/%d: loss %.4f, validation Dice %.4f", epoch, cfg.epochs, loss, dice)
+        if choice.is_best(dice):
+            best = TrainResult(history, dice, epoch)
+            best_state = {k: v.detach().clone() for k, v in model.head.state_dict().items()}
+            if checkpoint:
+                save_checkpoint(model, checkpoint, extra={"best_val_dice": dice, "epoch": epoch})
+    model.head.load_state_dict(best_state)
+    model.eval()
+    return TrainResult(history, best.best_dice, best.best_epoch, len(loop.weak))
+
+
+def _check_training_items(model: TextDiffModel, train_items: list[dict], val_items: list[dict], cfg: TrainConfig,
+                          unlabeled: list[dict]) -> None:
+    """Refuse a run that cannot train: no image, no epoch, a missing or empty mask, lung rules without lung reports."""
     if not train_items:
         raise ValueError("no labeled image to train on: save at least one mask under labels/final")
     if cfg.epochs < 1:
@@ -167,75 +212,58 @@ def train_head(
         raise ValueError(f"training items without a mask: {without_mask[:5]}")
     if not any(item["label"].any() for item in train_items + val_items):
         raise ValueError("every mask is empty: draw at least one region to segment")
-    torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
-    merge_generator = torch.Generator().manual_seed(cfg.seed)
-    cache = cache or FeatureCache(model.extractor, enabled=cfg.cache_features)
-    copies = synthetic_copies(train_items, synthetic, cfg.synthetic_ratio)
-    weak = report_items(list(unlabeled)) if cfg.report_weight > 0 else []
     if cfg.report_weight > 0 and unlabeled:
         check_reports_readable([item["report"] for item in unlabeled], "train.report_weight")
     if model.cfg.head.obey_report:
         check_reports_readable([item["report"] for item in train_items + val_items], "head.obey_report")
-    if copies or weak:
-        _refuse_windows(train_items + val_items + weak + [c for group in (copies or {}).values() for c in group],
-                        model.image_size)
-    train_items, val_items = windows_of(train_items, model.image_size), windows_of(val_items, model.image_size)
-    if weak:
-        logger.info("report supervision: %d images without a mask, weight %g", len(weak), cfg.report_weight)
-    cache.fill(train_items + val_items + weak + [c for group in (copies or {}).values() for c in group],
-               progress=progress)
-    selection = selection_items(val_items, train_items)
-    device = next(model.head.parameters()).device
-    num_classes = model.cfg.head.num_classes
-    augment = feature_augmentation(cfg.augment, len(model.extractor.cfg.feature_layers), cfg.seed)
-    loss_fn = segmentation_loss()
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
-    history, best = [], TrainResult([], -1.0, 0)
-    best_state, choice = None, CheckpointChoice(cfg.selection_window)
-    bar = tqdm(range(1, cfg.epochs + 1), desc="train", unit="epoch", disable=not progress)
-    for epoch in bar:
-        model.train()
-        start, total = time.perf_counter(), 0.0
-        order = list(range(len(train_items)))
-        rng.shuffle(order)
-        for begin in range(0, len(order), cfg.batch_size):
-            chunk = [train_items[i] for i in order[begin : begin + cfg.batch_size]]
-            batch = _training_batch(chunk, cache, augment, cfg.text_dropout, rng, copies)
-            if batch.synthetic is None:
-                logits = model.logits_from_features([f.to(device) for f in batch.features], batch.reports,
-                                                    batch.boxes)
-            else:  # real and synthetic in one forward, then merged patch by patch
-                both = [torch.cat(pair).to(device) for pair in zip(batch.features, batch.synthetic)]
-                real, fake = model.logits_from_features(both, batch.reports + batch.reports).chunk(2)
-                logits = merge_predictions(real, fake, cfg.merge_alpha, cfg.merge_patch, merge_generator)
-            loss = loss_fn(logits, batch.labels.to(device))
-            if weak:
-                reported = _training_batch(rng.sample(weak, min(len(weak), cfg.batch_size)), cache, augment,
-                                           cfg.text_dropout, rng)
-                weak_logits = model.logits_from_features([f.to(device) for f in reported.features], reported.reports)
-                loss = loss + cfg.report_weight * report_loss(weak_logits, reported.sides, cfg.report_top_k)
+
+
+@dataclass
+class _Loop:
+    """What every optimizer step of one training run shares."""
+
+    model: TextDiffModel
+    cache: FeatureCache
+    cfg: TrainConfig
+    augment: object
+    rng: random.Random
+    copies: dict[str, list[dict]] | None
+    weak: list[dict]
+    merge_generator: torch.Generator
+    device: torch.device
+
+    def epoch(self, items: list[dict], optimizer: torch.optim.Optimizer) -> float:
+        """One pass over the training windows in a seeded random order; returns the mean loss."""
+        self.model.train()
+        order, total = list(range(len(items))), 0.0
+        self.rng.shuffle(order)
+        for begin in range(0, len(order), self.cfg.batch_size):
+            chunk = [items[i] for i in order[begin : begin + self.cfg.batch_size]]
+            loss = self.loss(chunk)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total += loss.item() * len(chunk)
-        scheduler.step()
-        seconds = time.perf_counter() - start
-        val_logits = predict_logits(model, selection, cache)
-        dice = dice_per_image(val_logits, torch.stack([it["label"] for it in selection]), num_classes).mean().item()
-        history.append({"epoch": epoch, "loss": total / len(train_items), "val_dice": dice, "seconds": seconds})
-        bar.set_postfix(loss=f"{total / len(train_items):.3f}", val_dice=f"{dice:.3f}")
-        # one line per epoch for logs (server jobs, -v), where a progress bar does not show
-        logger.info("epoch %d/%d: loss %.4f, validation Dice %.4f", epoch, cfg.epochs, total / len(train_items), dice)
-        if choice.is_best(dice):
-            best = TrainResult(history, dice, epoch)
-            best_state = {k: v.detach().clone() for k, v in model.head.state_dict().items()}
-            if checkpoint:
-                save_checkpoint(model, checkpoint, extra={"best_val_dice": dice, "epoch": epoch})
-    model.head.load_state_dict(best_state)
-    model.eval()
-    return TrainResult(history, best.best_dice, best.best_epoch, len(weak))
+        return total / len(items)
+
+    def loss(self, chunk: list[dict]) -> torch.Tensor:
+        """DiceCE of a batch (real and synthetic predictions merged patch by patch when there are copies), plus the
+        report loss of a batch of images without a mask when report supervision is on."""
+        cfg, model, device = self.cfg, self.model, self.device
+        batch = _training_batch(chunk, self.cache, self.augment, cfg.text_dropout, self.rng, self.copies)
+        if batch.synthetic is None:
+            logits = model.logits_from_features([f.to(device) for f in batch.features], batch.reports, batch.boxes)
+        else:  # real and synthetic in one forward, then merged patch by patch
+            both = [torch.cat(pair).to(device) for pair in zip(batch.features, batch.synthetic)]
+            real, fake = model.logits_from_features(both, batch.reports + batch.reports).chunk(2)
+            logits = merge_predictions(real, fake, cfg.merge_alpha, cfg.merge_patch, self.merge_generator)
+        loss = segmentation_loss()(logits, batch.labels.to(device))
+        if self.weak:
+            reported = _training_batch(self.rng.sample(self.weak, min(len(self.weak), cfg.batch_size)), self.cache,
+                                       self.augment, cfg.text_dropout, self.rng)
+            weak_logits = model.logits_from_features([f.to(device) for f in reported.features], reported.reports)
+            loss = loss + cfg.report_weight * report_loss(weak_logits, reported.sides, cfg.report_top_k)
+        return loss
 
 
 def _refuse_windows(items: list[dict], window: int) -> None:

@@ -39,7 +39,12 @@ class AppSettings:
     # pulmonary infection.", the most likely area in a named lung left empty); a wrong report then hides or invents
     # a finding. Per run: the `obey_report` train param
     obey_report: bool = False
-    image_size: int = 128  # size of a backbone pretrained from scratch
+    image_size: int = 128  # window size of a backbone pretrained from scratch
+    # How a backbone pretrained from scratch reads images larger than its window (recorded with it; training and
+    # infer then read images the same way): patch_scale working pixels per image pixel (0: automatic), at most
+    # max_windows windows per side (1: every image resized into one window, e.g. for whole chest radiographs)
+    patch_scale: float = 0.0
+    max_windows: float = 4.0
     train_threads: int = 0  # torch threads for background jobs (0: torch's default)
     # The classes to segment, in class order, comma-separated (class 0, the background, is implied): e.g. "nucleus"
     # or "white matter,grey matter,csf". A model trained on other classes is not served under these names.

@@ -53,9 +53,9 @@ class StatsTrainTask(TrainTask):
         if self.threads:
             torch.set_num_threads(self.threads)
         logger.info("train request: %s", request)
-        with client_errors():  # nothing to train on, or bad params: a 422 for a synchronous run
+        with client_errors():  # nothing to train on, bad params or data the run refuses: a 422 for a synchronous run
             data = self.pre_process(request, datastore)
-        stats = self.train(request, data)
+            stats = self.train(request, data)
         stats = {"run_id": request["run_id"], **stats}
         tmp = self.stats_path.with_name(f".{self.stats_path.name}.tmp")
         tmp.write_text(json.dumps(stats, indent=1))

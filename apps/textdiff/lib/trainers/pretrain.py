@@ -50,7 +50,8 @@ class DiffusionPretrain(StatsTrainTask):
         current = self.head_trainer.backbone_for_training() if request.get("continue_from_current", True) else None
         settings = PretrainSettings(epochs=int(request["max_epochs"]), batch_size=int(request["train_batch_size"]),
                                     lr=float(request["learning_rate"]))
-        cfg = dataclasses.replace(self.backbone, image_size=self.settings.image_size)
+        cfg = dataclasses.replace(self.backbone, image_size=self.settings.image_size,
+                                  patch_scale=self.settings.patch_scale or None, max_windows=self.settings.max_windows)
         logger.info("pretraining the diffusion backbone on %s for %d epochs -> %s (from %s)",
                     data["studies"], settings.epochs, out, current or "random init")
         history = pretrain([data["studies"]], out, cfg, settings, init=current, progress=False)

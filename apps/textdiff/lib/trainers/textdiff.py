@@ -149,8 +149,10 @@ class TextDiffTrain(StatsTrainTask):
             report_weight=report_weight(request.get("report_weight", 0)),
         )
         head = dataclasses.replace(base.head, obey_report=_flag(request.get("obey_report", False)))
-        return dataclasses.replace(base, train=train, head=head,
-                                   backbone=dataclasses.replace(base.backbone, pretrained=backbone))
+        read = dataclasses.replace(base.backbone, pretrained=backbone)
+        if backbone != base.backbone.pretrained:  # a new backbone reads images at the scale it learned (its tiling.json)
+            read = dataclasses.replace(read, patch_scale=None, max_windows=None)
+        return dataclasses.replace(base, train=train, head=head, backbone=read)
 
 
 def _count(value, name: str) -> int:

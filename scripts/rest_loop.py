@@ -1,0 +1,123 @@
+"""The labeling loop through the app's REST API on an imported data set (e.g. MoNuSeg), scored against the CLI.
+
+    python scripts/rest_loop.py --data runs/monuseg --labels nucleus --backbone runs/monuseg/backbone --out runs/rest
+
+Copies <data>/train (images, final masks, reports) into a fresh studies folder, starts `monailabel start_server` on
+127.0.0.1, pretrains the backbone over REST when no --backbone is given (POST /train/diffusion_pretrain), trains the
+head (POST /train/textdiff), uploads and segments every image of <data>/test with its report (POST /infer/textdiff),
+scores Dice and IoU against the test masks, and scores the model the server published with `textdiff evaluate`.
+Both go to <out>/rest_loop.json: the same weights must give the same Dice either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+import torch
+from PIL import Image
+
+from textdiff.data import read_2d, read_studies
+from textdiff.inference import score_masks
+
+APP = Path(__file__).resolve().parents[1] / "apps" / "textdiff"
+
+
+def start_server(studies: Path, model_dir: Path, port: int, conf: dict[str, str], log: Path) -> subprocess.Popen:
+    args = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP), "--studies", str(studies),
+            "--host", "127.0.0.1", "--port", str(port), "--conf", "model_dir", str(model_dir)]
+    for key, value in conf.items():
+        args += ["--conf", key, value]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
+    server = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if requests.get(f"{url}/info/", timeout=5).ok:
+                return server
+        except requests.ConnectionError:
+            pass
+        if server.poll() is not None:
+            raise SystemExit(f"the server stopped: see {log}")
+        time.sleep(1)
+    server.terminate()
+    raise SystemExit(f"the server did not answer in 10 minutes: see {log}")
+
+
+def train(url: str, model: str, params: dict) -> dict:
+    start = time.perf_counter()
+    response = requests.post(f"{url}/train/{model}?run_sync=true", json=params, timeout=24 * 3600)
+    response.raise_for_status()
+    print(f"POST /train/{model} {params}: {time.perf_counter() - start:.0f} s", flush=True)
+    return requests.get(f"{url}/info/", timeout=60).json()["train_stats"][model]
+
+
+def segment_over_rest(url: str, test: Path) -> tuple[list[torch.Tensor], list[dict], float]:
+    """Every test image uploaded and segmented with its report; the masks, the items to score them and seconds."""
+    masks, items, start = [], [], time.perf_counter()
+    for case in read_studies(test):
+        params = {"text": case.report, "result_extension": ".png", "result_dtype": "uint8"}
+        with open(case.image, "rb") as handle:
+            response = requests.post(f"{url}/infer/textdiff?output=image", files={"file": (case.image.name, handle)},
+                                     data={"params": json.dumps(params)}, timeout=3600)
+        response.raise_for_status()
+        with tempfile.NamedTemporaryFile(suffix=".png") as out:
+            out.write(response.content)
+            out.flush()
+            masks.append(torch.as_tensor(np.asarray(Image.open(out.name))).T[None].to(torch.uint8))  # (1, X, Y)
+        items.append({"id": case.id, "original_label": read_2d(case.label, "mask").long()})
+        print(f"  {case.id}: {int(masks[-1].sum())} foreground pixels", flush=True)
+    return masks, items, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="folder with train/ and test/ studies folders")
+    parser.add_argument("--labels", default="nucleus", help="--conf labels of the app")
+    parser.add_argument("--backbone", help="a pretrained backbone folder (default: pretrain one over REST)")
+    parser.add_argument("--pretrain-epochs", type=int, default=60)
+    parser.add_argument("--epochs", type=int, default=40, help="head training epochs")
+    parser.add_argument("--port", type=int, default=8011)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    studies, model_dir = args.out / "studies", args.out / "model"
+    shutil.rmtree(studies, ignore_errors=True)
+    shutil.rmtree(model_dir, ignore_errors=True)
+    shutil.copytree(args.data / "train", studies)
+    conf = {"demo_weights": "false", "labels": args.labels, "healthy_label": ""}
+    if args.backbone:
+        conf["backbone"] = str(Path(args.backbone).resolve())
+    server = start_server(studies, model_dir, args.port, conf, args.out / "server.log")
+    url = f"http://127.0.0.1:{args.port}"
+    try:
+        result = {"labels": args.labels, "backbone": args.backbone}
+        if not args.backbone:
+            result["pretrain"] = train(url, "diffusion_pretrain", {"max_epochs": args.pretrain_epochs})
+        result["train"] = train(url, "textdiff", {"max_epochs": args.epochs})
+        masks, items, seconds = segment_over_rest(url, args.data / "test")
+    finally:
+        server.terminate()
+        server.wait(60)
+    result["rest"] = {**score_masks(masks, items, 2)["mean"], "seconds": seconds, "images": len(items)}
+    cli = subprocess.run([sys.executable, "-m", "textdiff.cli", "evaluate", "--model", str(model_dir / "textdiff.pt"),
+                          "--data", str(args.data / "test"), "--device", "cpu"], capture_output=True, text=True, check=True)
+    result["cli"] = json.loads(cli.stdout.strip().splitlines()[-1])
+    for part in ("train", "pretrain"):
+        result.get(part, {}).pop("history", None)
+    (args.out / "rest_loop.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps({"rest": result["rest"], "cli": result["cli"]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
