@@ -4,8 +4,9 @@
 # 30 labeled images, Test as the 14 test images), pretrain a colour backbone on the pool's images, then TextDiff, its
 # ablations and a MONAI UNet from scratch at 5, 10 and all 30 labels, one process per label count and seed, and one
 # table and plot beside the published full-label figures.
-#   DATA (../shared/data/MoNuSeg), OUT (runs/monuseg), PRETRAIN_EPOCHS (60), SEEDS ("0 1 2"), LABELS ("5 10 30"),
-#   JOBS (benchmark processes at once, 1), SET (extra --set options, e.g. "head.dim=32")
+#   DATA (../shared/data/MoNuSeg), OUT (runs/monuseg), PRETRAIN_EPOCHS (40), SEEDS ("0 1 2"), LABELS ("5 10 30"),
+#   STEPS (optimizer steps per run, every method alike: 1200), JOBS (benchmark processes at once, 1; each uses
+#   OMP_NUM_THREADS threads), SET (extra --set options, e.g. "head.dim=32")
 # Run with the textdiff environment (bash scripts/setup.sh). Finished runs are kept: running it again resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,13 +27,13 @@ if [ ! -f "$OUT/test/reports.csv" ]; then
 fi
 # colour images give a colour backbone; 1000² tiles are read as 128² windows of a 512² grid (recorded in tiling.json)
 [ -f "$OUT/backbone/unet/config.json" ] || textdiff -v pretrain --data "$OUT/train" --out "$OUT/backbone" \
-  --epochs "${PRETRAIN_EPOCHS:-60}" --batch-size 16 --lr 3e-4
+  --epochs "${PRETRAIN_EPOCHS:-40}" --batch-size 16 --lr 3e-4
 
 run() {  # one label count and seed; skipped when its results are complete
   local folder="$OUT/bench/$1-labels-seed-$2"
   if ! grep -q '"summary"' "$folder/results.json" 2>/dev/null; then
     textdiff benchmark --data "$OUT" --backbone "$OUT/backbone" --labels "$1" --seeds "$2" --out "$folder" \
-      --skip-timing ${SET:+--set $SET} > "$folder.log" 2>&1
+      --steps "${STEPS:-1200}" --skip-timing ${SET:+--set $SET} > "$folder.log" 2>&1
   fi
 }
 mkdir -p "$OUT/bench"

@@ -181,3 +181,31 @@ def test_benchmark_summary_merges_runs_of_separate_processes(tmp_path, capsys):
     (second / "results.json").write_text(json.dumps(dict(other, backbone="elsewhere")))
     assert main(["benchmark-summary", str(first), str(second), "--out", str(out)]) == 2
     assert "different backbones" in capsys.readouterr().err
+
+
+def test_an_imported_colour_set_benchmarks_through_windows(tmp_path, h):
+    """A set imported with final labels (no train-groundtruth/), colour tiles larger than the window: every method
+    trains on windows and is scored on the tiles' own grids, Dice and IoU."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 4), ("test", 2)):
+        (tmp_path / "set" / split / "labels" / "final").mkdir(parents=True)
+        for n in range(count):
+            mask = np.zeros((40, 50), np.uint8)
+            mask[5 + 3 * n : 20 + 3 * n, 8:30] = 1
+            tile = np.clip(np.array([[230, 200, 220], [90, 40, 140]], np.uint8)[mask] + rng.normal(0, 10, (40, 50, 3)),
+                           0, 255).astype(np.uint8)
+            Image.fromarray(tile).save(tmp_path / "set" / split / f"{split}_{n}.tif")
+            Image.fromarray(mask).save(tmp_path / "set" / split / "labels" / "final" / f"{split}_{n}.png")
+    cfg = h.tiny_config()
+    cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, in_channels=3, max_windows=4))
+    settings = benchmark.BenchmarkSettings(label_counts=(4,), seeds=(0,), steps=2, methods=("textdiff", "unet"),
+                                           timing=False)
+    result = benchmark.run_benchmark(tmp_path / "set", None, tmp_path / "out", settings, cfg)
+    assert {row["method"] for row in result["rows"]} == {"textdiff", "unet"}
+    for row in result["rows"]:
+        assert set(row["per_image_dice"]) == {"test_0", "test_1"}
+        assert 0 <= row["iou"] <= row["dice"] <= 1
+    assert (tmp_path / "out" / "dice_vs_labels.png").is_file()

@@ -179,3 +179,17 @@ def test_attention_size_must_be_positive():
 
     with pytest.raises(ValueError, match="attention_size"):
         HeadConfig(attention_size=0)
+
+
+@pytest.mark.parametrize("full_resolution", [False, True])
+def test_the_classifier_runs_at_the_finest_scale_or_at_the_window_size(h, full_resolution):
+    import dataclasses
+
+    cfg = dataclasses.replace(h.tiny_config().head, full_resolution=full_resolution)
+    head = TextDiffHead([48, 24], 8, cfg, out_size=32).eval()
+    seen = []
+    head.classifier.register_forward_pre_hook(lambda _module, args: seen.append(tuple(args[0].shape[-2:])))
+    features = [torch.randn(2, 48, 8, 8), torch.randn(2, 24, 16, 16)]
+    logits = head(features, torch.randn(2, 4, 8), torch.ones(2, 4, dtype=torch.bool))
+    assert logits.shape == (2, 2, 32, 32)
+    assert seen == [(32, 32) if full_resolution else (16, 16)]

@@ -84,8 +84,10 @@ class HeadConfig:
     attention_size: int | None = None
     head_channels: tuple[int, ...] = (32, 16)
     # True: every fused scale is upsampled to the window size and the classifier runs there, as DDPM-Seg and the
-    # TextDiff code do; False: it runs at the finest hooked scale and its logits are upsampled (cheaper, coarser).
-    full_resolution: bool = True
+    # TextDiff code do; False: it runs at the finest hooked scale and its logits are upsampled. False by measurement:
+    # with the default feature layers (none at the window's own size) True costs about 4x per step on a CPU and did
+    # not score higher (docs/results/monuseg.md).
+    full_resolution: bool = False
 
     def __post_init__(self):
         if self.attention_size is not None and self.attention_size < 1:
