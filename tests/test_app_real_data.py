@@ -62,6 +62,14 @@ def client(deployment):
         yield test_client
 
 
+@pytest.fixture(scope="module")
+def trained(client):
+    """The head trained once over REST, for every test that segments."""
+    response = client.post("/train/textdiff?run_sync=true", json={"max_epochs": 2})
+    assert response.status_code == 200, response.text
+    return client
+
+
 def _mask(response, suffix: str) -> np.ndarray:
     path = Path(f"/tmp/textdiff-real-{id(response)}{suffix}")
     path.write_bytes(response.content)
@@ -71,10 +79,8 @@ def _mask(response, suffix: str) -> np.ndarray:
         path.unlink()
 
 
-def test_named_classes_are_trained_and_served(client, deployment):
+def test_named_classes_are_trained_and_served(client, trained):
     assert client.get("/info/").json()["labels"] == list(LABELS)
-    trained = client.post("/train/textdiff?run_sync=true", json={"max_epochs": 2})
-    assert trained.status_code == 200, trained.text
     info = client.get("/info/").json()
     assert info["models"]["textdiff"]["labels"] == LABELS
     response = client.post("/infer/textdiff?image=tile_0&output=image",
@@ -87,7 +93,7 @@ def test_named_classes_are_trained_and_served(client, deployment):
     assert set(result["label_colors"]) == set(LABELS) and result["label_colors"]["nucleus"] != result["label_colors"]["stroma"]
 
 
-def test_a_sixteen_bit_png_and_a_tiff_volume_are_segmented(client):
+def test_a_sixteen_bit_png_and_a_tiff_volume_are_segmented(client, trained):
     grey = client.post("/infer/textdiff?image=grey16&output=image",
                        data={"params": json.dumps({"result_extension": ".png"})})
     assert grey.status_code == 200, grey.text
@@ -107,7 +113,7 @@ def test_labels_of_the_third_class_are_accepted_and_unknown_ones_refused(client,
     assert client.delete("/datastore/label?id=tile_5&tag=final").status_code == 200
 
 
-def test_the_volume_is_scored_and_offered_by_active_learning(client):
+def test_the_volume_is_scored_and_offered_by_active_learning(client, trained):
     scored = client.post("/scoring/textdiff_uncertainty?run_sync=true")
     assert scored.status_code == 200, scored.text
     for key in ("tile_4", "tile_5", "grey16", "stack"):
@@ -118,7 +124,7 @@ def test_the_volume_is_scored_and_offered_by_active_learning(client):
     assert picks == {"tile_4", "tile_5", "grey16", "stack"}
 
 
-def test_a_model_of_other_classes_is_not_served_under_new_names(deployment, tmp_path):
+def test_a_model_of_other_classes_is_not_served_under_new_names(trained, deployment):
     from lib.configs.textdiff import TextDiffTaskConfig
 
     from app_fixtures import APP_DIR
@@ -127,3 +133,18 @@ def test_a_model_of_other_classes_is_not_served_under_new_names(deployment, tmp_
     with pytest.raises(ValueError, match=r"segments \['nucleus', 'stroma'\], not the configured labels \['gland'\]"):
         config.init("textdiff", str(deployment["model_dir"]), {**deployment["conf"], "labels": "gland"}, None,
                     app_dir=str(APP_DIR))
+
+
+def test_the_served_mask_equals_the_librarys_for_the_same_weights(client, trained, deployment):
+    """What the REST loop measures on MoNuSeg: infer over REST and `textdiff predict` agree pixel for pixel."""
+    from textdiff.data import read_image
+    from textdiff.inference import segment_image
+    from textdiff.model import load_checkpoint
+
+    response = client.post("/infer/textdiff?image=tile_4&output=image",
+                           data={"params": json.dumps({"result_extension": ".png"})})
+    assert response.status_code == 200, response.text
+    served = np.asarray(Image.open(io.BytesIO(response.content)))
+    model = load_checkpoint(deployment["model_dir"] / "textdiff.pt")
+    library = segment_image(model, read_image(deployment["studies"] / "tile_4.tif", "image"), REPORT)
+    assert np.array_equal(served.T, library[0].numpy())
