@@ -6,7 +6,7 @@
 # table and plot beside the published full-label figures.
 #   DATA (../shared/data/MoNuSeg), OUT (runs/monuseg), PRETRAIN_EPOCHS (40), SEEDS ("0 1 2"), LABELS ("5 10 30"),
 #   STEPS (optimizer steps per run, every method alike: 1200), JOBS (benchmark processes at once, 1; each uses
-#   OMP_NUM_THREADS threads), SET (extra --set options, e.g. "head.dim=32")
+#   OMP_NUM_THREADS threads), METHODS (default: all five), SET (extra --set options, e.g. "head.dim=32")
 # Run with the textdiff environment (bash scripts/setup.sh). Finished runs are kept: running it again resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,7 +33,7 @@ run() {  # one label count and seed; skipped when its results are complete
   local folder="$OUT/bench/$1-labels-seed-$2"
   if ! grep -q '"summary"' "$folder/results.json" 2>/dev/null; then
     textdiff benchmark --data "$OUT" --backbone "$OUT/backbone" --labels "$1" --seeds "$2" --out "$folder" \
-      --steps "${STEPS:-1200}" --skip-timing ${SET:+--set $SET} > "$folder.log" 2>&1
+      --steps "${STEPS:-1200}" --skip-timing ${METHODS:+--methods $METHODS} ${SET:+--set $SET} > "$folder.log" 2>&1
   fi
 }
 mkdir -p "$OUT/bench"
