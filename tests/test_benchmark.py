@@ -173,6 +173,11 @@ def test_benchmark_summary_merges_runs_of_separate_processes(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "seeds: [0, 1]" in printed and "| TextDiff (pretrained backbone + report) | 0.625 ± 0.125 |" in printed
     assert (out / "dice_vs_labels.png").stat().st_size > 0
+    # a method with fewer seeds than the others says so in its cell
+    assert main(["benchmark-summary", str(first), str(unet), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| TextDiff (pretrained backbone + report) | 0.750 ± 0.000 (1 seed) |" in printed
+    assert "| MONAI UNet from scratch | 0.300 ± 0.100 |" in printed
     # a run found in two folders, or runs on different backbones, are refused
     again = _results(tmp_path / "td-0-again", "textdiff", {0: images})
     assert main(["benchmark-summary", str(first), str(again), "--out", str(out)]) == 2

@@ -10,6 +10,7 @@ With `train.report_weight` > 0 the pool's other images (neither labeled nor heal
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -292,11 +293,11 @@ def summarise_rows(rows: list[dict], out: Path, title: str = "test Dice vs label
     out.mkdir(parents=True, exist_ok=True)
     plot_curves({METHODS[m]: by for m, by in summary.items()}, out / "dice_vs_labels.png", "labeled training images",
                 title, references)
-    counts = tuple(sorted({row["labels"] for row in rows}))
+    counts, seeds = tuple(sorted({row["labels"] for row in rows})), _seed_counts(rows)
     print(f"seeds: {sorted({row['seed'] for row in rows})}")
-    print("Dice\n" + format_table(summary, counts))
+    print("Dice\n" + format_table(summary, counts, seeds))
     if all("iou" in row for row in rows):
-        print("IoU\n" + format_table(_summarise(rows, "iou"), counts))
+        print("IoU\n" + format_table(_summarise(rows, "iou"), counts, seeds))
     return summary
 
 
@@ -336,13 +337,25 @@ def _summarise(rows: list[dict], metric: str = "dice") -> dict[str, dict[int, tu
     return {m: {n: (statistics.mean(v), statistics.pstdev(v)) for n, v in by.items()} for m, by in summary.items()}
 
 
-def format_table(summary: dict, counts: tuple[int, ...]) -> str:
+def _seed_counts(rows: list[dict]) -> dict[tuple[str, int], int]:
+    """How many seeds each (method, label count) cell of the table averages."""
+    return collections.Counter((row["method"], row["labels"]) for row in rows)
+
+
+def format_table(summary: dict, counts: tuple[int, ...], seeds: dict[tuple[str, int], int] | None = None) -> str:
+    """Mean ± sd per method and label count; a cell averaging fewer seeds than the fullest cell says how many."""
+    most = max(seeds.values()) if seeds else 0
     header = "| method | " + " | ".join(f"{n} labels" for n in counts) + " |"
     lines = [header, "|" + "---|" * (len(counts) + 1)]
     for method, by in summary.items():
-        cells = [f"{by[n][0]:.3f} ± {by[n][1]:.3f}" if n in by else "-" for n in counts]
+        cells = [f"{by[n][0]:.3f} ± {by[n][1]:.3f}" + _fewer(seeds, most, method, n) if n in by else "-" for n in counts]
         lines.append(f"| {METHODS[method]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _fewer(seeds: dict | None, most: int, method: str, labels: int) -> str:
+    count = seeds[method, labels] if seeds else most
+    return f" ({count} seed{'s' if count > 1 else ''})" if count < most else ""
 
 
 def _timings(model: TextDiffModel, pool: list[dict], test: list[dict], cfg: TextDiffConfig,
