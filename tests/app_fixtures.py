@@ -5,7 +5,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -36,6 +40,42 @@ def make_deployment(root: Path, tiny_config) -> dict:
             "conf_json": json.dumps(conf)}
 
 
+@dataclasses.dataclass
+class Server:
+    url: str
+    pid: int
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(root: Path, deployment: dict, env: dict | None = None, conf: dict | None = None):
+    """A real `monailabel start_server` on 127.0.0.1 for `deployment`, as the README starts it; yields its URL and
+    process id (its background jobs are its child processes)."""
+    port = free_port()
+    venv_bin = Path(sys.executable).parent
+    args = [arg for key, value in {**deployment["conf"], **(conf or {})}.items() for arg in ("--conf", key, value)]
+    env = {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}",
+           "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "TEXTDIFF_TEST_THREADS": "1", **(env or {})}
+    log_path = root / f"server-{port}.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [str(venv_bin / "monailabel"), "start_server", "--app", str(APP_DIR), "--studies",
+             str(deployment["studies"]), "--host", "127.0.0.1", "--port", str(port), *args],
+            stdout=log, stderr=subprocess.STDOUT, env=env)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_until_serving(process, url, log_path)
+            yield Server(url, process.pid)
+        finally:
+            process.terminate()
+            process.wait(30)
+
+
 def wait_until_serving(process, url: str, log: Path, seconds: float = 240) -> None:
     """Wait for a started `monailabel start_server` to answer /info/; fail with its log if it dies or hangs."""
     import pytest
@@ -44,7 +84,7 @@ def wait_until_serving(process, url: str, log: Path, seconds: float = 240) -> No
     deadline = time.time() + seconds
     while time.time() < deadline:
         try:
-            if requests.get(f"{url}/info/", timeout=5).status_code == 200:
+            if requests.get(f"{url}/info/", timeout=5).status_code in (200, 401):  # 401: serving, with login
                 return
         except requests.ConnectionError:
             pass

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,35 +13,15 @@ import pytest
 import requests
 
 sys.path.insert(0, str(Path(__file__).parent))
-from app_fixtures import APP_DIR, make_deployment, wait_until_serving  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from app_fixtures import APP_DIR, make_deployment, running_server  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, h):
     root = tmp_path_factory.mktemp("server")
     deployment = make_deployment(root, h.tiny_config)
-    port = _free_port()
-    venv_bin = Path(sys.executable).parent
-    conf = [arg for key, value in deployment["conf"].items() for arg in ("--conf", key, value)]
-    env = {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}",
-           "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "TEXTDIFF_TEST_THREADS": "1"}
-    log = open(root / "server.log", "w")
-    process = subprocess.Popen(
-        [str(venv_bin / "monailabel"), "start_server", "--app", str(APP_DIR), "--studies",
-         str(deployment["studies"]), "--host", "127.0.0.1", "--port", str(port), *conf],
-        stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    wait_until_serving(process, url, root / "server.log")
-    yield {"url": url, **deployment}
-    process.terminate()
-    process.wait(30)
-    log.close()
+    with running_server(root, deployment) as running:
+        yield {"url": running.url, **deployment}
 
 
 def _geometry(image) -> tuple:
@@ -148,9 +125,14 @@ def test_background_scoring_stores_an_uncertainty_for_every_unlabeled_image(serv
     objects = requests.get(f"{url}/datastore/?output=all", timeout=30).json()["objects"]
     unlabeled = [key for key, obj in objects.items() if "final" not in obj.get("labels", {})]
     assert unlabeled
-    for key in unlabeled:
-        info = requests.get(f"{url}/datastore/image/info?image={key}", timeout=30).json()
-        assert 0.0 <= info["textdiff_uncertainty"] <= 1.0
+    # the job writes the scores into the datastore file; the server's copy reloads when it sees the file change
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        infos = [requests.get(f"{url}/datastore/image/info?image={key}", timeout=30).json() for key in unlabeled]
+        if all("textdiff_uncertainty" in info for info in infos):
+            break
+        time.sleep(1)
+    assert all(0.0 <= info["textdiff_uncertainty"] <= 1.0 for info in infos), infos
     picked = requests.post(f"{url}/activelearning/uncertainty", timeout=60).json()
     assert picked["id"] in unlabeled
 

@@ -162,6 +162,8 @@ def test_half_precision_weights_take_half_the_space_and_load_as_float32(tmp_path
         assert x.dtype == torch.float32 and torch.allclose(x, y, atol=1e-2)
 
 
-def test_load_diffusion_of_missing_folder_raises_file_not_found(tmp_path):
-    with pytest.raises(FileNotFoundError, match="textdiff pretrain"):
+def test_a_missing_backbone_folder_is_named_and_never_looked_up_on_the_hub(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no diffusion backbone folder .*nothing-here.* write hf:"):
         load_diffusion(str(tmp_path / "nothing-here"))
+    with pytest.raises(FileNotFoundError, match="no diffusion backbone folder 'runs/gpu/small-extra'"):
+        load_diffusion("runs/gpu/small-extra")  # also a valid hub id: only hf:runs/gpu/small-extra would ask the hub

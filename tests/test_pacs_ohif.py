@@ -23,8 +23,7 @@ from textdiff.data import read_studies, write_reports
 from textdiff.dicom import seg_to_mask, uid_for
 
 sys.path.insert(0, str(Path(__file__).parent))
-from app_fixtures import APP_DIR, wait_until_serving  # noqa: E402
-from test_app_server import _free_port  # noqa: E402
+from app_fixtures import free_port, running_server  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +55,7 @@ def _listening(port: int) -> list[str]:
 @pytest.fixture(scope="module")
 def pacs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("orthanc")
-    port = _free_port()
+    port = free_port()
     _orthanc("start", folder, str(port))
     yield {"url": f"http://127.0.0.1:{port}/dicom-web", "port": port, "folder": folder}
     _orthanc("stop", folder)
@@ -90,21 +89,9 @@ def studies(tmp_path_factory, pacs):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, pacs, studies):
     root = tmp_path_factory.mktemp("pacs-server")
-    port = _free_port()
-    venv_bin = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}",
-           "MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
-    log = open(root / "server.log", "w")
-    process = subprocess.Popen(
-        [str(venv_bin / "monailabel"), "start_server", "--app", str(APP_DIR), "--studies", pacs["url"],
-         "--host", "127.0.0.1", "--port", str(port), "--conf", "model_dir", str(root / "model"),
-         "--conf", "epochs", "1"], stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    wait_until_serving(process, url, root / "server.log")
-    yield url
-    process.terminate()
-    process.wait(30)
-    log.close()
+    deployment = {"studies": pacs["url"], "conf": {"model_dir": str(root / "model"), "epochs": "1"}}
+    with running_server(root, deployment) as running:
+        yield running.url
 
 
 def _series(key: str) -> str:

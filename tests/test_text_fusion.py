@@ -56,7 +56,7 @@ def test_text_encoder_is_frozen(text_encoder):
 
 
 def test_missing_text_encoder_raises_file_not_found(tmp_path):
-    with pytest.raises(FileNotFoundError, match="cannot load text encoder"):
+    with pytest.raises(FileNotFoundError, match="no text encoder folder .*no-encoder"):
         TextEncoder(TextConfig(encoder=str(tmp_path / "no-encoder")))
 
 

@@ -1,31 +1,32 @@
 """TextDiff Label: a MONAI Label app that segments images from a frozen diffusion backbone and their reports.
 
-Start it with `monailabel start_server --app apps/textdiff --studies sample-data/train`. Settings are `--conf key
-value` pairs (see lib/configs/settings.py and the README). The model code lives in the `textdiff` package; this
-app only wires it into MONAI Label, and turns bad client input into 4xx answers.
+Start it with `monailabel start_server --app apps/textdiff --studies sample-data/train --host 127.0.0.1`. Settings
+are `--conf key value` pairs (see lib/configs/settings.py and the README). The model code lives in the `textdiff`
+package; this app only wires it into MONAI Label, turns bad client input into 4xx answers, and serves its own
+versions of the endpoints MONAI Label ships unsafe (lib/endpoints).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import tempfile
-from pathlib import Path
 
 import monailabel
 import torch
+from lib import endpoints
 from lib.configs.cdm import CDMTaskConfig
 from lib.configs.textdiff import TextDiffTaskConfig
 from lib.datastore import ReportDatastore
 from lib.dicomweb import ReportDICOMwebDatastore, cache_folder
 from lib.errors import bad_request, check_id, not_found
+from lib.endpoints.infer import UPLOAD
 from lib.trainers.textdiff import pseudo_labeled_cases
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 from textdiff.cdm import image_level_label
-from textdiff.data import read_studies
+from textdiff.data import ImageLimits, read_studies, set_image_limits
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class MyApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
         self.model = TextDiffTaskConfig()
         self.model.init(MODEL, os.path.join(app_dir, "model"), conf, None, app_dir=app_dir)
+        set_image_limits(ImageLimits(self.model.settings.max_image_pixels, self.model.settings.max_volume_voxels))
         self.cdm = CDMTaskConfig()
         self.cdm.init(CDM, os.path.join(app_dir, "model"), conf, None, app_dir=app_dir,
                       backbone_for_training=self.model.backbone_for_training, labels=self.model.labels)
@@ -69,6 +71,19 @@ class MyApp(MONAILabelApp):
     def init_scoring_methods(self):
         return self.model.scoring_method()
 
+    def server_mode(self, mode: bool):
+        """Called once the server starts: the app's own endpoints replace MONAI Label's unsafe ones (lib/endpoints)."""
+        super().server_mode(mode)
+        if mode:
+            from monailabel.app import app as server  # the FastAPI app: imported only by a server, not by its jobs
+
+            conf = self.model.settings
+            origins = [o.strip() for o in conf.cors_origins.split(",") if o.strip()]
+            endpoints.install(server, max_upload_bytes=conf.max_upload_mb << 20,
+                              infer_workers=max(1, conf.infer_workers), infer_queue=max(0, conf.infer_queue),
+                              cors_origins=origins or [str(o) for o in settings.MONAI_LABEL_CORS_ORIGINS],
+                              pacs=self.studies.startswith(("http://", "https://")))
+
     # --- request checks: clear 4xx answers instead of MONAI Label's 500s --------------------------------------
     def infer(self, request, datastore=None):
         model = request.get("model")
@@ -79,7 +94,7 @@ class MyApp(MONAILabelApp):
         image = request.get("image")
         if not isinstance(image, str) or not image:
             raise bad_request("say which image to segment: ?image=<id>")
-        if not _is_upload(image):
+        if image != request.get(UPLOAD):  # only the endpoint sets it, for the file of this very request
             check_id(image)
             if image not in self.datastore().list_images():
                 raise not_found(f"no image '{image}' in the datastore")
@@ -92,6 +107,7 @@ class MyApp(MONAILabelApp):
         MONAI Label 0.8.5 spreads batch jobs over GPUs by default and divides by zero on a CPU-only server."""
         if request.get("model") not in self._infers:
             raise not_found(f"no model '{request.get('model')}': available are {sorted(self._infers)}")
+        request = {key: value for key, value in request.items() if not key.startswith("_")}  # server-set keys
         if not torch.cuda.is_available():
             request = {**request, "multi_gpu": False, "device": "cpu"}
         return super().batch_infer(request, datastore)
@@ -128,9 +144,4 @@ class MyApp(MONAILabelApp):
                               f"('{self.cdm.cfg.healthy_class}') and abnormal images; found {sorted(found) or 'none'}. "
                               "Set them with PUT /datastore/image/info {\"image_label\": ...} or in the reports")
 
-
-def _is_upload(image: str) -> bool:
-    """MONAI Label stores an uploaded image as /tmp/tmpXXXXXXXX.<ext>; any other path is refused."""
-    path = Path(image)
-    return path.parent == Path(tempfile.gettempdir()) and path.name.startswith("tmp") and path.is_file()
 

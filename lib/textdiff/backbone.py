@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
+from . import sources
 from .config import BackboneConfig
 
 
@@ -60,17 +61,19 @@ def load_diffusion(source: str) -> tuple[UNet2DModel, DDPMScheduler]:
     beside it (as in google/ddpm-* checkpoints). Weights stored in half precision (as shipped, to halve the download)
     are upcast to float32: half-precision convolutions are slow or missing on CPUs.
     """
+    source, hub = sources.resolve(source, "diffusion backbone")
     try:
         if Path(source, "unet").is_dir():
-            unet = UNet2DModel.from_pretrained(source, subfolder="unet", torch_dtype=torch.float32)
-            scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler")
+            unet = UNet2DModel.from_pretrained(source, subfolder="unet", torch_dtype=torch.float32,
+                                               local_files_only=not hub)
+            scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", local_files_only=not hub)
         else:
-            unet = UNet2DModel.from_pretrained(source, torch_dtype=torch.float32)
-            scheduler = DDPMScheduler.from_pretrained(source)
+            unet = UNet2DModel.from_pretrained(source, torch_dtype=torch.float32, local_files_only=not hub)
+            scheduler = DDPMScheduler.from_pretrained(source, local_files_only=not hub)
     except (OSError, ValueError) as err:
         raise FileNotFoundError(
             f"cannot load a diffusers UNet2DModel + DDPMScheduler from '{source}': {err}. "
-            "Pass a folder written by `textdiff pretrain` or a diffusers checkpoint (folder or hub id)."
+            "Pass a folder written by `textdiff pretrain` or a diffusers checkpoint (folder, or hf:<hub id>)."
         ) from err
     return unet, scheduler
 

@@ -311,8 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", nargs="*", action="extend", metavar=f"{section}.NAME=VALUE", help=f"e.g. {example}")
 
     def model_options(p):
-        p.add_argument("--backbone", help="diffusers folder or hub id of the pretrained UNet (default: random init)")
-        p.add_argument("--text-encoder", help="transformers folder or hub id (default: packaged all-MiniLM-L6-v2)")
+        p.add_argument("--backbone", help="diffusers folder (or hf:<hub id>) of the pretrained UNet (default: random init)")
+        p.add_argument("--text-encoder", help="transformers folder or hf:<hub id> (default: packaged all-MiniLM-L6-v2)")
         set_option(p, "SECTION", "train.epochs=20")
         p.add_argument("--device", default="cuda" if _cuda() else "cpu")
 
@@ -383,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--text-encoder", help="transformers folder or hub id (default: packaged all-MiniLM-L6-v2)")
+    p.add_argument("--text-encoder", help="transformers folder or hf:<hub id> (default: packaged all-MiniLM-L6-v2)")
     set_option(p, "synth", "synth.image_size=64")
 
     p = command("synthesize", cmd_synthesize, "synthetic image-mask pairs of the labeled images, plus a contact sheet")

@@ -15,7 +15,7 @@ from typing import Any
 class BackboneConfig:
     """The frozen diffusion UNet and how features are read out of it."""
 
-    # Diffusers folder or hub id of a pretrained UNet2DModel (+ scheduler); None builds the architecture below.
+    # Diffusers folder (or hf:<hub id>) of a pretrained UNet2DModel (+ scheduler); None builds the architecture below.
     pretrained: str | None = None
     image_size: int = 128
     # None: taken from the data when pretraining from scratch (colour images give a colour backbone), else 1.

@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import csv
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel
+import nrrd
 import numpy as np
+import PIL.Image
+import pydicom
 import torch
 from monai.data import MetaTensor
 from monai.transforms import LoadImage, Resize, ScaleIntensityRangePercentiles
@@ -30,6 +35,26 @@ MAX_REPORT_CHARS = 2000
 
 class DataError(ValueError):
     """Bad input data, with a message that says which file and what is wrong."""
+
+
+class ImageTooLarge(DataError):
+    """An image whose header promises more pixels than the reader may decode (a server answers 413)."""
+
+
+@dataclass
+class ImageLimits:
+    """The largest image any reader decodes, checked on the file's header first: a 164 KB PNG can hold 13000x13000
+    pixels, which would take gigabytes to decode and segment. A server sets its own with `set_image_limits`."""
+
+    max_plane_pixels: int = 40_000_000  # a 2D image or a volume's largest plane: about 6300x6300
+    max_voxels: int = 600_000_000  # a whole volume: 512x512x2048 fits
+
+
+LIMITS = ImageLimits()
+
+
+def set_image_limits(limits: ImageLimits) -> None:
+    LIMITS.max_plane_pixels, LIMITS.max_voxels = limits.max_plane_pixels, limits.max_voxels
 
 
 @dataclass(frozen=True)
@@ -86,7 +111,7 @@ def write_reports(folder: str | Path, rows: dict[str, tuple[str, str | None]], n
     path = Path(folder) / REPORTS_FILE
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
+        writer = csv.writer(handle, lineterminator="\n")  # the line endings the file was made with
         writer.writerow(REPORT_COLUMNS)
         for key in sorted(rows):
             report, label = rows[key]
@@ -137,10 +162,45 @@ def read_image(path: Path, what: str) -> MetaTensor:
     """Load one file channel-first, 2D or 3D; any reader failure becomes a DataError naming the file."""
     if not Path(path).is_file():
         raise DataError(f"{what} file '{path}' does not exist")
+    check_extent(Path(path), what)
     try:
         return _loader()(str(path))
     except Exception as err:  # readers raise many types for corrupt files
         raise DataError(f"cannot read {what} '{path}': it is corrupt or not a supported image ({err})") from err
+
+
+def image_extent(path: Path) -> tuple[int, ...]:
+    """The spatial size a file's header declares, read without decoding its pixels."""
+    name = path.name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        return tuple(int(s) for s in nibabel.load(path).header.get_data_shape()[:3])
+    if name.endswith(".nrrd"):
+        header = nrrd.read_header(str(path))
+        return tuple(int(s) for s in header["sizes"][-int(header["dimension"]):])[-3:]
+    if name.endswith(".dcm"):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        return int(ds.Rows), int(ds.Columns), int(getattr(ds, "NumberOfFrames", 1) or 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+        with PIL.Image.open(path) as img:
+            return img.size[1], img.size[0], int(getattr(img, "n_frames", 1))
+
+
+def check_extent(path: Path, what: str) -> None:
+    """Refuse, before decoding, an image larger than `LIMITS` (ImageTooLarge); a header nobody can read is left to
+    the reader, which names the file in its error."""
+    try:
+        extent = image_extent(path)
+    except PIL.Image.DecompressionBombError as err:
+        raise ImageTooLarge(f"{what} '{path.name}' is too large to read: {err}") from err
+    except Exception:  # noqa: BLE001 - corrupt or unusual headers: the full reader reports them
+        return
+    largest = sorted(extent, reverse=True)
+    plane = largest[0] * (largest[1] if len(largest) > 1 else 1)
+    if plane > LIMITS.max_plane_pixels or int(np.prod(extent)) > LIMITS.max_voxels:
+        raise ImageTooLarge(
+            f"{what} '{path.name}' is {'x'.join(map(str, extent))} pixels: this reader accepts at most "
+            f"{LIMITS.max_plane_pixels:,} pixels per plane and {LIMITS.max_voxels:,} in a volume")
 
 
 def read_2d(path: Path, what: str) -> MetaTensor:

@@ -10,7 +10,7 @@ from monai.metrics import DiceMetric, MeanIoU
 from monai.networks.utils import one_hot
 from tqdm.auto import tqdm
 
-from .data import DataError, preprocess_image
+from .data import Case, DataError, preprocess_image
 from .features import FeatureCache
 from .model import TextDiffModel
 from .tiling import describe, sliding_logits
@@ -56,6 +56,12 @@ def score_masks(masks: list[torch.Tensor], items: list[dict], num_classes: int) 
         })
     mean = {key: sum(r[key] for r in rows) / len(rows) for key in ("dice", "iou")} if rows else {}
     return {"mean": mean, "images": rows}
+
+
+def dice_on_cases(model: TextDiffModel, cases: list[Case]) -> float:
+    """Mean foreground Dice of the model's masks on labeled cases, at their own size (a volume's slices count)."""
+    items = [item for case in cases for item in model.load_planes(case)]
+    return score_masks(segment_items(model, items), items, model.cfg.head.num_classes)["mean"]["dice"]
 
 
 def per_slice(image: torch.Tensor, size: int, channels: int, predict, batch_size: int = 8) -> torch.Tensor:

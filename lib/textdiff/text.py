@@ -11,6 +11,7 @@ import logging
 import torch
 from transformers import AutoModel, AutoTokenizer
 
+from . import sources
 from .config import TextConfig
 
 logger = logging.getLogger(__name__)
@@ -27,10 +28,10 @@ class TextEncoder(torch.nn.Module):
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        source = cfg.encoder or default_encoder_path()
+        source, hub = sources.resolve(cfg.encoder or default_encoder_path(), "text encoder")
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(source)
-            self.model = AutoModel.from_pretrained(source).eval().requires_grad_(False)
+            self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=not hub)
+            self.model = AutoModel.from_pretrained(source, local_files_only=not hub).eval().requires_grad_(False)
         except OSError as err:
             raise FileNotFoundError(f"cannot load text encoder '{source}': {err}") from err
         self.max_tokens = cfg.max_tokens

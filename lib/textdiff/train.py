@@ -46,6 +46,14 @@ def split_train_val(items: list[dict], fraction: float, seed: int) -> tuple[list
     return [items[i] for i in order[count:]], [items[i] for i in order[:count]]
 
 
+def selection_cases(cases: list[Case], cfg: TrainConfig) -> list[Case]:
+    """The labeled cases `train_on_cases` holds out for validation with this config (the same seeded split), or all
+    of them when it holds out none: the images two models of the same data are compared on."""
+    labeled = [c for c in cases if c.label is not None]
+    _, val = split_train_val(labeled, cfg.val_fraction, cfg.seed)
+    return val or labeled
+
+
 def dice_per_image(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Foreground Dice per image; an empty mask predicted empty scores 1 (normal images count), as in evaluation."""
     metric = DiceMetric(include_background=False, reduction="none", ignore_empty=False)

@@ -41,8 +41,7 @@ class ReportDatastore(LocalDatastore):
     def _write_report(self, image_id: str, report: object, image_label: object = None) -> None:
         with client_errors():
             report = check_report(report, f"report of image '{image_id}'")
-        if image_label is not None and not isinstance(image_label, str):
-            raise bad_request(f"image_label of '{image_id}' must be text, got {type(image_label).__name__}")
+            _check_image_label(image_label)
         with self._reports_lock:
             rows = read_reports(self._studies)
             old_label = rows.get(image_id, ("", None))[1]
@@ -76,17 +75,24 @@ class ReportDatastore(LocalDatastore):
         if info:
             super().update_image_info(image_id, info)
 
-    def add_image(self, image_id: str, image_filename: str, image_info: dict) -> str:
-        """Refuse unsafe ids and unreadable files before anything is copied."""
-        image_info = dict(image_info or {})
-        report, image_label = image_info.pop("report", None), image_info.pop("image_label", None)
+    def check_upload(self, image_filename: str, image_info: dict) -> None:
+        """An image file and its info that `add_image` would store (4xx otherwise); nothing is written."""
         name = os.path.basename(image_filename)
         if not name.lower().endswith(IMAGE_EXTENSIONS):
             raise bad_request(f"unsupported image type '{name}': use one of {', '.join(IMAGE_EXTENSIONS)}")
+        with client_errors():
+            if "report" in image_info:
+                check_report(image_info["report"], f"report of '{name}'")
+            _check_image_label(image_info.get("image_label"))
+            read_image(Path(image_filename), "image")
+
+    def add_image(self, image_id: str, image_filename: str, image_info: dict) -> str:
+        """Refuse unsafe ids, unreadable files and bad reports before anything is copied."""
+        image_info = dict(image_info or {})
         if image_id:
             check_id(image_id)
-        with client_errors():
-            read_image(Path(image_filename), "image")
+        self.check_upload(image_filename, image_info)
+        report, image_label = image_info.pop("report", None), image_info.pop("image_label", None)
         image_id = super().add_image(image_id, image_filename, image_info)
         if report is not None or image_label is not None:
             self._write_report(image_id, report or "", image_label)
@@ -110,6 +116,11 @@ class ReportDatastore(LocalDatastore):
     def get_image_uri(self, image_id: str) -> str:
         check_id(image_id)
         return super().get_image_uri(image_id)
+
+
+def _check_image_label(image_label: object) -> None:
+    if image_label is not None and (not isinstance(image_label, str) or len(image_label) > 100):
+        raise ValueError(f"image_label must be text of at most 100 characters, got {image_label!r:.40}")
 
 
 def check_label_file(image_path: Path, label_path: Path, num_classes: int) -> None:

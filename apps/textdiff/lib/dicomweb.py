@@ -94,6 +94,9 @@ class ReportDICOMwebDatastore(DICOMWebDatastore):
             raise bad_request("with a PACS, reports come from the images' DICOM (ImageComments): change them there")
         super().update_image_info(image_id, info)
 
+    def check_upload(self, image_filename: str, image_info: dict) -> None:
+        self.add_image("", image_filename, image_info)
+
     def add_image(self, image_id: str, image_filename: str, image_info: dict) -> str:
         raise bad_request("this server reads its images from a PACS: store new images there (STOW-RS, e.g. "
                           "`textdiff export-dicom --data <studies> --out <dir> --stow <dicom-web url>`)")

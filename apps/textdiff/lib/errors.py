@@ -9,10 +9,10 @@ import contextlib
 import re
 
 from fastapi import HTTPException
-from textdiff.data import DataError
+from textdiff.data import DataError, ImageTooLarge
 
-# Image ids become file names in the studies folder: no separators, no "..", no hidden files.
-SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+# Image ids become file names in the studies folder: no separators, no "..", no hidden files, not too long for one.
+SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
 
 
 def not_found(message: str) -> HTTPException:
@@ -26,16 +26,18 @@ def bad_request(message: str) -> HTTPException:
 def check_id(value: object, what: str = "image id") -> str:
     """An id that cannot name a file outside the studies folder."""
     if not isinstance(value, str) or not SAFE_ID.match(value) or ".." in value:
-        raise bad_request(f"invalid {what} {value!r}: use letters, digits, '_', '-' and '.' only")
+        raise bad_request(f"invalid {what} {value!r:.60}: use at most 128 letters, digits, '_', '-' and '.'")
     return value
 
 
 @contextlib.contextmanager
 def client_errors():
-    """Bad data or parameters (DataError, ValueError) -> 422 with the message."""
+    """Bad data or parameters (DataError, ValueError) -> 422 with the message; an image too large to read -> 413."""
     try:
         yield
     except HTTPException:
         raise
+    except ImageTooLarge as err:
+        raise HTTPException(status_code=413, detail=str(err)) from err
     except (DataError, ValueError) as err:
         raise bad_request(str(err)) from err

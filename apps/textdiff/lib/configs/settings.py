@@ -12,8 +12,8 @@ import torch
 @dataclass
 class AppSettings:
     model_dir: str = ""  # default: <app>/model
-    backbone: str = ""  # diffusers folder or hub id; default: the backbone of the current model, else the newest pretrained
-    text_encoder: str = ""  # transformers folder or hub id; default: the packaged all-MiniLM-L6-v2
+    backbone: str = ""  # diffusers folder or hf:<hub id>; default: the backbone of the current model, else the newest pretrained
+    text_encoder: str = ""  # transformers folder or hf:<hub id>; default: the packaged all-MiniLM-L6-v2
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     demo_weights: bool = True  # start from the shipped sample-data weights when the model folder is empty
     epochs: int = 100  # head training epochs (the `max_epochs` a client can change per run)
@@ -49,6 +49,17 @@ class AppSettings:
     # The classes to segment, in class order, comma-separated (class 0, the background, is implied): e.g. "nucleus"
     # or "white matter,grey matter,csf". A model trained on other classes is not served under these names.
     labels: str = "infection"
+    # Limits that keep one request from exhausting the server: request bodies (uploads, archives once unpacked), image
+    # sizes read from the file header before decoding (per 2D image or plane, and per volume), inference workers
+    # (one per device) and how many more infers may wait (then 503 with Retry-After)
+    max_upload_mb: int = 1024
+    max_image_pixels: int = 40_000_000
+    max_volume_voxels: int = 600_000_000
+    infer_workers: int = 1
+    infer_queue: int = 32
+    # Web pages of other origins allowed to call the server from a browser, comma-separated (e.g. an OHIF viewer
+    # served elsewhere: "https://viewer.example.org"); empty: MONAI_LABEL_CORS_ORIGINS, else none
+    cors_origins: str = ""
 
     @property
     def label_names(self) -> tuple[str, ...]:

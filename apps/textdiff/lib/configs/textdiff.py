@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from monailabel.interfaces.config import TaskConfig
+from textdiff import sources
 from textdiff.config import TextDiffConfig
 from textdiff.model import load_checkpoint_config
 
@@ -32,6 +33,10 @@ class TextDiffTaskConfig(TaskConfig):
         self.model_dir = Path(self.settings.model_dir)
         self.model_dir.mkdir(parents=True, exist_ok=True)
         checkpoint = self.model_dir / CHECKPOINT
+        for source, what in ((self.settings.backbone, "--conf backbone"), (self.settings.text_encoder,
+                                                                          "--conf text_encoder")):
+            if source:
+                sources.resolve(source, what)  # a missing folder stops the start here, never a download attempt
         self.cfg = TextDiffConfig()
         self.cfg.head.label_names = self.settings.label_names
         if self.settings.text_encoder:

@@ -35,6 +35,17 @@ class StatsTrainTask(TrainTask):
     def config(self) -> dict:
         return self._config
 
+    def check_params(self, params: object) -> dict:
+        """Train params as a client sends them, checked in the server process before any job starts: known names,
+        values of the config's types within sane bounds (ValueError otherwise, a 422)."""
+        if not isinstance(params, dict):
+            raise ValueError(f"train params must be a JSON object, got {type(params).__name__}")
+        unknown = sorted(set(params) - set(self._config) - CLIENT_KEYS)
+        if unknown:
+            raise ValueError(f"unknown train params {unknown}: this task takes {sorted(self._config)}")
+        return {name: _checked(name, value, self._config[name]) for name, value in params.items()
+                if name in self._config}
+
     def stats(self) -> dict:
         return json.loads(self.stats_path.read_text()) if self.stats_path.is_file() else {}
 
@@ -61,3 +72,44 @@ class StatsTrainTask(TrainTask):
         tmp.write_text(json.dumps(stats, indent=1))
         tmp.replace(self.stats_path)
         return stats
+
+
+# What MONAI Label clients (3D Slicer, OHIF) add to every train request; accepted and not used.
+CLIENT_KEYS = {"client_id", "model", "name", "pretrained", "val_batch_size", "multi_gpu", "gpus"}
+# Bounds of numeric train params: (smallest, largest); others are whole numbers or finite numbers >= 0.
+BOUNDS = {"max_epochs": (1, 100_000), "train_batch_size": (1, 4096), "val_split": (0.0, 0.9),
+          "learning_rate": (1e-9, 10.0), "embedding_learning_rate": (1e-9, 10.0)}
+TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def _checked(name: str, value: object, default: object) -> object:
+    """`value` as the type of `default`, or ValueError naming the param."""
+    kind = type(default)
+    if name == "device":
+        return _device(value)
+    if kind is bool:
+        text = str(value).lower()
+        if text not in TRUE + FALSE:
+            raise ValueError(f"train param {name} must be true or false, got {value!r}")
+        return text in TRUE
+    if kind is str:
+        if not isinstance(value, str) or len(value) > 200:
+            raise ValueError(f"train param {name} must be text of at most 200 characters")
+        return value
+    try:
+        number = kind(str(value)) if kind is int else float(str(value))
+    except ValueError:
+        raise ValueError(f"train param {name} must be a {'whole ' if kind is int else ''}number, got {value!r}") from None
+    low, high = BOUNDS.get(name, (0, float("inf")))
+    if not low <= number <= high or number != number:
+        raise ValueError(f"train param {name} must be between {low} and {high}, got {value!r}")
+    return number
+
+
+def _device(value: object) -> str:
+    """cpu, or a CUDA device this machine has."""
+    gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    known = ["cpu", *(["cuda"] if gpus else []), *gpus]
+    if value not in known:
+        raise ValueError(f"train param device must be one of {known}, got {value!r}")
+    return value

@@ -12,9 +12,10 @@ from textdiff.config import TextDiffConfig
 from textdiff.data import SYNTHETIC_MARKER, Case, DataError, image_id
 from textdiff.model import load_checkpoint_config
 from textdiff.synthetic import read_synthetic
-from textdiff.train import train_on_cases
+from textdiff.train import selection_cases, train_on_cases
 
 from ..configs.settings import AppSettings
+from ..publish import candidate_path, publish_if_better
 from .base import StatsTrainTask
 
 logger = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ class TextDiffTrain(StatsTrainTask):
              "train_batch_size": cfg.train.batch_size, "learning_rate": cfg.train.lr,
              "pseudo_labels": settings.pseudo_labels, "synthetic_ratio": settings.synthetic_ratio,
              "healthy_label": settings.healthy_label, "report_weight": settings.report_weight,
-             "obey_report": settings.obey_report},
+             "obey_report": settings.obey_report, "force": False},
             self.model_dir / "train_stats.json", settings.train_threads,
         )
         self.settings = settings
@@ -110,7 +111,8 @@ class TextDiffTrain(StatsTrainTask):
 
     def train(self, request, data: dict[str, list[Case]], backbone: str | None = None,
               base: TextDiffConfig | None = None) -> dict:
-        """Train on the labeled cases and publish the checkpoint atomically (the best epoch by validation Dice).
+        """Train on the labeled cases (the best epoch by validation Dice) and publish the result when it segments
+        the validation images at least as well as the model in service, or the request forces it (`publish`).
 
         `backbone` overrides the one `backbone_for_training` picks; `base` the config the run starts from (by
         default the current model's, so a deployment keeps its architecture; the app defaults when there is none).
@@ -119,11 +121,14 @@ class TextDiffTrain(StatsTrainTask):
         start = time.time()
         logger.info("training TextDiff on %d labeled, %d pseudo-labeled and %d healthy images, backbone %s",
                     len(data["labeled"]), len(data["pseudo"]), len(data["healthy"]), cfg.backbone.pretrained)
-        _, result = train_on_cases(data["labeled"], cfg, self.checkpoint, request["device"], progress=False,
-                                   cache_folder=self.model_dir / "feature-cache", pseudo_cases=data["pseudo"],
-                                   healthy=data["healthy"], synthetic=data["synthetic"], unlabeled=data["unlabeled"])
-        logger.info("best validation Dice %.4f at epoch %d -> %s", result.best_dice, result.best_epoch, self.checkpoint)
-        return {"total_time": round(time.time() - start, 1), "epochs": cfg.train.epochs,
+        model, result = train_on_cases(data["labeled"], cfg, candidate_path(self.checkpoint), request["device"],
+                                       progress=False, cache_folder=self.model_dir / "feature-cache",
+                                       pseudo_cases=data["pseudo"], healthy=data["healthy"],
+                                       synthetic=data["synthetic"], unlabeled=data["unlabeled"])
+        logger.info("best validation Dice %.4f at epoch %d", result.best_dice, result.best_epoch)
+        decision = publish_if_better(model, self.checkpoint, selection_cases(data["labeled"], cfg.train),
+                                     request["device"], _flag(request.get("force")))
+        return {**decision, "total_time": round(time.time() - start, 1), "epochs": cfg.train.epochs,
                 "best_metric": result.best_dice, "best_epoch": result.best_epoch, "labeled_images": len(data["labeled"]),
                 "pseudo_labeled_images": len(data["pseudo"]), "healthy_images": len(data["healthy"]),
                 "synthetic_ratio": cfg.train.synthetic_ratio, "report_weight": cfg.train.report_weight,
@@ -136,7 +141,7 @@ class TextDiffTrain(StatsTrainTask):
         backbone = backbone or self.backbone_for_training()
         if not backbone:
             raise DataError("no diffusion backbone yet: run the diffusion_pretrain task first, "
-                            "or start the server with --conf backbone <diffusers folder or hub id>")
+                            "or start the server with --conf backbone <diffusers folder or hf:hub id>")
         if base is None:
             base = load_checkpoint_config(self.checkpoint) if self.checkpoint.is_file() else self.cfg
         train = dataclasses.replace(

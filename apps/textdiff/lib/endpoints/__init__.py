@@ -1,0 +1,82 @@
+"""The app's own versions of the MONAI Label 0.8.5 endpoints that are unsafe as shipped, installed in place of them
+when the server starts (the installed package is left as it is):
+
+- uploads bounded in bytes (`BodyLimit`) and pixels (`textdiff.data.ImageLimits`), archives unpacked safely;
+- inference off the event loop on a bounded queue; train params checked before a job starts, one run at a time;
+- model files replaced only by checked uploads, by admins, with a rollback; an existing image never silently replaced;
+- CORS only for the configured origins; report texts kept out of the logs; a login whose tokens verify (`auth`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from fastapi import APIRouter, FastAPI, HTTPException
+from fastapi.middleware import Middleware
+from fastapi.middleware.cors import CORSMiddleware
+
+from monailabel.config import settings
+from monailabel.endpoints.user.auth import get_current_user
+
+from . import auth, datastore, infer, model, session, train
+from .body_limit import BodyLimit
+from .queue import WorkQueue
+
+# MONAI Label endpoints this app does not serve: whole-slide inference and deprecated aliases of the ones above;
+# and without a PACS, the DICOMweb proxy (it would forward to the studies folder's path).
+NOT_SERVED = [("/infer/wsi/{model}", "POST"), ("/infer/wsi_v2/{model}", "POST"), ("/datastore/", "PUT"),
+              ("/datastore/updatelabelinfo", "PUT"), ("/train/", "POST")]
+PROXY = [("/proxy/dicom/{path:path}", "GET"), ("/proxy/dicom/{path:path}", "POST")]
+ROUTERS = [module.router for module in (datastore, infer, model, session, train)]
+
+
+def _not_served():
+    raise HTTPException(404, "this endpoint is not served by TextDiff Label")
+
+
+def _not_served_router(pacs: bool) -> APIRouter:
+    router = APIRouter(include_in_schema=False)
+    for path, method in NOT_SERVED + ([] if pacs else PROXY):
+        router.add_api_route(path, _not_served, methods=[method])
+    return router
+
+
+def install(server: FastAPI, *, max_upload_bytes: int, infer_workers: int, infer_queue: int,
+            cors_origins: list[str], pacs: bool) -> None:
+    """Put the app's endpoints in front of MONAI Label's (the first route that matches a path and method answers),
+    and its limits and CORS rule around all of them."""
+    theirs = [route for route in server.router.routes
+              if not getattr(getattr(route, "original_router", None), "textdiff_label", False)]  # not a former install
+    server.router.routes[:] = theirs
+    for router in [*ROUTERS, _not_served_router(pacs)]:
+        router.textdiff_label = True
+        server.include_router(router)
+    server.router.routes[:] = server.router.routes[len(theirs):] + theirs
+    server.router._mark_routes_changed()  # FastAPI caches its route order by a version number
+    server.openapi_schema = None
+    if settings.MONAI_LABEL_AUTH_ENABLE:
+        server.dependency_overrides[get_current_user] = auth.current_user
+    infer.queue = WorkQueue(infer_workers, infer_queue)
+    session.max_unpacked_bytes = max_upload_bytes
+    server.user_middleware = [
+        Middleware(CORSMiddleware, allow_origins=cors_origins, allow_credentials=bool(cors_origins),
+                   allow_methods=["*"], allow_headers=["*"]),
+        Middleware(BodyLimit, max_bytes=max_upload_bytes),
+    ]
+    server.middleware_stack = server.build_middleware_stack()
+    for name in ("monailabel.tasks.infer.basic_infer", "monailabel.interfaces.app", "monailabel.endpoints.infer"):
+        logging.getLogger(name).addFilter(RedactReports())
+
+
+class RedactReports(logging.Filter):
+    """Report texts are patient data: log lines that print a request show their length instead."""
+
+    PATTERN = re.compile(r"""(['"](?:report|text|text_used)['"]:\s*)(['"])(.*?)(?<!\\)\2""")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = self.PATTERN.sub(lambda m: f"{m.group(1)}'<{len(m.group(3))} characters>'", message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True

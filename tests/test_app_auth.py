@@ -1,0 +1,104 @@
+"""Login on a real server: a small OpenID realm started here signs the tokens (as Keycloak would: the realm URL
+answers its public key), and MONAI Label's roles decide who may infer, label, train and replace the model."""
+
+from __future__ import annotations
+
+import base64
+import json
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import jwt
+import pytest
+import requests
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+sys.path.insert(0, str(Path(__file__).parent))
+from app_fixtures import make_deployment, running_server  # noqa: E402
+
+pytestmark = pytest.mark.slow
+REALM_PATH = "/realms/monailabel"
+
+
+@pytest.fixture(scope="module")
+def realm():
+    """A realm endpoint that answers its RS256 public key; yields (realm URL, token maker)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    body = json.dumps({"realm": "monailabel", "public_key": base64.b64encode(public).decode()}).encode()
+
+    class Realm(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the http.server interface
+            found = self.path.rstrip("/") == REALM_PATH
+            self.send_response(200 if found else 404)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body if found else b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Realm)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+
+    def token(user: str, *roles: str, signer=key, expires_in: float = 600) -> dict:
+        claims = {"preferred_username": user, "realm_access": {"roles": list(roles)},
+                  "exp": int(time.time() + expires_in)}
+        return {"Authorization": f"Bearer {jwt.encode(claims, signer, algorithm='RS256')}"}
+
+    yield f"http://127.0.0.1:{httpd.server_address[1]}{REALM_PATH}", token
+    httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, h, realm):
+    root = tmp_path_factory.mktemp("auth")
+    deployment = make_deployment(root, h.tiny_config)
+    env = {"MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": realm[0]}
+    with running_server(root, deployment, env=env) as running:
+        yield {"url": running.url, **deployment}
+
+
+def test_without_a_valid_token_every_endpoint_answers_401(server, realm):
+    url, token = server["url"], realm[1]
+    stranger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    for headers in ({}, token("eve", "monailabel-admin", signer=stranger),
+                    token("old", "monailabel-admin", expires_in=-60), {"Authorization": "Bearer not-a-jwt"}):
+        assert requests.get(f"{url}/info/", headers=headers, timeout=30).status_code == 401
+        assert requests.post(f"{url}/infer/textdiff?image=case_0001", headers=headers, timeout=30).status_code == 401
+        assert requests.post(f"{url}/train/textdiff", json={}, headers=headers, timeout=30).status_code == 401
+
+
+def test_an_annotator_infers_and_labels_but_may_not_train_or_touch_the_model(server, realm):
+    url = server["url"]
+    annotator = realm[1]("ann", "monailabel-annotator", "monailabel-user")
+    assert requests.get(f"{url}/info/", headers=annotator, timeout=30).status_code == 200
+    mask = requests.post(f"{url}/infer/textdiff?image=case_0004&output=image", headers=annotator, timeout=120)
+    assert mask.status_code == 200, mask.text
+    saved = requests.put(f"{url}/datastore/label?image=case_0004", headers=annotator, timeout=30,
+                         files={"label": ("case_0004.png", mask.content)})
+    assert saved.status_code == 200, saved.text
+    checkpoint = (server["model_dir"] / "textdiff.pt").read_bytes()
+    for method, path, kwargs in (("POST", "/train/textdiff", {"json": {}}),
+                                 ("PUT", "/model/textdiff", {"files": {"file": ("m.pt", checkpoint)}}),
+                                 ("DELETE", "/model/textdiff", {}), ("POST", "/model/textdiff/rollback", {}),
+                                 ("GET", "/model/textdiff", {}), ("GET", "/logs/", {})):
+        answer = requests.request(method, url + path, headers=annotator, timeout=30, **kwargs)
+        assert answer.status_code == 403, (method, path, answer.status_code, answer.text[:200])
+    assert (server["model_dir"] / "textdiff.pt").read_bytes() == checkpoint
+
+
+def test_an_admin_may_train_and_replace_the_model(server, realm):
+    url = server["url"]
+    admin = realm[1]("root", "monailabel-admin", "monailabel-annotator", "monailabel-user")
+    trained = requests.post(f"{url}/train/textdiff?run_sync=true", json={"max_epochs": 1}, headers=admin, timeout=600)
+    assert trained.status_code == 200, trained.text
+    checkpoint = (server["model_dir"] / "textdiff.pt").read_bytes()
+    replaced = requests.put(f"{url}/model/textdiff?force=true", files={"file": ("m.pt", checkpoint)}, headers=admin,
+                            timeout=120)
+    assert replaced.status_code == 200 and replaced.json()["published"], replaced.text
+    assert requests.get(f"{url}/logs/?text=true", headers=admin, timeout=30).status_code == 200
