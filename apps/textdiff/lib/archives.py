@@ -18,31 +18,25 @@ def extract(archive: Path, target: Path, max_bytes: int) -> None:
     """Unpack a tar (any compression) or zip `archive` into `target`; ArchiveError for an unsafe one."""
     if tarfile.is_tarfile(archive):
         with tarfile.open(archive) as tar:
-            members = tar.getmembers()
-            _check_size(sum(m.size for m in members), max_bytes)
-            for member in members:
-                _check_name(member.name)
+            _check([(m.name, m.size) for m in tar.getmembers()], max_bytes)
             try:
                 tar.extractall(target, filter="data")  # also refuses links that point outside and device files
             except tarfile.FilterError as err:
                 raise ArchiveError(f"refused archive member: {err}") from err
     elif zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as zipped:
-            infos = zipped.infolist()
-            _check_size(sum(i.file_size for i in infos), max_bytes)
-            for info in infos:
-                _check_name(info.filename)
+            _check([(i.filename, i.file_size) for i in zipped.infolist()], max_bytes)
             zipped.extractall(target)
     else:
         raise ArchiveError("not a tar or zip archive")
 
 
-def _check_name(name: str) -> None:
-    path = PurePosixPath(name.replace("\\", "/"))
-    if path.is_absolute() or ".." in path.parts or (path.parts and ":" in path.parts[0]):
-        raise ArchiveError(f"refused archive member '{name}': it would be written outside the archive's folder")
-
-
-def _check_size(total: int, max_bytes: int) -> None:
+def _check(members: list[tuple[str, int]], max_bytes: int) -> None:
+    """Every (name, size) stays inside the archive's folder, and all together within `max_bytes`."""
+    total = sum(size for _, size in members)
     if total > max_bytes:
         raise ArchiveError(f"the archive unpacks to {total:,} bytes: at most {max_bytes:,}")
+    for name, _ in members:
+        path = PurePosixPath(name.replace("\\", "/"))
+        if path.is_absolute() or ".." in path.parts or (path.parts and ":" in path.parts[0]):
+            raise ArchiveError(f"refused archive member '{name}': it would be written outside the archive's folder")
