@@ -89,6 +89,14 @@ def bad_requests(server: dict) -> list[tuple[str, str, str, dict, tuple[int, ...
         ("image info a string", "PUT", "/datastore/image/info?image=case_0001", {"data": {"info": '"x"'}}, (422,)),
         ("label info of an unknown label", "PUT", "/datastore/label/info?label=nope&tag=final",
          {"data": {"info": "{}"}}, (404,)),
+        ("image params a list", "PUT", "/datastore/image?image=listy",
+         {"files": {"file": ("listy.png", case)}, "data": {"params": "[]"}}, (422,)),
+        ("image info null", "PUT", "/datastore/image/info?image=case_0001", {"data": {"info": "null"}}, (422,)),
+        ("label info a list", "PUT", "/datastore/label/info?label=case_0001&tag=final", {"data": {"info": "[1]"}},
+         (422,)),
+        ("train params a list", "POST", "/train/textdiff", {"json": [1]}, (422,)),
+        ("session of a file that is no archive", "PUT", "/session/?uncompress=true",
+         {"files": {"files": ("x.tar", b"plain text")}}, (422,)),
         ("label params a number", "PUT", "/datastore/label?image=case_0001",
          {"files": {"label": ("l.png", case)}, "data": {"params": "7"}}, (422,)),
         ("300-character id", "PUT", f"/datastore/image?image={long_id}", {"files": {"file": ("a.png", case)}},
@@ -206,9 +214,14 @@ def test_sixteen_concurrent_infers_while_info_answers_quickly(server):
     assert elapsed < 16 * sequential + 5, (elapsed, sequential)
 
 
-def test_a_full_queue_answers_503_with_retry_after(tmp_path, h):
+def test_a_full_queue_answers_503_with_retry_after_and_cors_allows_configured_origins(tmp_path, h):
     deployment = make_deployment(tmp_path, h.tiny_config)
-    with running_server(tmp_path, deployment, conf={"infer_queue": "0"}) as running:
+    viewer = "https://viewer.example.org"
+    with running_server(tmp_path, deployment, conf={"infer_queue": "0", "cors_origins": viewer}) as running:
+        allowed = requests.options(f"{running.url}/info/", timeout=10, headers={
+            "Origin": viewer, "Access-Control-Request-Method": "GET"})
+        assert allowed.headers.get("access-control-allow-origin") == viewer
+
         def infer() -> requests.Response:
             return requests.post(f"{running.url}/infer/textdiff?image=case_0001&output=json", timeout=300)
 
@@ -258,11 +271,15 @@ def _wait_for_training(url: str, running: bool, seconds: float = 120) -> dict:
 def test_an_interrupted_run_leaves_the_model_in_service_as_it_was(server, how):
     url = server["url"]
     before = _mask_and_checkpoint(server)
-    started = requests.post(f"{url}/train/textdiff", json={"max_epochs": 100000}, timeout=30)
-    assert started.status_code == 200, started.text
+    answers = []
+    both = [threading.Thread(target=lambda: answers.append(
+        requests.post(f"{url}/train/textdiff", json={"max_epochs": 100000}, timeout=30))) for _ in range(2)]
+    for thread in both:
+        thread.start()
+    for thread in both:
+        thread.join()
+    assert sorted(a.status_code for a in answers) == [200, 409], [a.text for a in answers]
     _wait_for_training(url, running=True)
-    second = requests.post(f"{url}/train/textdiff", json={}, timeout=30)
-    assert second.status_code == 409, second.text
     time.sleep(float(np.random.default_rng().uniform(2, 6)))  # some epochs in
     if how == "killed":
         pids = _train_job_pids(server["pid"])

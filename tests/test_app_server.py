@@ -106,6 +106,16 @@ def test_training_without_labels_is_refused_up_front(tmp_path, h):
     clear_cache()
 
 
+def test_a_backbone_folder_that_does_not_exist_stops_the_start_with_its_name(tmp_path, h):
+    from monailabel.interfaces.utils.app import app_instance, clear_cache
+
+    deployment = make_deployment(tmp_path, h.tiny_config)
+    clear_cache()
+    with pytest.raises(FileNotFoundError, match="no --conf backbone folder 'runs/gpu/small-extra'"):
+        app_instance(str(APP_DIR), str(deployment["studies"]), {**deployment["conf"], "backbone": "runs/gpu/small-extra"})
+    clear_cache()
+
+
 def test_background_scoring_stores_an_uncertainty_for_every_unlabeled_image(server):
     url = server["url"]
     for name in ("extra_01", "extra_02"):  # the other tests label every sample image: add unlabeled ones
