@@ -330,3 +330,8 @@ def test_a_worse_run_is_not_published_a_better_one_is_and_one_request_rolls_back
     assert forced.status_code == 200 and forced.json()["published"] and checkpoint.read_bytes() == worse
     assert requests.post(f"{url}/model/textdiff/rollback", timeout=30).status_code == 200
     assert checkpoint.read_bytes() == trained
+    assert requests.delete(f"{url}/model/textdiff", timeout=30).status_code == 200
+    assert requests.post(f"{url}/infer/textdiff?image=case_0001", timeout=30).status_code == 404
+    assert requests.post(f"{url}/model/textdiff/rollback", timeout=30).status_code == 200
+    assert checkpoint.read_bytes() == trained
+    assert requests.post(f"{url}/infer/textdiff?image=case_0001", timeout=60).status_code == 200
