@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
-# Create .venv (Python 3.11) with the pinned requirements and the textdiff package; safe to run again.
+# Create .venv (Python 3.11) with the pinned requirements and the textdiff package; safe to run again. It does the
+# work only when .venv is missing or what it was made from changed (requirements, pyproject, this script): a
+# second run, such as every start of scripts/serve.sh, returns at once and needs no network.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+STAMP=.venv/.setup-done
+wanted=$(cat requirements.txt pyproject.toml scripts/setup.sh scripts/system-packages.sh | sha256sum | cut -d' ' -f1)
+if [ -x .venv/bin/python ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$wanted" ]; then
+  exit 0
+fi
 bash scripts/system-packages.sh || echo "warning: without these the PACS and OHIF tests fail (the rest works)" >&2
 PYTHON=${PYTHON:-python3.11}
 NEED_GIB=10  # the venv takes about 8.7 GiB (torch's CUDA build and its nvidia wheels, itk)
@@ -18,3 +25,4 @@ fi
 .venv/bin/python -m pip install --quiet -r requirements.txt
 .venv/bin/python -m pip install --quiet --no-deps -e .
 .venv/bin/python -c "import textdiff, monailabel, monai, diffusers, transformers; print('textdiff environment ready')"
+echo "$wanted" > "$STAMP"

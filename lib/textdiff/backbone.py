@@ -62,14 +62,13 @@ def load_diffusion(source: str) -> tuple[UNet2DModel, DDPMScheduler]:
     are upcast to float32: half-precision convolutions are slow or missing on CPUs.
     """
     source, hub = sources.resolve(source, "diffusion backbone")
+    folder = {"subfolder": "unet"} if Path(source, "unet").is_dir() else {}
     try:
-        if Path(source, "unet").is_dir():
-            unet = UNet2DModel.from_pretrained(source, subfolder="unet", torch_dtype=torch.float32,
-                                               local_files_only=not hub)
-            scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", local_files_only=not hub)
-        else:
-            unet = UNet2DModel.from_pretrained(source, torch_dtype=torch.float32, local_files_only=not hub)
-            scheduler = DDPMScheduler.from_pretrained(source, local_files_only=not hub)
+        # low_cpu_mem_usage=False says outright what diffusers does without `accelerate` (instead of a warning)
+        unet = UNet2DModel.from_pretrained(source, torch_dtype=torch.float32, local_files_only=not hub,
+                                           low_cpu_mem_usage=False, **folder)
+        scheduler = DDPMScheduler.from_pretrained(source, local_files_only=not hub,
+                                                  **({"subfolder": "scheduler"} if folder else {}))
     except (OSError, ValueError) as err:
         raise FileNotFoundError(
             f"cannot load a diffusers UNet2DModel + DDPMScheduler from '{source}': {err}. "

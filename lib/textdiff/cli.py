@@ -9,10 +9,8 @@ import logging
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from .config import TextDiffConfig, with_overrides
-from .data import DataError
+from .errors import DataError
 
 
 def _parse_set(values: list[str]) -> dict:
@@ -114,6 +112,7 @@ def cmd_cdm_train(args) -> None:
 
 
 def cmd_cdm_predict(args) -> None:
+    import numpy
     from tqdm.auto import tqdm
 
     from .cdm import image_level_label, load_cdm
@@ -129,7 +128,7 @@ def cmd_cdm_predict(args) -> None:
         mask, soft = cdm_segment(cdm, image, args.image_label or image_level_label(case, cdm.cfg))
         print(save_mask(mask, case.image, out / f"{case.id}{mask_extension(case.image)}"))
         soft_ext = ".nii.gz" if case.image.name.lower().endswith((".nii", ".nii.gz")) else ".nrrd"
-        save_mask(soft, case.image, out / "soft" / f"{case.id}{soft_ext}", dtype=np.float32)
+        save_mask(soft, case.image, out / "soft" / f"{case.id}{soft_ext}", dtype=numpy.float32)
         if soft.dim() == 3:  # 2D: pictures to check at a glance
             overlay_png(image, mask, out / "soft" / f"{case.id}_overlay.png")
             heatmap_png(image, soft, out / "soft" / f"{case.id}_heatmap.png")
@@ -314,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--backbone", help="diffusers folder (or hf:<hub id>) of the pretrained UNet (default: random init)")
         p.add_argument("--text-encoder", help="transformers folder or hf:<hub id> (default: packaged all-MiniLM-L6-v2)")
         set_option(p, "SECTION", "train.epochs=20")
-        p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+        p.add_argument("--device", default="auto", help="cpu, cuda[:N], or auto: cuda when present")
 
     p = command("make-sample-data", cmd_make_sample_data, "write the synthetic chest X-ray sample data")
     p.add_argument("--out", default="sample-data")
@@ -395,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's, 9)")
     p.add_argument("--steps", type=int, help="DDIM steps (default: the model's, 20)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--device", default="auto", help="cpu, cuda[:N], or auto: cuda when present")
 
     p = command("cdm-predict", cmd_cdm_predict, "masks and soft maps from the CDM (no pixel label needed)")
     p.add_argument("--model", required=True, help="folder written by cdm-train")
@@ -403,20 +402,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="masks here, soft maps and PNG previews in <out>/soft/")
     p.add_argument("--image-label", help="class of every image (default: its label or report; healthy -> empty mask)")
     set_option(p, "cdm", "cdm.tau=0.9 cdm.threshold=0.5")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--device", default="auto", help="cpu, cuda[:N], or auto: cuda when present")
 
     p = command("predict", cmd_predict, "segment images: mask files with the image geometry plus PNG overlays")
     p.add_argument("--model", required=True)
     p.add_argument("--images", nargs="+", required=True, help="image files or studies folders")
     p.add_argument("--out", required=True)
     p.add_argument("--text", help="report to use for every image (default: the studies folder's reports.csv)")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--device", default="auto", help="cpu, cuda[:N], or auto: cuda when present")
 
     p = command("evaluate", cmd_evaluate, "Dice and IoU per image and mean against labels/final, as JSON")
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--out", help="JSON file")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--device", default="auto", help="cpu, cuda[:N], or auto: cuda when present")
 
     p = command("benchmark", cmd_benchmark, "Dice vs number of labeled images for TextDiff, its ablations and a UNet")
     p.add_argument("--data", default="sample-data")
@@ -475,14 +474,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cuda() -> bool:
-    import torch
+def _resolve_device(args) -> None:
+    """`--device auto` (the default) becomes cuda when torch sees a GPU: torch loads only for commands that run."""
+    if getattr(args, "device", None) == "auto":
+        import torch
 
-    return torch.cuda.is_available()
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _resolve_device(args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)  # GPU decoder absence is normal
     try:

@@ -23,6 +23,7 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImage, Resize, ScaleIntensityRangePercentiles
 
 from .config import BackboneConfig
+from .errors import DataError, ImageTooLarge  # noqa: F401 - part of this module's interface
 from .tiling import to_working_grid
 
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm")
@@ -31,14 +32,6 @@ REPORTS_FILE = "reports.csv"
 SYNTHETIC_MARKER = "SYNTHETIC.json"
 REPORT_COLUMNS = ("image", "report", "label")
 MAX_REPORT_CHARS = 2000
-
-
-class DataError(ValueError):
-    """Bad input data, with a message that says which file and what is wrong."""
-
-
-class ImageTooLarge(DataError):
-    """An image whose header promises more pixels than the reader may decode (a server answers 413)."""
 
 
 @dataclass
@@ -154,7 +147,9 @@ def _loader() -> LoadImage:
     """One MONAI loader per thread (readers keep per-read state): building one sets up every reader, and MONAI's GPU
     DICOM reader logs a warning each time it is set up without a GPU (once per image, before)."""
     if not hasattr(_loaders, "load"):
-        _loaders.load = LoadImage(image_only=True, ensure_channel_first=True)
+        with warnings.catch_warnings():  # no GPU DICOM decoder is normal here: pydicom's own decoders read the files
+            warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+            _loaders.load = LoadImage(image_only=True, ensure_channel_first=True)
     return _loaders.load
 
 

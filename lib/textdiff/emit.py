@@ -180,7 +180,7 @@ def load_synth(folder: str | Path, device: str | torch.device = "cpu", **overrid
     meta = json.loads((folder / MODEL_FILE).read_text())
     cfg = SynthConfig.from_dict({**meta["synth"], **overrides})
     text_encoder = TextEncoder(TextConfig(**meta["text"]))
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", low_cpu_mem_usage=False)
     scheduler_config = DDPMScheduler.from_pretrained(folder / "scheduler").config
     denoiser = _denoiser(unet, text_encoder, cfg).to(device).eval()
     return SynthModel(denoiser, dict(scheduler_config), cfg, text_encoder)

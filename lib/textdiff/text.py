@@ -10,6 +10,7 @@ import logging
 
 import torch
 from transformers import AutoModel, AutoTokenizer
+from transformers.utils import logging as transformers_logging
 
 from . import sources
 from .config import TextConfig
@@ -29,6 +30,7 @@ class TextEncoder(torch.nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         source, hub = sources.resolve(cfg.encoder or default_encoder_path(), "text encoder")
+        transformers_logging.disable_progress_bar()  # a bar per load of a few-MB encoder says nothing
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=not hub)
             self.model = AutoModel.from_pretrained(source, local_files_only=not hub).eval().requires_grad_(False)
