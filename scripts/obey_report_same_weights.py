@@ -1,7 +1,7 @@
 """What obeying the report does to the same weights: train plain TextDiff once per seed as `textdiff benchmark` does
 (10 labels plus the pool's healthy images, text dropout 0.5, 400 steps) and score its test masks as the model draws
-them, through `obey_reports` (`head.obey_report`: the report's sides), and through two stricter rules tried in
-session 11 and not adopted, which also read the report's count of areas or its zones. A benchmark row with a rule on
+them, through `obey_reports` (`head.obey_report`: the report's sides), and through two stricter rules that
+were measured and not adopted, which also read the report's count of areas or its zones. A benchmark row with a rule on
 is a separate training, whose chosen epoch can differ; this isolates the rule.
 
     OMP_NUM_THREADS=1 python scripts/obey_report_same_weights.py --data sample-data \

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: set up .venv and serve TextDiff Label on the sample data at http://127.0.0.1:8000 for 3D Slicer and
 # OHIF. On first start the app copies its demo weights (apps/textdiff/demo/, made from sample-data by the commands in
-# the README) into apps/textdiff/model/, so /info lists a ready `textdiff` model at once.
+# docs/app.md) into apps/textdiff/model/, so /info lists a ready `textdiff` model at once.
 # STUDIES, PORT and extra `--conf key value` arguments can be changed: bash scripts/serve.sh --conf epochs 50
 set -euo pipefail
 cd "$(dirname "$0")/.."

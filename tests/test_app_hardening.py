@@ -307,7 +307,8 @@ def test_a_worse_run_is_not_published_a_better_one_is_and_one_request_rolls_back
     url, checkpoint = server["url"], server["model_dir"] / "textdiff.pt"
     _label_bright_areas(server)
     original = checkpoint.read_bytes()
-    good = requests.post(f"{url}/train/textdiff?run_sync=true", json={"max_epochs": 150, "learning_rate": 0.01, "force": True}, timeout=600)
+    good = requests.post(f"{url}/train/textdiff?run_sync=true", timeout=600,
+                         json={"max_epochs": 150, "learning_rate": 0.01, "force": True})
     assert good.status_code == 200, good.text
     assert good.json()["published"] and checkpoint.read_bytes() != original, good.json()
     trained = checkpoint.read_bytes()

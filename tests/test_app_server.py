@@ -112,7 +112,8 @@ def test_a_backbone_folder_that_does_not_exist_stops_the_start_with_its_name(tmp
     deployment = make_deployment(tmp_path, h.tiny_config)
     clear_cache()
     with pytest.raises(FileNotFoundError, match="no --conf backbone folder 'runs/gpu/small-extra'"):
-        app_instance(str(APP_DIR), str(deployment["studies"]), {**deployment["conf"], "backbone": "runs/gpu/small-extra"})
+        app_instance(str(APP_DIR), str(deployment["studies"]),
+                     {**deployment["conf"], "backbone": "runs/gpu/small-extra"})
     clear_cache()
 
 

@@ -1,7 +1,7 @@
 """TextDiff Label: a MONAI Label app that segments images from a frozen diffusion backbone and their reports.
 
 Start it with `monailabel start_server --app apps/textdiff --studies sample-data/train --host 127.0.0.1`. Settings
-are `--conf key value` pairs (see lib/configs/settings.py and the README). The model code lives in the `textdiff`
+are `--conf key value` pairs (see lib/configs/settings.py and docs/app.md). The model code lives in the `textdiff`
 package; this app only wires it into MONAI Label, turns bad client input into 4xx answers, and serves its own
 versions of the endpoints MONAI Label ships unsafe (lib/endpoints).
 """

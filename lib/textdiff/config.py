@@ -76,11 +76,12 @@ class HeadConfig:
     # Masks obey the report's sides outside training: no foreground in a lung the report does not name, none at all
     # under a report of no finding ("No pulmonary infection."), and in each lung it names at least the model's most
     # likely area; an empty report constrains nothing. A wrong report then hides or invents a finding, so it is off
-    # by default (README, "Report supervision").
+    # by default (docs/results/report.md, "Report supervision").
     obey_report: bool = False
     # None: every scale goes through the shared block at full size, as in the paper. A number bounds the tokens: a
     # finer scale is average-pooled to attention_size² and gets the block's change upsampled back (a report names
-    # zones, not pixels). Cheaper, at some Dice (README, "Pooled cross-attention"); for large inputs on a GPU.
+    # zones, not pixels). Cheaper, at some Dice (docs/results/sample-data.md, "What did not help"); for large inputs
+    # on a GPU.
     attention_size: int | None = None
     head_channels: tuple[int, ...] = (32, 16)
     # True: every fused scale is upsampled to the window size and the classifier runs there, as DDPM-Seg and the

@@ -12,7 +12,8 @@ import torch
 @dataclass
 class AppSettings:
     model_dir: str = ""  # default: <app>/model
-    backbone: str = ""  # diffusers folder or hf:<hub id>; default: the backbone of the current model, else the newest pretrained
+    # diffusers folder or hf:<hub id>; default: the backbone of the current model, else the newest pretrained
+    backbone: str = ""
     text_encoder: str = ""  # transformers folder or hf:<hub id>; default: the packaged all-MiniLM-L6-v2
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     demo_weights: bool = True  # start from the shipped sample-data weights when the model folder is empty
@@ -28,11 +29,12 @@ class AppSettings:
     # folder); a client can set it per run with the `synthetic_ratio` train param
     synthetic_ratio: int = 0
     # textdiff training also uses the images with this image-level label and no final label, with an empty mask: a
-    # normal study needs no drawing, and it teaches the model what a normal report means (README, benchmark).
+    # normal study needs no drawing, and it teaches the model what a normal report means (docs/results/sample-data.md,
+    # "What did not help").
     # "" turns it off; a client can set it per run with the `healthy_label` train param
     healthy_label: str = "normal"
     # textdiff training also learns from the reports of images without a final label, at this weight (0: off): no
-    # foreground in a lung the report does not name, some in each lung it names (README, "Report supervision"); a
+    # foreground in a lung the report does not name, some in each lung it names (docs/results/report.md); a
     # client can set it per run with the `report_weight` train param
     report_weight: float = 0.0
     # the trained model's masks obey the report's sides (none in a lung it does not name, none at all under "No

@@ -1,4 +1,5 @@
-"""What the app's endpoints share: roles, form fields that must be JSON objects, uploads that never outlive a request."""
+"""What the app's endpoints share: roles, form fields that must be JSON objects, uploads that never outlive their
+request."""
 
 from __future__ import annotations
 

@@ -99,7 +99,8 @@ def _checked(name: str, value: object, default: object) -> object:
     try:
         number = kind(str(value)) if kind is int else float(str(value))
     except ValueError:
-        raise ValueError(f"train param {name} must be a {'whole ' if kind is int else ''}number, got {value!r}") from None
+        kind_name = "whole number" if kind is int else "number"
+        raise ValueError(f"train param {name} must be a {kind_name}, got {value!r}") from None
     low, high = BOUNDS.get(name, (0, float("inf")))
     if not low <= number <= high or number != number:
         raise ValueError(f"train param {name} must be between {low} and {high}, got {value!r}")
