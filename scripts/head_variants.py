@@ -19,16 +19,16 @@ from pathlib import Path
 
 import torch
 
-from textdiff.backbone import make_extractor
-from textdiff.benchmark import _subset, epochs_for
+from textdiff.model.backbone import make_extractor
+from textdiff.research.benchmark import _subset, epochs_for
 from textdiff.config import TextDiffConfig, with_overrides
-from textdiff.data import read_studies
-from textdiff.features import FeatureCache
-from textdiff.inference import score_masks, segment_items
-from textdiff.model import TextDiffModel
-from textdiff.text import TextEncoder
-from textdiff.tiling import windows_of
-from textdiff.train import split_train_val, train_head
+from textdiff.data.studies import read_studies
+from textdiff.model.features import FeatureCache
+from textdiff.training.inference import score_masks, segment_items
+from textdiff.model.segmenter import TextDiffModel
+from textdiff.model.text import TextEncoder
+from textdiff.data.tiling import windows_of
+from textdiff.training.train import split_train_val, train_head
 
 
 def run_variant(cfg: TextDiffConfig, cache: FeatureCache, text: TextEncoder, data: Path, labels: int, seed: int,

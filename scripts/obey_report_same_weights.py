@@ -27,17 +27,17 @@ import torch
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 
-from textdiff.backbone import make_extractor
-from textdiff.benchmark import _pool, _subset, epochs_for
+from textdiff.model.backbone import make_extractor
+from textdiff.research.benchmark import _pool, _subset, epochs_for
 from textdiff.config import TextDiffConfig
-from textdiff.data import load_case, read_studies
-from textdiff.features import FeatureCache
-from textdiff.headroom import area_oracle
-from textdiff.inference import score_masks, to_original_size
-from textdiff.model import TextDiffModel
-from textdiff.report_supervision import SIDES, named_sides, obey_reports, side_region
-from textdiff.text import TextEncoder
-from textdiff.train import healthy_cases, predict_logits, split_train_val, train_head, with_empty_mask
+from textdiff.data.studies import load_case, read_studies
+from textdiff.model.features import FeatureCache
+from textdiff.research.headroom import area_oracle
+from textdiff.training.inference import score_masks, to_original_size
+from textdiff.model.segmenter import TextDiffModel
+from textdiff.model.report_supervision import SIDES, named_sides, obey_reports, side_region
+from textdiff.model.text import TextEncoder
+from textdiff.training.train import healthy_cases, predict_logits, split_train_val, train_head, with_empty_mask
 
 ZONES = ("upper", "middle", "lower")
 _COUNT = re.compile(r"\b(one|two|three|four|five|six)\s+infected\s+areas?\b", re.IGNORECASE)

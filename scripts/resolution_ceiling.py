@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from monai.metrics import DiceHelper
 
-from textdiff.data import read_2d, read_studies
+from textdiff.data.studies import read_2d, read_studies
 
 
 def ceiling(mask: torch.Tensor, size: int) -> float:

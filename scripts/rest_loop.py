@@ -26,8 +26,8 @@ import requests
 import torch
 from PIL import Image
 
-from textdiff.data import read_2d, read_studies
-from textdiff.inference import score_masks
+from textdiff.data.studies import read_2d, read_studies
+from textdiff.training.inference import score_masks
 
 APP = Path(__file__).resolve().parents[1] / "apps" / "textdiff"
 

@@ -13,10 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-from textdiff.backbone import build_scheduler, build_unet, save_diffusion
-from textdiff.data import read_studies
-from textdiff.sample_data import make_sample_data
-from textdiff.train import train_on_cases
+from textdiff.model.backbone import build_scheduler, build_unet, save_diffusion
+from textdiff.data.studies import read_studies
+from textdiff.data.sample_data import make_sample_data
+from textdiff.training.train import train_on_cases
 
 APP_DIR = Path(__file__).resolve().parents[1] / "apps" / "textdiff"
 

@@ -68,14 +68,14 @@ def random_png(path: Path, width: int, height: int, seed: int = 0) -> Path:
 
 @pytest.fixture(scope="session")
 def text_encoder():
-    from textdiff.text import TextEncoder
+    from textdiff.model.text import TextEncoder
 
     return TextEncoder(TextConfig(max_tokens=16))
 
 
 @pytest.fixture(scope="session")
 def extractor():
-    from textdiff.backbone import make_extractor
+    from textdiff.model.backbone import make_extractor
 
     return make_extractor(tiny_backbone())
 
@@ -83,7 +83,7 @@ def extractor():
 @pytest.fixture
 def make_model(text_encoder, extractor):
     """Build a TextDiffModel on the shared frozen parts; head settings can be changed per test."""
-    from textdiff.model import TextDiffModel
+    from textdiff.model.segmenter import TextDiffModel
 
     def build(seed: int = 0, **head_changes):
         torch.manual_seed(seed)
@@ -94,7 +94,7 @@ def make_model(text_encoder, extractor):
 
 @pytest.fixture(scope="session")
 def sample_dir(tmp_path_factory) -> Path:
-    from textdiff.sample_data import make_sample_data
+    from textdiff.data.sample_data import make_sample_data
 
     out = tmp_path_factory.mktemp("sample")
     make_sample_data(out, n_train=6, n_test=3, n_labeled=4, size=64)
@@ -104,7 +104,7 @@ def sample_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def labeled_items(sample_dir):
     """The 4 labeled train images and 3 test images of the tiny sample data, loaded at the tiny model size."""
-    from textdiff.data import load_case, read_studies
+    from textdiff.data.studies import load_case, read_studies
 
     cases = [c for split in ("train", "test") for c in read_studies(sample_dir / split) if c.label is not None]
     return [load_case(c, TINY_SIZE, 1, 2) for c in cases]

@@ -5,8 +5,8 @@ import random
 import torch
 
 from textdiff.activelearning import image_embeddings, mask_uncertainty, pick_diverse, uncertainty_scores
-from textdiff.al_benchmark import choose
-from textdiff.features import FeatureCache
+from textdiff.research.al_benchmark import choose
+from textdiff.model.features import FeatureCache
 
 
 def test_mask_uncertainty_is_zero_when_sure_and_one_when_undecided():
@@ -50,8 +50,8 @@ def test_labeling_simulation_writes_rounds_table_and_plot(tmp_path, h):
     """Tiny end-to-end run: every strategy shares round 0, adds `step` images per round, and writes its outputs."""
     import json
 
-    from textdiff.al_benchmark import LabelingSettings, run_labeling_benchmark
-    from textdiff.sample_data import make_sample_data
+    from textdiff.research.al_benchmark import LabelingSettings, run_labeling_benchmark
+    from textdiff.data.sample_data import make_sample_data
 
     make_sample_data(tmp_path / "data", n_train=8, n_test=2, n_labeled=2, size=64)
     settings = LabelingSettings(start=2, step=2, rounds=2, seeds=(0,), steps=2)

@@ -68,7 +68,7 @@ def test_infer_returns_a_mask_on_the_image_grid(client, deployment, extension):
 
 
 def test_infer_json_names_labels_and_the_text_it_used(client, deployment):
-    from textdiff.data import read_reports
+    from textdiff.data.studies import read_reports
 
     report = read_reports(deployment["studies"])["case_0001"][0]
     result = client.post("/infer/textdiff?image=case_0001&output=json").json()
@@ -85,7 +85,7 @@ def test_infer_json_names_labels_and_the_text_it_used(client, deployment):
 def test_text_changes_the_served_mask_logits(client, deployment):
     """Same image, different text: the server's model output differs (the report reaches the cross-attention)."""
     from monailabel.interfaces.utils.app import app_instance
-    from textdiff.data import preprocess_image, read_image
+    from textdiff.data.studies import preprocess_image, read_image
 
     store = app_instance().model.store
     image = read_image(deployment["studies"] / "case_0002.png", "image")
@@ -100,7 +100,7 @@ def test_a_report_set_through_the_api_is_used_and_survives_a_restart(client, dep
     assert response.status_code == 200, response.text
     assert client.get("/datastore/image/info?image=case_0003").json()["report"] == REPORT
     assert client.post("/infer/textdiff?image=case_0003&output=json").json()["text"] == REPORT
-    from textdiff.data import read_reports
+    from textdiff.data.studies import read_reports
 
     assert read_reports(deployment["studies"])["case_0003"][0] == REPORT  # on disk, beside the images
 
@@ -220,7 +220,7 @@ def test_pretraining_writes_a_new_backbone_and_retrains_the_head_on_it(client, d
     stats = client.get("/info/").json()["train_stats"]["diffusion_pretrain"]
     backbone = stats["backbone"]
     assert (deployment["model_dir"] / "backbones").resolve() in Path(backbone).resolve().parents
-    from textdiff.model import load_checkpoint_config
+    from textdiff.model.segmenter import load_checkpoint_config
 
     assert load_checkpoint_config(deployment["model_dir"] / "textdiff.pt").backbone.pretrained == backbone
     assert _infer(client, "case_0002", result_extension=".nrrd").status_code == 200

@@ -31,9 +31,9 @@ def _tile(rng: np.random.Generator, offset: int) -> tuple[np.ndarray, np.ndarray
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory, h):
     """4 labeled and 2 unlabeled colour tiles, a 16-bit PNG, a 3-slice TIFF volume; a tiny colour backbone."""
-    from textdiff.backbone import build_scheduler, build_unet, save_diffusion
-    from textdiff.data import write_reports
-    from textdiff.tiling import TILING_FILE
+    from textdiff.model.backbone import build_scheduler, build_unet, save_diffusion
+    from textdiff.data.studies import write_reports
+    from textdiff.data.tiling import TILING_FILE
 
     root = tmp_path_factory.mktemp("real")
     studies, rng = root / "studies", np.random.default_rng(0)
@@ -137,9 +137,9 @@ def test_a_model_of_other_classes_is_not_served_under_new_names(trained, deploym
 
 def test_the_served_mask_equals_the_librarys_for_the_same_weights(client, trained, deployment):
     """What the REST loop measures on MoNuSeg: infer over REST and `textdiff predict` agree pixel for pixel."""
-    from textdiff.data import read_image
-    from textdiff.inference import segment_image
-    from textdiff.model import load_checkpoint
+    from textdiff.data.studies import read_image
+    from textdiff.training.inference import segment_image
+    from textdiff.model.segmenter import load_checkpoint
 
     response = client.post("/infer/textdiff?image=tile_4&output=image",
                            data={"params": json.dumps({"result_extension": ".png"})})

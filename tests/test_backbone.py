@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from textdiff.backbone import build_scheduler, build_unet, load_diffusion, make_extractor, save_diffusion
+from textdiff.model.backbone import build_scheduler, build_unet, load_diffusion, make_extractor, save_diffusion
 
 
 def test_one_feature_map_per_layer_with_timesteps_stacked(extractor, h):
@@ -103,7 +103,7 @@ def test_random_backbone_is_rebuilt_identically_from_init_seed(h):
 def test_random_backbone_ablation_has_the_pretrained_architecture_and_fresh_weights(tmp_path, h):
     """The benchmark's "random backbone" must differ from the pretrained one by training only, even when the
     pretrained architecture is not the configured one."""
-    from textdiff.backbone import make_random_extractor
+    from textdiff.model.backbone import make_random_extractor
 
     wide = h.tiny_backbone(block_out_channels=(16, 32), init_seed=7)
     trained = build_unet(wide)
@@ -138,7 +138,7 @@ def test_save_diffusion_is_atomic_and_loadable(tmp_path, h):
         assert torch.equal(loaded.state_dict()[key], value), key
     assert loaded_scheduler.config.num_train_timesteps == cfg.num_train_timesteps
     # and an extractor built from the folder gives the same features as one on the in-memory weights
-    from textdiff.backbone import DiffusionFeatureExtractor
+    from textdiff.model.backbone import DiffusionFeatureExtractor
 
     image = torch.rand(1, 1, h.size, h.size)
     for x, y in zip(make_extractor(cfg, weights=str(target))(image), DiffusionFeatureExtractor(unet, scheduler, cfg)(image)):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import textdiff.benchmark as benchmark
+import textdiff.research.benchmark as benchmark
 
 
 def test_a_runs_initial_head_does_not_depend_on_the_methods_before_it(sample_dir, h, tmp_path, monkeypatch):
@@ -73,7 +73,7 @@ def test_runs_done_before_a_crash_are_kept(sample_dir, h, tmp_path, monkeypatch)
 
 
 def test_healthy_label_adds_the_pools_healthy_images_with_empty_masks(sample_dir, h, tmp_path, monkeypatch):
-    from textdiff.data import read_studies
+    from textdiff.data.studies import read_studies
 
     real_train_head = benchmark.train_head
     train_splits = []
@@ -108,7 +108,7 @@ def _results(folder, method: str, dice_by_seed: dict[int, dict[str, float]], ora
 
 def test_benchmark_compare_pairs_runs_by_seed_and_groups_test_images(tmp_path, capsys):
     from textdiff.cli import main
-    from textdiff.data import read_studies
+    from textdiff.data.studies import read_studies
 
     sample_dir = Path(__file__).resolve().parents[1] / "sample-data"  # its test split has normal images
     labels = {c.id: c.image_label for c in read_studies(sample_dir / "test")}
@@ -143,7 +143,7 @@ def test_benchmark_compare_pairs_runs_by_seed_and_groups_test_images(tmp_path, c
 def test_benchmark_compare_reports_the_headroom_of_the_area_oracle(tmp_path, capsys):
     from textdiff.cli import main
 
-    from textdiff.data import read_studies
+    from textdiff.data.studies import read_studies
 
     sample_dir = Path(__file__).resolve().parents[1] / "sample-data"
     images = [c.id for c in read_studies(sample_dir / "test")]

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from textdiff.backbone import build_scheduler, build_unet, save_diffusion
-from textdiff.cdm import CDM, conditional_unet, image_level_label, labeled_images, load_cdm, train_cdm
-from textdiff.cdm_masks import cdm_segment, condition_maps, reconstruction_maps, threshold_map, trajectories
+from textdiff.model.backbone import build_scheduler, build_unet, save_diffusion
+from textdiff.weak.cdm import CDM, conditional_unet, image_level_label, labeled_images, load_cdm, train_cdm
+from textdiff.weak.cdm_masks import cdm_segment, condition_maps, reconstruction_maps, threshold_map, trajectories
 from textdiff.config import CDMConfig
-from textdiff.data import Case, DataError, read_studies
-from textdiff.pretrain import PretrainSettings
+from textdiff.data.studies import Case, DataError, read_studies
+from textdiff.training.pretrain import PretrainSettings
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +153,7 @@ def test_train_cdm_needs_healthy_and_abnormal_images(sample_dir, h, tmp_path):
 
 
 def test_gradcam_maps_have_the_image_size_and_unit_range(h):
-    from textdiff.gradcam import ClassifierSettings, cam_maps, train_classifier
+    from textdiff.research.gradcam import ClassifierSettings, cam_maps, train_classifier
 
     images, labels = _images(h, 4), torch.tensor([0, 1, 0, 1])
     net = train_classifier(images, labels, 2, ClassifierSettings(epochs=1, batch_size=2), progress=False)
@@ -163,7 +163,7 @@ def test_gradcam_maps_have_the_image_size_and_unit_range(h):
 
 
 def test_pseudo_labels_join_training_only_and_never_replace_a_real_mask(sample_dir, h, monkeypatch, tmp_path):
-    import textdiff.train as train_module
+    import textdiff.training.train as train_module
 
     seen = {}
 
@@ -186,9 +186,9 @@ def test_pseudo_labels_join_training_only_and_never_replace_a_real_mask(sample_d
 
 
 def test_cdm_benchmark_reports_every_method_and_the_pseudo_label_difference(sample_dir, h, tmp_path, capsys):
-    from textdiff.backbone import build_scheduler, build_unet, save_diffusion
-    from textdiff.cdm_benchmark import CDMBenchmarkSettings, run_cdm_benchmark
-    from textdiff.gradcam import ClassifierSettings
+    from textdiff.model.backbone import build_scheduler, build_unet, save_diffusion
+    from textdiff.research.cdm_benchmark import CDMBenchmarkSettings, run_cdm_benchmark
+    from textdiff.research.gradcam import ClassifierSettings
 
     cfg = h.tiny_config()
     backbone = save_diffusion(build_unet(cfg.backbone), build_scheduler(cfg.backbone), tmp_path / "backbone")

@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from textdiff import cli, sample_data
+from textdiff import cli
+from textdiff.data import sample_data
 from textdiff.cli import main
 
 TINY_SET = [
@@ -173,7 +174,7 @@ def test_cdm_train_predict_and_pseudo_labels_from_the_command_line(sample_dir, t
 
 
 def _tiny_backbone(tmp_path):
-    from textdiff.backbone import build_scheduler, build_unet, save_diffusion
+    from textdiff.model.backbone import build_scheduler, build_unet, save_diffusion
     from textdiff.config import with_overrides, TextDiffConfig
 
     cfg = with_overrides(TextDiffConfig(), cli._parse_set(TINY_SET)).backbone

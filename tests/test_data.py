@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from textdiff.data import (
+from textdiff.data.studies import (
     MAX_REPORT_CHARS, Case, DataError, check_report, image_id, load_case, read_2d, read_reports, read_studies,
     write_reports,
 )
@@ -217,7 +217,7 @@ def test_sixteen_bit_grey_png_uses_its_whole_range(tmp_path, h):
 
 
 def test_multi_page_tiff_is_a_volume_of_planes(tmp_path):
-    from textdiff.data import read_planes
+    from textdiff.data.studies import read_planes
 
     frames = [Image.fromarray(np.full((6, 8), 40 * z, np.uint8)) for z in range(4)]
     frames[0].save(tmp_path / "stack.tif", save_all=True, append_images=frames[1:])

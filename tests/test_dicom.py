@@ -9,8 +9,8 @@ import SimpleITK as sitk
 from PIL import Image
 
 from textdiff.cli import main as textdiff_cli
-from textdiff.data import DataError, read_studies
-from textdiff.dicom import export_studies, image_datasets, mask_on_sources, seg_dataset, seg_to_mask, uid_for
+from textdiff.data.studies import DataError, read_studies
+from textdiff.data.dicom import export_studies, image_datasets, mask_on_sources, seg_dataset, seg_to_mask, uid_for
 
 LABELS = ["background", "infection"]
 

@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 
 from textdiff.config import SynthConfig, TextConfig, TrainConfig
-from textdiff.data import SYNTHETIC_MARKER, DataError, load_case, read_studies
-from textdiff.emit import (
+from textdiff.data.studies import SYNTHETIC_MARKER, DataError, load_case, read_studies
+from textdiff.synthesis.emit import (
     condition_map, guided_noise, load_synth, merge_predictions, merging_mask, train_synth,
 )
-from textdiff.pretrain import PretrainSettings
-from textdiff.synthetic import CONTACT_SHEET, read_synthetic, synthesize
+from textdiff.training.pretrain import PretrainSettings
+from textdiff.synthesis.synthetic import CONTACT_SHEET, read_synthetic, synthesize
 
 TINY_SIZE = 32  # the tiny models' image size, as in conftest
 TINY_SYNTH = SynthConfig(image_size=TINY_SIZE, block_out_channels=(8, 16), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
@@ -149,7 +149,7 @@ def test_synthetic_pairs_are_never_read_as_real_studies(pairs, sample_dir, synth
 
 
 def test_synthetic_copies_join_training_only(pairs, sample_dir, tmp_path, h):
-    from textdiff.train import train_on_cases
+    from textdiff.training.train import train_on_cases
 
     cases = read_studies(sample_dir / "train")
     cfg = h.tiny_config()
@@ -161,7 +161,7 @@ def test_synthetic_copies_join_training_only(pairs, sample_dir, tmp_path, h):
 
 
 def test_train_head_with_synthetic_copies_differs_from_without(make_model, labeled_items):
-    from textdiff.train import train_head
+    from textdiff.training.train import train_head
 
     train = labeled_items[:3]
     copies = {it["id"]: [{**it, "id": it["id"] + "_syn", "image": -it["image"]}] for it in train}
@@ -182,7 +182,7 @@ def test_train_config_refuses_bad_synthetic_settings():
 
 
 def test_benchmark_compares_with_and_without_synthetic_pairs(pairs, sample_dir, h, tmp_path, capsys):
-    from textdiff.benchmark import METHODS, BenchmarkSettings, run_benchmark
+    from textdiff.research.benchmark import METHODS, BenchmarkSettings, run_benchmark
 
     with pytest.raises(ValueError, match="need --synthetic"):
         BenchmarkSettings(methods=("unet_synthetic",))

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from textdiff.features import (
+from textdiff.model.features import (
     LEFT_RIGHT_AXIS, FeatureCache, backbone_fingerprint, feature_augmentation, feature_keys, mirror_report,
 )
 
@@ -71,7 +71,7 @@ def test_disk_cache_round_trips_without_the_extractor(extractor, h, tmp_path):
 
 
 def test_disk_cache_is_keyed_by_backbone(extractor, h, tmp_path):
-    from textdiff.backbone import make_extractor
+    from textdiff.model.backbone import make_extractor
 
     other = make_extractor(h.tiny_backbone(init_seed=1))
     assert backbone_fingerprint(other) != backbone_fingerprint(extractor)
@@ -167,7 +167,7 @@ def test_mirror_flips_left_right_with_the_report_and_nothing_else():
 
 def test_mirror_axis_runs_across_the_patient():
     """On the sample data the reports' 'right lung' lies at small X: a flip on LEFT_RIGHT_AXIS swaps the sides."""
-    from textdiff.data import load_case, read_studies
+    from textdiff.data.studies import load_case, read_studies
 
     sides = {}
     for case in read_studies(SAMPLE_TRAIN):

@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from textdiff.data import Case, DataError, load_case, read_2d
-from textdiff.features import FeatureCache
-from textdiff.inference import score_masks, segment_image, segment_items, to_original_size
-from textdiff.predict import mask_extension, overlay_png, save_mask
+from textdiff.data.studies import Case, DataError, load_case, read_2d
+from textdiff.model.features import FeatureCache
+from textdiff.training.inference import score_masks, segment_image, segment_items, to_original_size
+from textdiff.training.predict import mask_extension, overlay_png, save_mask
 
 
 def test_segment_items_returns_masks_at_original_sizes(make_model, tmp_path, h):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from textdiff import sources
-from textdiff.data import ImageTooLarge, image_extent, read_image
+from textdiff.data.studies import ImageTooLarge, image_extent, read_image
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "apps" / "textdiff"))
 from lib.archives import ArchiveError, extract  # noqa: E402

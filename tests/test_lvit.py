@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from textdiff.data import DataError, read_reports, read_studies
-from textdiff.lvit import import_lvit, read_lvit_text
+from textdiff.data.studies import DataError, read_reports, read_studies
+from textdiff.data.lvit import import_lvit, read_lvit_text
 
 REPORTS = {
     "mask_img_1.png": "Unilateral pulmonary infection, one infected area, upper left lung.",

@@ -19,8 +19,8 @@ import requests
 import SimpleITK as sitk
 
 from textdiff.cli import main as textdiff_cli
-from textdiff.data import read_studies, write_reports
-from textdiff.dicom import seg_to_mask, uid_for
+from textdiff.data.studies import read_studies, write_reports
+from textdiff.data.dicom import seg_to_mask, uid_for
 
 sys.path.insert(0, str(Path(__file__).parent))
 from app_fixtures import free_port, running_server  # noqa: E402

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from textdiff.backbone import load_diffusion, make_extractor
-from textdiff.data import DataError
-from textdiff.pretrain import PretrainSettings, load_unlabeled_images, pretrain
+from textdiff.model.backbone import load_diffusion, make_extractor
+from textdiff.data.studies import DataError
+from textdiff.training.pretrain import PretrainSettings, load_unlabeled_images, pretrain
 
 
 def test_load_unlabeled_images_uses_every_image_and_skips_broken_ones(sample_dir, h, tmp_path):
@@ -37,7 +37,7 @@ def test_pretrain_writes_a_loadable_backbone(sample_dir, h, tmp_path):
     assert unet.config.sample_size == h.size and unet.config.in_channels == 1
     assert scheduler.config.num_train_timesteps == cfg.num_train_timesteps
     # the weights did change from the random initialisation, and features can be read from them
-    from textdiff.backbone import build_unet
+    from textdiff.model.backbone import build_unet
 
     init = build_unet(cfg).state_dict()
     assert any(not torch.equal(v, init[k]) for k, v in unet.state_dict().items())

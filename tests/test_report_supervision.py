@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from textdiff.config import TrainConfig
-from textdiff.features import FeatureCache, mirror_report
-from textdiff.report_supervision import named_sides, obey_reports, report_loss, side_region, side_slice
-from textdiff.train import predict_logits, report_items, train_head
+from textdiff.model.features import FeatureCache, mirror_report
+from textdiff.model.report_supervision import named_sides, obey_reports, report_loss, side_region, side_slice
+from textdiff.training.train import predict_logits, report_items, train_head
 
 LEFT = "Unilateral pulmonary infection, one infected area, lower left lung."
 BOTH = "Bilateral pulmonary infection, two infected areas, upper left lung and lower right lung."
@@ -108,8 +108,8 @@ def test_report_supervision_config_is_checked():
 def test_train_on_cases_passes_the_reports_of_images_without_a_mask(sample_dir, h, monkeypatch, tmp_path):
     """Images without a final label train through their reports, unless they already train as healthy images, and
     only when train.report_weight is on."""
-    import textdiff.train as train_module
-    from textdiff.data import read_studies
+    import textdiff.training.train as train_module
+    from textdiff.data.studies import read_studies
 
     seen = {}
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from textdiff.data import read_studies
-from textdiff.sample_data import make_sample_data
+from textdiff.data.studies import read_studies
+from textdiff.data.sample_data import make_sample_data
 
 SMALL = dict(n_train=6, n_test=3, n_labeled=4, size=64)
 

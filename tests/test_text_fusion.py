@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from textdiff.config import TextConfig
-from textdiff.fusion import TextDiffHead
-from textdiff.text import TextEncoder
+from textdiff.model.fusion import TextDiffHead
+from textdiff.model.text import TextEncoder
 
 
 def test_encoder_output_shapes_and_mask(text_encoder):
@@ -122,7 +122,7 @@ def test_positional_queries_let_the_text_act_differently_by_place(h):
     """On a uniform feature map, text attention can only vary across pixels if queries know where they are."""
     import torch
 
-    from textdiff.fusion import CrossAttentionBlock
+    from textdiff.model.fusion import CrossAttentionBlock
 
     torch.manual_seed(0)
     tokens = torch.ones(1, 16, 8)
@@ -136,7 +136,7 @@ def test_positional_queries_let_the_text_act_differently_by_place(h):
 
 def test_gated_text_starts_closed_and_opens_with_training():
     """With `gated_text` the report cannot change the output at initialisation; once the gate moves, it does."""
-    from textdiff.fusion import CrossAttentionBlock
+    from textdiff.model.fusion import CrossAttentionBlock
 
     torch.manual_seed(0)
     block = CrossAttentionBlock(8, 2, 2, 2, gated=True)

@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from textdiff.backbone import build_scheduler, build_unet, save_diffusion
+from textdiff.model.backbone import build_scheduler, build_unet, save_diffusion
 from textdiff.config import BackboneConfig, TextDiffConfig
-from textdiff.data import Case
-from textdiff.features import FeatureCache, RandMirrord
-from textdiff.inference import segment_image, segment_items
-from textdiff.model import TextDiffModel
-from textdiff.tiling import (TILING_FILE, describe, relative_box, resolve_tiling, sliding_logits, window_items,
+from textdiff.data.studies import Case
+from textdiff.model.features import FeatureCache, RandMirrord
+from textdiff.training.inference import segment_image, segment_items
+from textdiff.model.segmenter import TextDiffModel
+from textdiff.data.tiling import (TILING_FILE, describe, relative_box, resolve_tiling, sliding_logits, window_items,
                              window_starts, working_scale, working_shape)
-from textdiff.train import train_head
+from textdiff.training.train import train_head
 
 
 def test_the_automatic_scale_resizes_small_images_and_keeps_large_ones_fine():

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from textdiff.config import TrainConfig
-from textdiff.features import FeatureCache
-from textdiff.model import load_checkpoint, save_checkpoint
-from textdiff.train import (CheckpointChoice, dice_per_image, predict_logits, selection_items, split_train_val,
+from textdiff.model.features import FeatureCache
+from textdiff.model.segmenter import load_checkpoint, save_checkpoint
+from textdiff.training.train import (CheckpointChoice, dice_per_image, predict_logits, selection_items, split_train_val,
                             train_head)
 
 
@@ -108,7 +108,7 @@ def test_training_without_items_raises_clear_error(make_model, labeled_items):
 
 
 def test_checkpoint_stores_backbone_path_relative_to_itself(make_model, tmp_path):
-    from textdiff.backbone import build_scheduler, save_diffusion
+    from textdiff.model.backbone import build_scheduler, save_diffusion
 
     model = make_model()
     backbone = save_diffusion(model.extractor.unet, build_scheduler(model.cfg.backbone), tmp_path / "project" / "backbone")
@@ -188,9 +188,9 @@ def test_training_on_empty_masks_only_is_refused(make_model, labeled_items):
 
 
 def test_pretrained_backbone_decides_the_image_size_and_architecture(tmp_path, h, text_encoder):
-    from textdiff.backbone import build_scheduler, build_unet, save_diffusion
+    from textdiff.model.backbone import build_scheduler, build_unet, save_diffusion
     from textdiff.config import BackboneConfig
-    from textdiff.model import TextDiffModel
+    from textdiff.model.segmenter import TextDiffModel
 
     small = h.tiny_backbone()
     folder = save_diffusion(build_unet(small), build_scheduler(small), tmp_path / "bb32")
@@ -203,7 +203,7 @@ def test_pretrained_backbone_decides_the_image_size_and_architecture(tmp_path, h
         logits = model(torch.zeros(1, 1, model.image_size, model.image_size), [h.normal])
     assert logits.shape == (1, 2, h.size, h.size)
     # the checkpoint records the architecture of the weights, not the config's defaults (channels 16-32-64-128)
-    from textdiff.model import save_checkpoint
+    from textdiff.model.segmenter import save_checkpoint
 
     stored = torch.load(save_checkpoint(model, tmp_path / "head.pt"), weights_only=True)["config"]["backbone"]
     assert tuple(stored["block_out_channels"]) == tuple(small.block_out_channels) != BackboneConfig().block_out_channels
@@ -212,8 +212,8 @@ def test_pretrained_backbone_decides_the_image_size_and_architecture(tmp_path, h
 
 def test_healthy_images_without_a_mask_train_with_an_empty_mask(sample_dir, h, monkeypatch, tmp_path):
     """`train.healthy_label`: unlabeled images with that image-level label join the training split, mask empty."""
-    import textdiff.train as train_module
-    from textdiff.data import read_studies
+    import textdiff.training.train as train_module
+    from textdiff.data.studies import read_studies
 
     seen = {}
 

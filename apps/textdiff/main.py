@@ -25,8 +25,8 @@ from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
-from textdiff.cdm import image_level_label
-from textdiff.data import ImageLimits, read_studies, set_image_limits
+from textdiff.weak.cdm import image_level_label
+from textdiff.data.studies import ImageLimits, read_studies, set_image_limits
 
 logger = logging.getLogger(__name__)
 

@@ -6,10 +6,10 @@ import math
 
 import torch
 
-from .features import FeatureCache
-from .inference import grid_logits
-from .model import TextDiffModel
-from .tiling import window_items
+from textdiff.model.features import FeatureCache
+from textdiff.training.inference import grid_logits
+from textdiff.model.segmenter import TextDiffModel
+from textdiff.data.tiling import window_items
 
 
 def mask_uncertainty(logits: torch.Tensor) -> torch.Tensor:

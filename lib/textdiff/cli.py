@@ -9,8 +9,8 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import TextDiffConfig, with_overrides
-from .errors import DataError
+from textdiff.config import TextDiffConfig, with_overrides
+from textdiff.errors import DataError
 
 
 def _parse_set(values: list[str]) -> dict:
@@ -46,7 +46,7 @@ def _config(args) -> TextDiffConfig:
 
 
 def cmd_make_sample_data(args) -> None:
-    from .sample_data import make_sample_data
+    from textdiff.data.sample_data import make_sample_data
 
     density = {"opacity": tuple(args.opacity)} if args.opacity else {}
     summary = make_sample_data(args.out, n_train=args.train, n_test=args.test, n_labeled=args.labeled, seed=args.seed,
@@ -55,7 +55,7 @@ def cmd_make_sample_data(args) -> None:
 
 
 def cmd_export_dicom(args) -> None:
-    from .dicom import export_studies, exported_files, stow
+    from textdiff.data.dicom import export_studies, exported_files, stow
 
     cfg = _config(args)
     studies = export_studies(args.data, args.out, list(cfg.head.label_names), args.volume_modality,
@@ -68,14 +68,14 @@ def cmd_export_dicom(args) -> None:
 
 
 def cmd_import_lvit(args) -> None:
-    from .lvit import import_lvit
+    from textdiff.data.lvit import import_lvit
 
     count = import_lvit(args.images, args.masks, args.text, args.out, allow_missing_reports=args.allow_missing_reports)
     print(f"imported {count} images into {args.out}")
 
 
 def cmd_pretrain(args) -> None:
-    from .pretrain import PretrainSettings, pretrain
+    from textdiff.training.pretrain import PretrainSettings, pretrain
 
     cfg = _config(args)
     history = []
@@ -98,10 +98,10 @@ def _section_overrides(args, section: str, only: bool = True) -> dict:
 
 
 def cmd_cdm_train(args) -> None:
-    from .cdm import train_cdm
-    from .config import CDMConfig
-    from .data import read_studies
-    from .pretrain import PretrainSettings
+    from textdiff.weak.cdm import train_cdm
+    from textdiff.config import CDMConfig
+    from textdiff.data.studies import read_studies
+    from textdiff.training.pretrain import PretrainSettings
 
     cfg = CDMConfig.from_dict(_section_overrides(args, "cdm"))
     cases = [case for folder in args.data for case in read_studies(folder)]
@@ -115,10 +115,10 @@ def cmd_cdm_predict(args) -> None:
     import numpy
     from tqdm.auto import tqdm
 
-    from .cdm import image_level_label, load_cdm
-    from .cdm_masks import cdm_segment
-    from .data import read_image
-    from .predict import heatmap_png, mask_extension, overlay_png, save_mask
+    from textdiff.weak.cdm import image_level_label, load_cdm
+    from textdiff.weak.cdm_masks import cdm_segment
+    from textdiff.data.studies import read_image
+    from textdiff.training.predict import heatmap_png, mask_extension, overlay_png, save_mask
 
     cdm = load_cdm(args.model, args.device, **_section_overrides(args, "cdm"))
     out = Path(args.out)
@@ -137,9 +137,9 @@ def cmd_cdm_predict(args) -> None:
 def cmd_train(args) -> None:
     import dataclasses
 
-    from .data import find_by_id, read_studies
-    from .plots import plot_training
-    from .train import healthy_cases, train_on_cases
+    from textdiff.data.studies import find_by_id, read_studies
+    from textdiff.plots import plot_training
+    from textdiff.training.train import healthy_cases, train_on_cases
 
     cfg = _config(args)  # bad settings fail before any data is read
     studies = read_studies(args.data)
@@ -153,7 +153,7 @@ def cmd_train(args) -> None:
         raise DataError(f"no image in '{args.data}' has a mask under labels/final: nothing to train on")
     synthetic = None
     if args.synthetic:
-        from .synthetic import read_synthetic
+        from textdiff.synthesis.synthetic import read_synthetic
 
         synthetic = read_synthetic(args.synthetic)
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, synthetic_ratio=args.synthetic_ratio))
@@ -165,10 +165,10 @@ def cmd_train(args) -> None:
 
 
 def cmd_synth_train(args) -> None:
-    from .config import SynthConfig, TextConfig
-    from .data import read_studies
-    from .emit import train_synth
-    from .pretrain import PretrainSettings
+    from textdiff.config import SynthConfig, TextConfig
+    from textdiff.data.studies import read_studies
+    from textdiff.synthesis.emit import train_synth
+    from textdiff.training.pretrain import PretrainSettings
 
     cfg = SynthConfig.from_dict(_section_overrides(args, "synth"))
     cases = [case for folder in args.data for case in read_studies(folder)]
@@ -180,9 +180,9 @@ def cmd_synth_train(args) -> None:
 def cmd_synthesize(args) -> None:
     import dataclasses
 
-    from .data import find_by_id, read_studies
-    from .emit import load_synth
-    from .synthetic import CONTACT_SHEET, synthesize
+    from textdiff.data.studies import find_by_id, read_studies
+    from textdiff.synthesis.emit import load_synth
+    from textdiff.synthesis.synthetic import CONTACT_SHEET, synthesize
 
     model = load_synth(args.model, args.device)
     cases = read_studies(args.data)
@@ -198,7 +198,7 @@ def cmd_synthesize(args) -> None:
 
 def _cases_for(paths: list[str]) -> list:
     """Cases from image files and studies folders (with their masks and reports)."""
-    from .data import Case, image_id, read_studies
+    from textdiff.data.studies import Case, image_id, read_studies
 
     cases = []
     for raw in paths:
@@ -210,10 +210,10 @@ def _cases_for(paths: list[str]) -> list:
 def cmd_predict(args) -> None:
     from tqdm.auto import tqdm
 
-    from .data import read_image
-    from .inference import segment_image
-    from .model import load_checkpoint
-    from .predict import mask_extension, overlay_png, save_mask
+    from textdiff.data.studies import read_image
+    from textdiff.training.inference import segment_image
+    from textdiff.model.segmenter import load_checkpoint
+    from textdiff.training.predict import mask_extension, overlay_png, save_mask
 
     model = load_checkpoint(args.model, args.device)
     cases = _cases_for(args.images)
@@ -228,8 +228,8 @@ def cmd_predict(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from .inference import score_masks, segment_items
-    from .model import load_checkpoint
+    from textdiff.training.inference import score_masks, segment_items
+    from textdiff.model.segmenter import load_checkpoint
 
     model = load_checkpoint(args.model, args.device)
     cases = [c for c in _cases_for([args.data]) if c.label is not None]
@@ -244,7 +244,7 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_benchmark(args) -> None:
-    from .benchmark import BenchmarkSettings, run_benchmark
+    from textdiff.research.benchmark import BenchmarkSettings, run_benchmark
 
     settings = BenchmarkSettings(label_counts=tuple(args.labels), seeds=tuple(args.seeds), steps=args.steps,
                                  methods=tuple(args.methods), synthetic=args.synthetic,
@@ -253,13 +253,13 @@ def cmd_benchmark(args) -> None:
 
 
 def cmd_benchmark_compare(args) -> None:
-    from .compare import run_comparison
+    from textdiff.research.compare import run_comparison
 
     run_comparison(args.a, args.b, Path(args.data), Path(args.out), args.method_a, args.method_b)
 
 
 def cmd_benchmark_summary(args) -> None:
-    from .benchmark import merge_runs
+    from textdiff.research.benchmark import merge_runs
 
     references = {}
     for item in args.reference or []:
@@ -271,8 +271,8 @@ def cmd_benchmark_summary(args) -> None:
 
 
 def cmd_cdm_benchmark(args) -> None:
-    from .cdm_benchmark import CDMBenchmarkSettings, run_cdm_benchmark
-    from .gradcam import ClassifierSettings
+    from textdiff.research.cdm_benchmark import CDMBenchmarkSettings, run_cdm_benchmark
+    from textdiff.research.gradcam import ClassifierSettings
 
     settings = CDMBenchmarkSettings(real_masks=args.real_masks, seeds=tuple(args.seeds), steps=args.steps,
                                     classifier=ClassifierSettings(epochs=args.classifier_epochs))
@@ -281,7 +281,7 @@ def cmd_cdm_benchmark(args) -> None:
 
 
 def cmd_al_benchmark(args) -> None:
-    from .al_benchmark import LabelingSettings, run_labeling_benchmark
+    from textdiff.research.al_benchmark import LabelingSettings, run_labeling_benchmark
 
     settings = LabelingSettings(start=args.start, step=args.step, rounds=args.rounds, seeds=tuple(args.seeds),
                                 steps=args.steps, strategies=tuple(args.strategies))
@@ -289,7 +289,7 @@ def cmd_al_benchmark(args) -> None:
 
 
 def cmd_al_summary(args) -> None:
-    from .al_benchmark import summarise_labeling
+    from textdiff.research.al_benchmark import summarise_labeling
 
     rows = [row for folder in args.results for row in json.loads((Path(folder) / "al_results.json").read_text())["rows"]]
     summarise_labeling(rows, Path(args.out))

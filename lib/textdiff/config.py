@@ -34,7 +34,7 @@ class BackboneConfig:
     # Seed of the random initialisation when no pretrained weights are given (keeps a random backbone rebuildable).
     init_seed: int = 0
     # How an image meets the fixed image_size² input: it is scaled (aspect kept) to a working grid, which the backbone
-    # reads in image_size² windows (sliding windows with Gaussian blending when the grid is larger; textdiff.tiling).
+    # reads in image_size² windows (sliding windows with Gaussian blending when the grid is larger; textdiff.data.tiling).
     # patch_scale is working pixels per image pixel. None picks it per image: an image no larger than image_size is
     # resized to fill one window (as the papers do), a larger one keeps its own pixels but is shrunk until its longer
     # side spans at most max_windows windows (max_windows 1: every image resized into one window). A backbone is
@@ -133,7 +133,7 @@ class TrainConfig:
     healthy_label: str | None = None
     # Weak supervision from the reports of images without a mask (0: off): each step adds, at this weight, a batch of
     # them scored against their report's sides: no foreground in a lung the report does not name, and in a lung it
-    # names, foreground at its report_top_k most confident pixels (textdiff.report_supervision). Needs augment
+    # names, foreground at its report_top_k most confident pixels (textdiff.model.report_supervision). Needs augment
     # "none" or "mirror", which keep the sides true.
     report_weight: float = 0.0
     report_top_k: int = 16

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from filelock import FileLock
 from monailabel.datastore.local import LocalDatastore
-from textdiff.data import IMAGE_EXTENSIONS, check_mask, check_report, read_image, read_reports, write_reports
+from textdiff.data.studies import IMAGE_EXTENSIONS, check_mask, check_report, read_image, read_reports, write_reports
 
 from .errors import bad_request, check_id, client_errors, not_found
 

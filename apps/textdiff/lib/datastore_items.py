@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from monailabel.interfaces.datastore import Datastore
-from textdiff.data import DataError, read_image
-from textdiff.model import TextDiffModel
+from textdiff.data.studies import DataError, read_image
+from textdiff.model.segmenter import TextDiffModel
 
 logger = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from monailabel.datastore.local import LocalDatastore
 from monailabel.datastore.utils.dicom import dicom_web_upload_dcm
 from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom.dataset import Dataset
-from textdiff.data import write_reports
-from textdiff.dicom import mask_on_sources, report_of, seg_dataset
+from textdiff.data.studies import write_reports
+from textdiff.data.dicom import mask_on_sources, report_of, seg_dataset
 
 from .datastore import check_label_file
 from .errors import bad_request, check_id, client_errors, not_found

@@ -9,7 +9,7 @@ import contextlib
 import re
 
 from fastapi import HTTPException
-from textdiff.data import DataError, ImageTooLarge
+from textdiff.data.studies import DataError, ImageTooLarge
 
 # Image ids become file names in the studies folder: no separators, no "..", no hidden files, not too long for one.
 SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")

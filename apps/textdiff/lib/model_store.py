@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
-from textdiff.model import load_checkpoint
+from textdiff.model.segmenter import load_checkpoint
 
 logger = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ import os
 import shutil
 from pathlib import Path
 
-from textdiff.data import Case
-from textdiff.inference import dice_on_cases
-from textdiff.model import TextDiffModel, load_checkpoint
+from textdiff.data.studies import Case
+from textdiff.training.inference import dice_on_cases
+from textdiff.model.segmenter import TextDiffModel, load_checkpoint
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import torch
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 from textdiff.activelearning import image_embeddings, pick_diverse
-from textdiff.features import FeatureCache
+from textdiff.model.features import FeatureCache
 
 from ..datastore_items import load_items, mean_by_source
 from ..model_store import ModelStore

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from monailabel.interfaces.config import TaskConfig
-from textdiff.cdm import load_cdm
+from textdiff.weak.cdm import load_cdm
 from textdiff.config import BackboneConfig, CDMConfig
 
 from ..infers.cdm import CDMInfer

@@ -1,7 +1,7 @@
 """The app's own versions of the MONAI Label 0.8.5 endpoints that are unsafe as shipped, installed in place of them
 when the server starts (the installed package is left as it is):
 
-- uploads bounded in bytes (`BodyLimit`) and pixels (`textdiff.data.ImageLimits`), archives unpacked safely;
+- uploads bounded in bytes (`BodyLimit`) and pixels (`textdiff.data.studies.ImageLimits`), archives unpacked safely;
 - inference off the event loop on a bounded queue; train params checked before a job starts, one run at a time;
 - model files replaced only by checked uploads, by admins, with a rollback; an existing image never silently replaced;
 - CORS only for the configured origins; report texts kept out of the logs; a login whose tokens verify (`auth`).

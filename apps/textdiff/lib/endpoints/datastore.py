@@ -10,7 +10,7 @@ from fastapi.responses import FileResponse
 from monailabel.endpoints.user.auth import User
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.utils.others.generic import remove_file
-from textdiff.data import image_id as image_id_of
+from textdiff.data.studies import image_id as image_id_of
 
 from ..errors import check_id, not_found
 from .common import ANNOTATOR, app, json_object, saved_upload

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
-from textdiff.data import read_image
+from textdiff.data.studies import read_image
 
 from ..errors import client_errors
 from ..model_store import ModelStore

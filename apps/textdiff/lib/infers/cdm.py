@@ -12,10 +12,10 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from textdiff.cdm import CDM, image_level_label
-from textdiff.cdm_masks import cdm_segment
-from textdiff.data import Case
-from textdiff.predict import mask_extension, save_mask
+from textdiff.weak.cdm import CDM, image_level_label
+from textdiff.weak.cdm_masks import cdm_segment
+from textdiff.data.studies import Case
+from textdiff.training.predict import mask_extension, save_mask
 
 from ..errors import bad_request, client_errors
 from ..model_store import ModelStore

@@ -5,9 +5,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from textdiff.data import check_report
-from textdiff.inference import segment_image
-from textdiff.predict import label_colour, mask_extension, save_mask
+from textdiff.data.studies import check_report
+from textdiff.training.inference import segment_image
+from textdiff.training.predict import label_colour, mask_extension, save_mask
 
 from ..errors import bad_request, client_errors
 from ..model_store import ModelStore

@@ -8,7 +8,7 @@ from pathlib import Path
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from textdiff.activelearning import uncertainty_scores
-from textdiff.features import FeatureCache
+from textdiff.model.features import FeatureCache
 
 import torch
 

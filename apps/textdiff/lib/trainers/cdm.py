@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 from monailabel.interfaces.datastore import Datastore
-from textdiff.cdm import CONFIG_FILE, train_cdm
+from textdiff.weak.cdm import CONFIG_FILE, train_cdm
 from textdiff.config import BackboneConfig, CDMConfig
-from textdiff.data import Case, read_studies
-from textdiff.pretrain import PretrainSettings
+from textdiff.data.studies import Case, read_studies
+from textdiff.training.pretrain import PretrainSettings
 
 from ..configs.settings import AppSettings
 from .base import StatsTrainTask

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from monailabel.interfaces.datastore import Datastore
 from textdiff.config import BackboneConfig
-from textdiff.pretrain import PretrainSettings, pretrain
+from textdiff.training.pretrain import PretrainSettings, pretrain
 
 from ..configs.settings import AppSettings
 from .base import StatsTrainTask

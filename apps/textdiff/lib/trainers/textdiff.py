@@ -9,10 +9,10 @@ from pathlib import Path
 
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from textdiff.config import TextDiffConfig
-from textdiff.data import SYNTHETIC_MARKER, Case, DataError, image_id
-from textdiff.model import load_checkpoint_config
-from textdiff.synthetic import read_synthetic
-from textdiff.train import selection_cases, train_on_cases
+from textdiff.data.studies import SYNTHETIC_MARKER, Case, DataError, image_id
+from textdiff.model.segmenter import load_checkpoint_config
+from textdiff.synthesis.synthetic import read_synthetic
+from textdiff.training.train import selection_cases, train_on_cases
 
 from ..configs.settings import AppSettings
 from ..publish import candidate_path, publish_if_better

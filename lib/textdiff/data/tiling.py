@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import Resize
 
-from .config import BackboneConfig
+from textdiff.config import BackboneConfig
 
 logger = logging.getLogger(__name__)
 

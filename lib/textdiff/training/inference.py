@@ -10,11 +10,11 @@ from monai.metrics import DiceMetric, MeanIoU
 from monai.networks.utils import one_hot
 from tqdm.auto import tqdm
 
-from .data import Case, DataError, preprocess_image
-from .features import FeatureCache
-from .model import TextDiffModel
-from .tiling import describe, sliding_logits
-from .train import predict_logits
+from textdiff.data.studies import Case, DataError, preprocess_image
+from textdiff.model.features import FeatureCache
+from textdiff.model.segmenter import TextDiffModel
+from textdiff.data.tiling import describe, sliding_logits
+from textdiff.training.train import predict_logits
 
 logger = logging.getLogger(__name__)
 

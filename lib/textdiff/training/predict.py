@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from .data import DataError
+from textdiff.data.studies import DataError
 
 OVERLAY_COLOURS = np.array([[0, 0, 0], [255, 60, 60], [60, 200, 255], [255, 210, 0], [120, 255, 120],
                             [200, 120, 255], [255, 140, 60]], np.uint8)

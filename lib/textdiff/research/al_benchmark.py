@@ -17,17 +17,17 @@ from pathlib import Path
 
 import torch
 
-from .activelearning import image_embeddings, pick_diverse, uncertainty_scores
-from .backbone import make_extractor
-from .benchmark import _pool, _subset, epochs_for
-from .config import TextDiffConfig
-from .data import load_case, read_studies
-from .features import FeatureCache
-from .inference import score_masks, segment_items
-from .model import TextDiffModel
-from .plots import plot_curves
-from .text import TextEncoder
-from .train import split_train_val, train_head
+from textdiff.activelearning import image_embeddings, pick_diverse, uncertainty_scores
+from textdiff.model.backbone import make_extractor
+from textdiff.research.benchmark import _pool, _subset, epochs_for
+from textdiff.config import TextDiffConfig
+from textdiff.data.studies import load_case, read_studies
+from textdiff.model.features import FeatureCache
+from textdiff.training.inference import score_masks, segment_items
+from textdiff.model.segmenter import TextDiffModel
+from textdiff.plots import plot_curves
+from textdiff.model.text import TextEncoder
+from textdiff.training.train import split_train_val, train_head
 
 STRATEGIES = ("random", "uncertainty", "diverse")
 

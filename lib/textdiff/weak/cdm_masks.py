@@ -16,9 +16,9 @@ from diffusers import DDIMScheduler
 from monai.transforms import KeepLargestConnectedComponent
 from skimage.filters import threshold_otsu
 
-from .cdm import CDM
-from .config import CDMConfig
-from .inference import per_slice
+from textdiff.weak.cdm import CDM
+from textdiff.config import CDMConfig
+from textdiff.training.inference import per_slice
 
 
 def _ddim(cdm: CDM) -> tuple[DDIMScheduler, list[int]]:

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 
-from .backbone import build_scheduler, build_unet, load_diffusion
-from .config import BackboneConfig, CDMConfig
-from .data import Case, DataError, preprocess_image, read_2d
-from .pretrain import PretrainSettings, fit_denoiser
+from textdiff.model.backbone import build_scheduler, build_unet, load_diffusion
+from textdiff.config import BackboneConfig, CDMConfig
+from textdiff.data.studies import Case, DataError, preprocess_image, read_2d
+from textdiff.training.pretrain import PretrainSettings, fit_denoiser
 
 logger = logging.getLogger(__name__)
 

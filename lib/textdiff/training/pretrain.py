@@ -25,10 +25,10 @@ from monai.transforms import RandSpatialCrop, SpatialPad
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 from tqdm.auto import tqdm
 
-from .backbone import build_scheduler, build_unet, load_diffusion, save_diffusion
-from .config import BackboneConfig
-from .data import DataError, is_colour, preprocess_image, read_planes, read_studies
-from .tiling import PAD_VALUE, TILING_FILE, describe, resolve_tiling, tiling_record, to_working_grid
+from textdiff.model.backbone import build_scheduler, build_unet, load_diffusion, save_diffusion
+from textdiff.config import BackboneConfig
+from textdiff.data.studies import DataError, is_colour, preprocess_image, read_planes, read_studies
+from textdiff.data.tiling import PAD_VALUE, TILING_FILE, describe, resolve_tiling, tiling_record, to_working_grid
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class PretrainSettings:
 
 
 def load_unlabeled_images(folders: list[str | Path], cfg: BackboneConfig) -> torch.Tensor | Dataset:
-    """Every image of the given studies folders on its working grid (`textdiff.tiling`), in [-1, 1]: an (N, C, S, S)
+    """Every image of the given studies folders on its working grid (`textdiff.data.tiling`), in [-1, 1]: an (N, C, S, S)
     tensor when each is one window, else a dataset of random S² windows (about one pass over every image per epoch).
     Unreadable files are skipped; with no `cfg.in_channels` the images decide (`data_channels`)."""
     channels = cfg.in_channels or data_channels(folders)

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from . import sources
-from .config import BackboneConfig
+from textdiff import sources
+from textdiff.config import BackboneConfig
 
 
 def build_unet(cfg: BackboneConfig) -> UNet2DModel:

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import torch
 
-from .backbone import DiffusionFeatureExtractor, architecture, make_extractor
-from .config import TextDiffConfig
-from .data import Case, DataError, check_mask, load_case, preprocess_image, read_planes, with_mask
-from .fusion import TextDiffHead
-from .report_supervision import obey_reports
-from .text import TextEncoder
-from .tiling import resolve_tiling, to_working_grid
+from textdiff.model.backbone import DiffusionFeatureExtractor, architecture, make_extractor
+from textdiff.config import TextDiffConfig
+from textdiff.data.studies import Case, DataError, check_mask, load_case, preprocess_image, read_planes, with_mask
+from textdiff.model.fusion import TextDiffHead
+from textdiff.model.report_supervision import obey_reports
+from textdiff.model.text import TextEncoder
+from textdiff.data.tiling import resolve_tiling, to_working_grid
 
 
 class TextDiffModel(torch.nn.Module):
@@ -37,7 +37,7 @@ class TextDiffModel(torch.nn.Module):
         return self.cfg.backbone.image_size
 
     def load(self, case: Case) -> dict:
-        """A case as this model reads it: image and mask on their working grid (`textdiff.tiling`), report."""
+        """A case as this model reads it: image and mask on their working grid (`textdiff.data.tiling`), report."""
         backbone = self.cfg.backbone
         return load_case(case, backbone.image_size, backbone.in_channels, self.cfg.head.num_classes, backbone)
 

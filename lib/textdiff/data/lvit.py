@@ -15,7 +15,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from .data import DataError, check_report, image_id, is_image_file, read_reports, write_reports
+from textdiff.data.studies import DataError, check_report, image_id, is_image_file, read_reports, write_reports
 
 
 def read_lvit_text(path: str | Path) -> dict[str, str]:

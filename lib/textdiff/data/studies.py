@@ -22,9 +22,9 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import LoadImage, Resize, ScaleIntensityRangePercentiles
 
-from .config import BackboneConfig
-from .errors import DataError, ImageTooLarge  # noqa: F401 - part of this module's interface
-from .tiling import to_working_grid
+from textdiff.config import BackboneConfig
+from textdiff.errors import DataError, ImageTooLarge  # noqa: F401 - part of this module's interface
+from textdiff.data.tiling import to_working_grid
 
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm")
 REPORTS_FILE = "reports.csv"
@@ -284,7 +284,7 @@ def preprocess_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
 def load_case(case: Case, size: int, channels: int, num_classes: int, tiling: BackboneConfig | None = None) -> dict:
     """Image (C, size, size) in [-1, 1], mask (1, size, size) long or None, report, and the original image and mask.
 
-    With `tiling` (the backbone's config) image and mask go onto the image's working grid instead (`textdiff.tiling`:
+    With `tiling` (the backbone's config) image and mask go onto the image's working grid instead (`textdiff.data.tiling`:
     resized into one window, or kept at a patch scale and read in windows). The original (unresized) image keeps its
     geometry (meta) so masks can be written back onto it, and the original mask is kept for evaluation at full
     resolution.

@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .data import SYNTHETIC_MARKER, Case, DataError, is_image_file, load_case
-from .emit import SynthModel, condition_map, to_uint8
-from .plots import plot_contact_sheet
+from textdiff.data.studies import SYNTHETIC_MARKER, Case, DataError, is_image_file, load_case
+from textdiff.synthesis.emit import SynthModel, condition_map, to_uint8
+from textdiff.plots import plot_contact_sheet
 
 CONTACT_SHEET = "contact_sheet.png"
 SHEET_ROWS = 8

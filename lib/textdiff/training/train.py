@@ -19,13 +19,13 @@ from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
 from tqdm.auto import tqdm
 
-from .config import TextDiffConfig, TrainConfig
-from .data import Case, DataError
-from .emit import merge_predictions
-from .features import FeatureCache, feature_augmentation, feature_keys
-from .model import TextDiffModel, save_checkpoint
-from .report_supervision import check_reports_readable, named_sides, report_loss
-from .tiling import describe, windows_of
+from textdiff.config import TextDiffConfig, TrainConfig
+from textdiff.data.studies import Case, DataError
+from textdiff.synthesis.emit import merge_predictions
+from textdiff.model.features import FeatureCache, feature_augmentation, feature_keys
+from textdiff.model.segmenter import TextDiffModel, save_checkpoint
+from textdiff.model.report_supervision import check_reports_readable, named_sides, report_loss
+from textdiff.data.tiling import describe, windows_of
 
 logger = logging.getLogger(__name__)
 

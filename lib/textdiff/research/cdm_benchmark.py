@@ -18,19 +18,19 @@ from pathlib import Path
 
 import torch
 
-from .backbone import make_extractor
-from .benchmark import _pool, _subset, epochs_for
-from .cdm import image_level_label, labeled_images, load_cdm
-from .cdm_masks import condition_maps, reconstruction_maps, threshold_map, to_size
-from .config import TextDiffConfig
-from .data import load_case, read_studies
-from .features import FeatureCache
-from .gradcam import ClassifierSettings, cam_maps, train_classifier
-from .inference import score_masks, segment_items
-from .model import TextDiffModel
-from .plots import plot_bars, plot_map_examples
-from .text import TextEncoder
-from .train import split_train_val, train_head
+from textdiff.model.backbone import make_extractor
+from textdiff.research.benchmark import _pool, _subset, epochs_for
+from textdiff.weak.cdm import image_level_label, labeled_images, load_cdm
+from textdiff.weak.cdm_masks import condition_maps, reconstruction_maps, threshold_map, to_size
+from textdiff.config import TextDiffConfig
+from textdiff.data.studies import load_case, read_studies
+from textdiff.model.features import FeatureCache
+from textdiff.research.gradcam import ClassifierSettings, cam_maps, train_classifier
+from textdiff.training.inference import score_masks, segment_items
+from textdiff.model.segmenter import TextDiffModel
+from textdiff.plots import plot_bars, plot_map_examples
+from textdiff.model.text import TextEncoder
+from textdiff.training.train import split_train_val, train_head
 
 MAP_METHODS = {"cdm": "CDM (condition derivative)", "gradcam": "Grad-CAM (ResNet classifier)",
                "reconstruction": "reconstruction toward healthy"}

@@ -12,8 +12,8 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
-from . import sources
-from .config import TextConfig
+from textdiff import sources
+from textdiff.config import TextConfig
 
 logger = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ import json
 import statistics
 from pathlib import Path
 
-from .data import DataError, read_studies
-from .plots import plot_paired
+from textdiff.data.studies import DataError, read_studies
+from textdiff.plots import plot_paired
 
 
 def read_rows(folders: list[str | Path]) -> list[dict]:

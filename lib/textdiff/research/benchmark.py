@@ -24,19 +24,19 @@ from pathlib import Path
 import torch
 from monai.networks.nets import UNet
 
-from .backbone import make_extractor, make_random_extractor
-from .config import TextDiffConfig, TrainConfig
-from .data import Case, DataError, find_by_id, read_studies
-from .emit import merge_predictions
-from .features import FeatureCache, feature_augmentation
-from .headroom import area_oracle
-from .inference import score_masks, segment_items, to_original_size
-from .tiling import sliding_logits, windows_of
-from .model import TextDiffModel
-from .plots import plot_curves
-from .synthetic import read_synthetic
-from .text import TextEncoder
-from .train import (CheckpointChoice, dice_per_image, healthy_cases, segmentation_loss, selection_items,
+from textdiff.model.backbone import make_extractor, make_random_extractor
+from textdiff.config import TextDiffConfig, TrainConfig
+from textdiff.data.studies import Case, DataError, find_by_id, read_studies
+from textdiff.synthesis.emit import merge_predictions
+from textdiff.model.features import FeatureCache, feature_augmentation
+from textdiff.research.headroom import area_oracle
+from textdiff.training.inference import score_masks, segment_items, to_original_size
+from textdiff.data.tiling import sliding_logits, windows_of
+from textdiff.model.segmenter import TextDiffModel
+from textdiff.plots import plot_curves
+from textdiff.synthesis.synthetic import read_synthetic
+from textdiff.model.text import TextEncoder
+from textdiff.training.train import (CheckpointChoice, dice_per_image, healthy_cases, segmentation_loss, selection_items,
                     split_train_val, train_head, with_empty_mask)
 
 METHODS = {

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .features import LEFT_RIGHT_AXIS
+from textdiff.model.features import LEFT_RIGHT_AXIS
 
 SIDES = ("left", "right")  # the patient's; as loaded, the patient's left lies at the high end of LEFT_RIGHT_AXIS
 _NO_FINDING = re.compile(r"^\s*no\b", re.IGNORECASE)  # "No pulmonary infection."

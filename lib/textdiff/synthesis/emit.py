@@ -22,11 +22,11 @@ from monai.transforms import LabelToContour
 from skimage.feature import canny
 from torch import nn
 
-from .backbone import save_diffusion
-from .config import SynthConfig, TextConfig
-from .data import Case, load_case
-from .pretrain import PretrainSettings, fit_denoiser
-from .text import TextEncoder
+from textdiff.model.backbone import save_diffusion
+from textdiff.config import SynthConfig, TextConfig
+from textdiff.data.studies import Case, load_case
+from textdiff.training.pretrain import PretrainSettings, fit_denoiser
+from textdiff.model.text import TextEncoder
 
 MODEL_FILE = "synth.json"
 

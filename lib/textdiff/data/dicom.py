@@ -24,8 +24,8 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 from tqdm import tqdm
 
-from .data import DataError, read_studies
-from .predict import label_colour
+from textdiff.data.studies import DataError, read_studies
+from textdiff.training.predict import label_colour
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import HeadConfig
+from textdiff.config import HeadConfig
 
 
 POSITION_FREQUENCIES = 4

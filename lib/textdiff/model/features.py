@@ -18,7 +18,7 @@ import torch
 from monai.transforms import Compose, Flipd, RandFlipd, RandomizableTransform, RandRotate90d
 from tqdm.auto import tqdm
 
-from .backbone import DiffusionFeatureExtractor
+from textdiff.model.backbone import DiffusionFeatureExtractor
 
 AUGMENTATIONS = ("none", "mirror", "flip", "rot90_flip")
 # Images are loaded (C, X, Y): the first spatial axis runs across the patient, from one side to the other.
