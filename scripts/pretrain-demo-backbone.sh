@@ -7,7 +7,7 @@
 # quick check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-apps/textdiff/demo/backbones/sample-data}
+OUT=${OUT:-runs/demo-weights/backbones/sample-data}  # copy into apps/textdiff/demo/ to ship it
 UNLABELED=${UNLABELED:-runs/unlabeled}
 for seed in $(seq 101 112); do  # 12 x 100 images, in parallel (one thread each)
   [ -d "$UNLABELED/$seed/train" ] || OMP_NUM_THREADS=1 textdiff make-sample-data --out "$UNLABELED/$seed" --seed "$seed" \
