@@ -296,25 +296,61 @@ def cmd_al_summary(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `textdiff` command: each group of commands registers its own; shared options come from parent parsers."""
     parser = argparse.ArgumentParser(prog="textdiff", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def command(name, func, help_text):
-        p = sub.add_parser(name, help=help_text, description=help_text)
+    def command(name, func, help_text, parents=()):
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=list(parents))
         p.set_defaults(func=func)
         return p
 
-    def set_option(p, section: str, example: str):
-        """--set, repeatable: `--set a=1 --set b=2` keeps both."""
-        p.add_argument("--set", nargs="*", action="extend", metavar=f"{section}.NAME=VALUE", help=f"e.g. {example}")
+    for register in (_data_commands, _training_commands, _generative_commands, _inference_commands,
+                     _benchmark_commands, _analysis_commands):
+        register(command)
+    return parser
 
-    def model_options(p):
-        p.add_argument("--backbone", help="diffusers folder (or hf:<hub id>) of the pretrained UNet (default: random init)")
-        p.add_argument("--text-encoder", help="transformers folder or hf:<hub id> (default: packaged all-MiniLM-L6-v2)")
-        set_option(p, "SECTION", "train.epochs=20")
-        p.add_argument("--device", default="auto", help="cpu, cuda[:N], or auto: cuda when present")
 
+def _set_option(p, section: str, example: str) -> None:
+    """--set, repeatable: `--set a=1 --set b=2` keeps both."""
+    p.add_argument("--set", nargs="*", action="extend", metavar=f"{section}.NAME=VALUE", help=f"e.g. {example}")
+
+
+def _parent(*adders) -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    for add in adders:
+        add(parent)
+    return parent
+
+
+def _device(p) -> None:
+    p.add_argument("--device", default="auto", help="cpu, cuda[:N], or auto: cuda when present")
+
+
+def _text_encoder(p) -> None:
+    p.add_argument("--text-encoder", help="transformers folder or hf:<hub id> (default: packaged all-MiniLM-L6-v2)")
+
+
+def _model(p) -> None:
+    """What every command that builds a TextDiff model takes."""
+    p.add_argument("--backbone", help="diffusers folder (or hf:<hub id>) of the pretrained UNet (default: random init)")
+    _text_encoder(p)
+    _set_option(p, "SECTION", "train.epochs=20")
+    _device(p)
+
+
+def _denoiser_training(p) -> None:
+    """What every command that trains a diffusion model takes (pretrain, cdm-train, synth-train)."""
+    p.add_argument("--data", nargs="+", required=True, help="studies folder(s)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _data_commands(command) -> None:
     p = command("make-sample-data", cmd_make_sample_data, "write the synthetic chest X-ray sample data")
     p.add_argument("--out", default="sample-data")
     p.add_argument("--seed", type=int, default=0)
@@ -332,39 +368,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--volume-modality", default="CT", choices=["CT", "MR", "OT"], help="modality of 3D volumes "
                    "(2D images are DX)")
     p.add_argument("--pixel-spacing", type=float, help="mm per pixel when the files carry none (PNG/JPG: 1 mm)")
-    set_option(p, "SECTION", "head.label_names=[background,lesion]")
+    _set_option(p, "SECTION", "head.label_names=[background,lesion]")
 
     p = command("import-lvit", cmd_import_lvit, "import an LViT-format dataset into a studies folder")
     p.add_argument("--images", required=True)
-    p.add_argument("--masks", required=True)
+    p.add_argument("--masks", required=True, help="mask folder (LViT's labelcol); the text file's Image column names "
+                   "these files")
     p.add_argument("--text", required=True, help="Excel or CSV with columns Image and Description")
     p.add_argument("--out", required=True)
     p.add_argument("--allow-missing-reports", action="store_true")
 
-    p = command("pretrain", cmd_pretrain, "pretrain the diffusion backbone on unlabeled images")
-    p.add_argument("--data", nargs="+", required=True, help="studies folder(s); every image is used, labeled or not")
-    p.add_argument("--out", required=True)
+
+def _training_commands(command) -> None:
+    p = command("pretrain", cmd_pretrain, "pretrain the diffusion backbone on unlabeled images",
+                [_parent(_denoiser_training)])
     p.add_argument("--init", help="continue from this diffusers folder")
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--half", action="store_true", help="store the weights in float16 (half the size; loaded as float32)")
-    set_option(p, "SECTION", "backbone.image_size=64")
+    _set_option(p, "SECTION", "backbone.image_size=64")
 
-    p = command("cdm-train", cmd_cdm_train, "train the class-conditional diffusion model on image-level labels")
-    p.add_argument("--data", nargs="+", required=True, help="studies folder(s) whose reports.csv gives image labels")
-    p.add_argument("--out", required=True)
-    p.add_argument("--init", help="start from this diffusers folder (e.g. the pretrained backbone)")
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--embedding-lr", type=float, default=3e-3,
-                   help="learning rate of the class embedding, which starts at zero on a pretrained backbone")
-    set_option(p, "cdm", "cdm.tau=0.9 cdm.classes=[normal,infection]")
-
-    p = command("train", cmd_train, "train the cross-attention and head on the labeled images of a studies folder")
+    p = command("train", cmd_train, "train the cross-attention and head on the labeled images of a studies folder",
+                [_parent(_model)])
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True, help="checkpoint file (.pt)")
     p.add_argument("--epochs", type=int)
@@ -373,19 +396,23 @@ def build_parser() -> argparse.ArgumentParser:
                    "they join training only, never validation")
     p.add_argument("--synthetic", help="folder of synthetic pairs (textdiff synthesize) mixed into training (EMIT-Diff)")
     p.add_argument("--synthetic-ratio", type=int, default=4, help="synthetic copies used per real image")
-    model_options(p)
 
-    p = command("synth-train", cmd_synth_train, "train the EMIT-Diff model (edge map + text conditioned diffusion)")
-    p.add_argument("--data", nargs="+", required=True, help="studies folder(s): every image, masks where there are")
-    p.add_argument("--out", required=True)
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--text-encoder", help="transformers folder or hf:<hub id> (default: packaged all-MiniLM-L6-v2)")
-    set_option(p, "synth", "synth.image_size=64")
 
-    p = command("synthesize", cmd_synthesize, "synthetic image-mask pairs of the labeled images, plus a contact sheet")
+def _generative_commands(command) -> None:
+    p = command("cdm-train", cmd_cdm_train, "train the class-conditional diffusion model on image-level labels",
+                [_parent(_denoiser_training)])
+    p.set_defaults(batch_size=8)
+    p.add_argument("--init", help="start from this diffusers folder (e.g. the pretrained backbone)")
+    p.add_argument("--embedding-lr", type=float, default=3e-3,
+                   help="learning rate of the class embedding, which starts at zero on a pretrained backbone")
+    _set_option(p, "cdm", "cdm.tau=0.9 cdm.classes=[normal,infection]")
+
+    p = command("synth-train", cmd_synth_train, "train the EMIT-Diff model (edge map + text conditioned diffusion)",
+                [_parent(_denoiser_training, _text_encoder)])
+    _set_option(p, "synth", "synth.image_size=64")
+
+    p = command("synthesize", cmd_synthesize, "synthetic image-mask pairs of the labeled images, plus a contact sheet",
+                [_parent(_device)])
     p.add_argument("--model", required=True, help="folder written by synth-train")
     p.add_argument("--data", required=True, help="studies folder whose labeled images are copied")
     p.add_argument("--masks", help="take masks from this folder instead of labels/final (e.g. train-groundtruth)")
@@ -394,30 +421,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's, 9)")
     p.add_argument("--steps", type=int, help="DDIM steps (default: the model's, 20)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="cpu, cuda[:N], or auto: cuda when present")
 
-    p = command("cdm-predict", cmd_cdm_predict, "masks and soft maps from the CDM (no pixel label needed)")
+
+def _inference_commands(command) -> None:
+    p = command("cdm-predict", cmd_cdm_predict, "masks and soft maps from the CDM (no pixel label needed)",
+                [_parent(_device)])
     p.add_argument("--model", required=True, help="folder written by cdm-train")
     p.add_argument("--images", nargs="+", required=True, help="image files or studies folders")
     p.add_argument("--out", required=True, help="masks here, soft maps and PNG previews in <out>/soft/")
     p.add_argument("--image-label", help="class of every image (default: its label or report; healthy -> empty mask)")
-    set_option(p, "cdm", "cdm.tau=0.9 cdm.threshold=0.5")
-    p.add_argument("--device", default="auto", help="cpu, cuda[:N], or auto: cuda when present")
+    _set_option(p, "cdm", "cdm.tau=0.9 cdm.threshold=0.5")
 
-    p = command("predict", cmd_predict, "segment images: mask files with the image geometry plus PNG overlays")
+    p = command("predict", cmd_predict, "segment images: mask files with the image geometry plus PNG overlays",
+                [_parent(_device)])
     p.add_argument("--model", required=True)
     p.add_argument("--images", nargs="+", required=True, help="image files or studies folders")
     p.add_argument("--out", required=True)
     p.add_argument("--text", help="report to use for every image (default: the studies folder's reports.csv)")
-    p.add_argument("--device", default="auto", help="cpu, cuda[:N], or auto: cuda when present")
 
-    p = command("evaluate", cmd_evaluate, "Dice and IoU per image and mean against labels/final, as JSON")
+    p = command("evaluate", cmd_evaluate, "Dice and IoU per image and mean against labels/final, as JSON",
+                [_parent(_device)])
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--out", help="JSON file")
-    p.add_argument("--device", default="auto", help="cpu, cuda[:N], or auto: cuda when present")
 
-    p = command("benchmark", cmd_benchmark, "Dice vs number of labeled images for TextDiff, its ablations and a UNet")
+
+def _benchmark_commands(command) -> None:
+    model = _parent(_model)
+    p = command("benchmark", cmd_benchmark, "Dice vs number of labeled images for TextDiff, its ablations and a UNet",
+                [model])
     p.add_argument("--data", default="sample-data")
     p.add_argument("--out", default="benchmark-results")
     p.add_argument("--labels", nargs="+", type=int, default=[5, 10, 20], help="label counts (the pool has 70: add 70 for all)")
@@ -428,8 +460,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic", help="synthetic pairs of the training pool (textdiff synthesize --masks <data>/train-groundtruth)")
     p.add_argument("--synthetic-ratio", type=int, default=4, help="synthetic copies used per real image")
     p.add_argument("--skip-timing", action="store_true", help="skip timing the feature cache, latency and memory")
-    model_options(p)
 
+    p = command("cdm-benchmark", cmd_cdm_benchmark, "CDM vs Grad-CAM vs reconstruction masks, and CDM pseudo-labels",
+                [model])
+    p.add_argument("--data", default="sample-data")
+    p.add_argument("--cdm", required=True, help="folder written by cdm-train")
+    p.add_argument("--out", default="benchmark-results")
+    p.add_argument("--real-masks", type=int, default=5)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=400, help="TextDiff optimizer steps per run")
+    p.add_argument("--classifier-epochs", type=int, default=30)
+
+    p = command("al-benchmark", cmd_al_benchmark, "simulate active learning: test Dice per labeling round per strategy",
+                [model])
+    p.add_argument("--data", default="sample-data")
+    p.add_argument("--out", default="benchmark-results")
+    p.add_argument("--start", type=int, default=5, help="labeled images before the first round")
+    p.add_argument("--step", type=int, default=5, help="images labeled per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps per training")
+    p.add_argument("--strategies", nargs="+", default=["random", "uncertainty", "diverse"])
+
+
+def _analysis_commands(command) -> None:
     p = command("benchmark-compare", cmd_benchmark_compare,
                 "two methods of benchmark runs, paired by labels and seed, overall and per group of test images")
     p.add_argument("--a", nargs="+", required=True, help="benchmark output folders of the first method")
@@ -447,31 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", nargs="*", metavar="NAME=DICE",
                    help="published results drawn as dashed lines, e.g. 'LViT-T, all labels=0.8036'")
 
-    p = command("cdm-benchmark", cmd_cdm_benchmark, "CDM vs Grad-CAM vs reconstruction masks, and CDM pseudo-labels")
-    p.add_argument("--data", default="sample-data")
-    p.add_argument("--cdm", required=True, help="folder written by cdm-train")
-    p.add_argument("--out", default="benchmark-results")
-    p.add_argument("--real-masks", type=int, default=5)
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=400, help="TextDiff optimizer steps per run")
-    p.add_argument("--classifier-epochs", type=int, default=30)
-    model_options(p)
-
-    p = command("al-benchmark", cmd_al_benchmark, "simulate active learning: test Dice per labeling round per strategy")
-    p.add_argument("--data", default="sample-data")
-    p.add_argument("--out", default="benchmark-results")
-    p.add_argument("--start", type=int, default=5, help="labeled images before the first round")
-    p.add_argument("--step", type=int, default=5, help="images labeled per round")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps per training")
-    p.add_argument("--strategies", nargs="+", default=["random", "uncertainty", "diverse"])
-    model_options(p)
-
     p = command("al-summary", cmd_al_summary, "one table and plot from several al-benchmark runs (e.g. one per seed)")
     p.add_argument("results", nargs="+", help="al-benchmark output folders")
     p.add_argument("--out", required=True)
-    return parser
 
 
 def _resolve_device(args) -> None:
