@@ -121,7 +121,6 @@ class TrainConfig:
     selection_window: int = 1
     seed: int = 0
     cache_features: bool = True
-    num_workers: int = 0
     # EMIT-Diff augmentation: synthetic copies used per real training image (0: off), and the random merging mask
     # that picks per patch whether the loss sees the real or the synthetic prediction: a patch is real with
     # probability merge_alpha (paper code: 0.6); merge_patch is in model pixels (32 at 128² = the paper's 64 px at 256²).
@@ -173,8 +172,12 @@ class TextDiffConfig:
             backbone=_build(BackboneConfig, backbone),
             text=_build(TextConfig, data.get("text", {})),
             head=_build(HeadConfig, head),
-            train=_build(TrainConfig, data.get("train", {})),
+            train=_build(TrainConfig, {k: v for k, v in data.get("train", {}).items() if k not in RETIRED_TRAIN}),
         )
+
+
+# Settings that did nothing and were removed; checkpoints written with them still load.
+RETIRED_TRAIN = ("num_workers",)
 
 
 @dataclass

@@ -119,7 +119,7 @@ class DiffusionFeatureExtractor(torch.nn.Module):
                                   feature_layers=tuple(cfg.feature_layers or default_feature_layers(unet)))
         self.cfg = cfg
         self.timesteps = torch.tensor(cfg.timesteps, dtype=torch.long)
-        self.alphas_cumprod = scheduler.alphas_cumprod.clone()
+        self.scheduler = scheduler
         size = cfg.image_size
         generator = torch.Generator().manual_seed(cfg.noise_seed)
         self.register_buffer("noise", torch.randn(1, unet.config.in_channels, size, size, generator=generator))
@@ -155,11 +155,9 @@ class DiffusionFeatureExtractor(torch.nn.Module):
     def noised(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q_sample every image at every timestep with the shared fixed noise: (B*T, C, H, W) and the steps."""
         batch, steps = images.shape[0], len(self.timesteps)
-        alpha_bar = self.alphas_cumprod.to(images.device)[self.timesteps].view(1, steps, 1, 1, 1)
-        x = images.unsqueeze(1)
-        noisy = alpha_bar.sqrt() * x + (1 - alpha_bar).sqrt() * self.noise.unsqueeze(1)
+        x = images.repeat_interleave(steps, dim=0)  # image-major: (image 0, t0), (image 0, t1), ...
         t = self.timesteps.to(images.device).repeat(batch)
-        return noisy.flatten(0, 1), t
+        return self.scheduler.add_noise(x, self.noise.expand_as(x), t), t
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
