@@ -67,6 +67,8 @@ def run_labeling_benchmark(data: Path, backbone: str | None, out: Path, settings
     size, channels = cache.extractor.cfg.image_size, cache.extractor.cfg.in_channels
     pool = [load_case(c, size, channels, 2) for c in _pool(data)]
     test = [load_case(c, size, channels, 2) for c in read_studies(data / "test")]
+    cache.fill(pool + test, progress=True)  # the slow part, once: every round then reads cached features
+
     def train_and_score(labeled: list[dict], seed: int) -> tuple[TextDiffModel, float]:
         torch.manual_seed(seed)
         model = TextDiffModel(cfg, cache.extractor, text_encoder).to(device)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from textdiff.model.backbone import make_extractor
 from textdiff.research.benchmark import _pool, _subset, epochs_for
@@ -76,7 +77,7 @@ def _weak_masks(cdm, data: Path, settings: CDMBenchmarkSettings, device, out: Pa
     rows, examples = {}, []
     for name, method in methods.items():
         masks, seconds, soft_maps = [], [], []
-        for case, item in zip(cases, items):
+        for case, item in tqdm(list(zip(cases, items)), desc=MAP_METHODS[name], unit="img"):
             start = time.perf_counter()
             soft = to_size(method(item["image"][None].to(device), image_level_label(case, cdm.cfg)), item["original_shape"]).cpu()
             masks.append(threshold_map(soft[0], cdm.cfg))
@@ -106,7 +107,7 @@ def _pseudo_label_runs(cdm, data: Path, backbone: str | None, settings: CDMBench
     pool = [load_case(c, size, channels, 2) for c in cases]
     test = [load_case(c, size, channels, 2) for c in read_studies(data / "test")]
     pseudo = {}
-    for case, item in zip(cases, pool):
+    for case, item in tqdm(list(zip(cases, pool)), desc="CDM pseudo-labels", unit="img"):
         target = image_level_label(case, cdm.cfg)
         if target is None:
             continue

@@ -162,8 +162,9 @@ def fit_denoiser(
     amp_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
     grad_scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and amp_dtype == torch.float16)
     history = list(settings.history)
-    bar = tqdm(range(settings.epochs), desc="denoiser", disable=not progress or rank > 0, unit="epoch")
-    for epoch in bar:
+    # one tick per batch: with large images an epoch takes minutes, and a bar by epochs would sit at 0 % that long
+    bar = tqdm(total=settings.epochs * len(loader), desc="denoiser", disable=not progress or rank > 0, unit="batch")
+    for epoch in range(settings.epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
         start, total, count = time.perf_counter(), 0.0, 0
@@ -184,12 +185,14 @@ def fit_denoiser(
             grad_scaler.update()
             ema.step(unet.parameters())
             total, count = total + loss.item() * batch.shape[0], count + batch.shape[0]
+            bar.update()
         history.append({"epoch": len(history) + 1, "loss": total / count, "seconds": time.perf_counter() - start})
-        bar.set_postfix(loss=f"{total / count:.4f}")
+        bar.set_postfix(epoch=f"{epoch + 1}/{settings.epochs}", loss=f"{total / count:.4f}")
         logger.info("epoch %d/%d: denoising loss %.4f", epoch + 1, settings.epochs, total / count)
         last = epoch + 1 == settings.epochs
         if rank == 0 and (last or (epoch + 1) % settings.save_every == 0):
             _save(unet, ema, scheduler, out, history, extra_files, settings.save_half)
+    bar.close()
     if world > 1:
         dist.barrier()
     return history

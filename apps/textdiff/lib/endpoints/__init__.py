@@ -23,6 +23,8 @@ from . import auth, datastore, infer, model, session, train
 from .body_limit import BodyLimit
 from .queue import WorkQueue
 
+logger = logging.getLogger(__name__)
+
 # MONAI Label endpoints this app does not serve: whole-slide inference and deprecated aliases of the ones above;
 # and without a PACS, the DICOMweb proxy (it would forward to the studies folder's path).
 NOT_SERVED = [("/infer/wsi/{model}", "POST"), ("/infer/wsi_v2/{model}", "POST"), ("/datastore/", "PUT"),
@@ -65,6 +67,8 @@ def install(server: FastAPI, *, max_upload_bytes: int, infer_workers: int, infer
         Middleware(BodyLimit, max_bytes=max_upload_bytes),
     ]
     server.middleware_stack = server.build_middleware_stack()
+    logger.info("browser origins allowed (CORS): %s; uploads up to %d MB; %d inference worker(s), %d may wait",
+                ", ".join(cors_origins) or "this server's own only", max_upload_bytes >> 20, infer_workers, infer_queue)
     for name in ("monailabel.tasks.infer.basic_infer", "monailabel.interfaces.app", "monailabel.endpoints.infer"):
         logging.getLogger(name).addFilter(RedactReports())
 
