@@ -18,8 +18,7 @@ else
   [ -f "$backbone/unet/config.json" ] || textdiff pretrain --data sample-data/train --out "$backbone" \
     --epochs "${PRETRAIN_EPOCHS:-60}" --batch-size 8 --lr 3e-4 --set backbone.max_windows=1  # whole radiographs
 fi
-textdiff train --data sample-data/train --backbone "$backbone" --out "$out/textdiff.pt" --epochs "${TRAIN_EPOCHS:-40}" \
-  --set train.healthy_label=normal
+textdiff train --data sample-data/train --backbone "$backbone" --out "$out/textdiff.pt" --epochs "${TRAIN_EPOCHS:-40}"
 textdiff evaluate --model "$out/textdiff.pt" --data sample-data/test --out "$out/evaluation.json"
 textdiff predict --model "$out/textdiff.pt" --images sample-data/test --out "$out/predictions" > /dev/null
 dice=$(python -c "import json; print(round(json.load(open('$out/evaluation.json'))['mean']['dice'], 3))")

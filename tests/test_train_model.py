@@ -235,3 +235,17 @@ def test_healthy_images_without_a_mask_train_with_an_empty_mask(sample_dir, h, m
     assert len(added) == len(normal) and all(it["label"].shape == (1, h.size, h.size) for it in added)
     assert all(it["label"].sum() == 0 for it in added)
     assert not normal & {it["id"] for it in seen["val"]}  # validation stays on drawn masks
+
+
+def test_the_same_training_run_gives_the_same_model(sample_dir, h, tmp_path):
+    """The head's initial weights come from the run's seed, not from whatever ran before in the process."""
+    from textdiff.data.studies import read_studies
+    from textdiff.training.train import train_on_cases
+
+    cases = [c for c in read_studies(sample_dir / "train") if c.label is not None]
+    heads = []
+    for run in range(2):
+        torch.manual_seed(100 + run)  # a different global random state before each run
+        model, _ = train_on_cases(cases, h.tiny_config(), tmp_path / f"m{run}.pt", progress=False)
+        heads.append(model.head.state_dict())
+    assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])

@@ -42,6 +42,8 @@ def _config(args) -> TextDiffConfig:
         overrides["text.encoder"] = args.text_encoder
     if getattr(args, "epochs", None) is not None:
         overrides["train.epochs"] = args.epochs
+    if getattr(args, "healthy_label", None) is not None:
+        overrides.setdefault("train.healthy_label", args.healthy_label or None)
     return with_overrides(TextDiffConfig(), overrides)
 
 
@@ -392,6 +394,8 @@ def _training_commands(command) -> None:
     p.add_argument("--out", required=True, help="checkpoint file (.pt)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--limit", type=int, help="use only the first N labeled images")
+    p.add_argument("--healthy-label", default="normal", help="images with this image-level label (reports.csv) and no "
+                   "mask also train, with an empty mask, as the app does by default (\"\": off)")
     p.add_argument("--pseudo-labels", help="folder of masks (e.g. from cdm-predict) for images with no final mask; "
                    "they join training only, never validation")
     p.add_argument("--synthetic", help="folder of synthetic pairs (textdiff synthesize) mixed into training (EMIT-Diff)")

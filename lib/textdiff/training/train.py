@@ -309,6 +309,7 @@ def train_on_cases(cases: list[Case], cfg: TextDiffConfig, checkpoint: str | Pat
     healthy = [c for c in healthy if c.id not in real and c.id not in {p.id for p in pseudo_cases}]
     if not cases and not pseudo_cases:
         raise DataError("no labeled image: save at least one mask (labels/final) before training")
+    torch.manual_seed(cfg.train.seed)  # the head's initial weights: the same run gives the same model
     model = TextDiffModel(cfg).to(device)
     groups = [model.load_planes(c) for c in cases]  # a volume's slices stay on one side of the split
     train_groups, val_groups = split_train_val(groups, cfg.train.val_fraction, cfg.train.seed)
