@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from pathlib import Path
@@ -64,6 +65,10 @@ def test_cdm_is_trained_on_image_labels_then_pre_annotates_through_the_server(cl
     info = client.get("/info/").json()
     assert info["train_stats"]["cdm"]["epochs"] == 1
     assert {"image_label", "soft_map", "largest_component"} <= set(info["models"]["cdm"]["config"])
+    scored = info["train_stats"]["cdm"]["final_mask_dice"]  # scored against the final masks that exist
+    assert scored["images"] >= 1 and 0 <= scored["dice"] <= 1
+    assert info["models"]["cdm"]["final_mask_dice"] == scored
+    assert info["models"]["cdm"]["proposal_dice"] == {"dice": None, "images": 0}  # no proposal corrected yet
 
     response = _infer(client, infected[0], result_extension=".nrrd", result_dtype="uint8")
     assert response.status_code == 200, response.text
@@ -112,8 +117,39 @@ def test_pre_annotations_become_original_labels_and_optional_pseudo_labels(clien
     assert response.status_code == 200, response.text
     stats = client.get("/info/").json()["train_stats"]["textdiff"]
     assert stats["labeled_images"] == 4 and stats["pseudo_labeled_images"] == len(unlabeled)
+    # the run also trained without them and kept the better, saying which
+    assert stats["kept"]["extras"] == "pseudo-labels" and stats["kept"]["kept"].endswith("pseudo-labels")
     response = client.post("/train/textdiff?run_sync=true", json={"max_epochs": 1})
-    assert client.get("/info/").json()["train_stats"]["textdiff"]["pseudo_labeled_images"] == 0  # off by default
+    stats = client.get("/info/").json()["train_stats"]["textdiff"]
+    assert stats["pseudo_labeled_images"] == 0 and stats["kept"] is None  # off by default, nothing to compare
+
+
+def test_info_scores_the_proposals_a_clinician_corrected(client, deployment):
+    """A CDM proposal, then a final label of the same image: /info shows their Dice."""
+    from PIL import Image
+
+    if "cdm" not in client.get("/info/").json()["models"]:
+        assert client.post("/train/cdm?run_sync=true", json={"max_epochs": 1}).status_code == 200
+    image = _image_ids(deployment, "infection")[-1]
+    assert not (deployment["studies"] / "labels" / "final" / f"{image}.png").exists()
+    response = client.post(f"/infer/cdm?image={image}", data={"params": json.dumps({"save_label": True,
+                                                                                     "label_tag": "original"})})
+    assert response.status_code == 200, response.text
+    proposal_file = client.get(f"/datastore/label?label={image}&tag=original")
+    proposal = np.asarray(Image.open(io.BytesIO(proposal_file.content))) > 0
+    corrected = np.zeros_like(proposal)
+    corrected[10:30, 10:30] = True
+    buffer = io.BytesIO()
+    Image.fromarray(corrected.astype(np.uint8)).save(buffer, format="PNG")
+    response = client.put(f"/datastore/label?image={image}&tag=final",
+                          files={"label": (f"{image}.png", buffer.getvalue(), "image/png")})
+    assert response.status_code == 200, response.text
+    try:
+        expected = 2 * (proposal & corrected).sum() / (proposal.sum() + corrected.sum())
+        measured = client.get("/info/").json()["models"]["cdm"]["proposal_dice"]
+        assert measured["images"] == 1 and measured["dice"] == pytest.approx(expected, abs=1e-4)
+    finally:
+        assert client.delete(f"/datastore/label?id={image}&tag=final").status_code == 200
 
 
 def test_healthy_images_join_textdiff_training_with_empty_masks(client, deployment):

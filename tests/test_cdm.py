@@ -141,6 +141,22 @@ def test_train_cdm_on_image_labels_and_load_it_back(sample_dir, h, tmp_path):
     assert images.shape == (len(cases), 1, h.size, h.size) and set(labels.tolist()) == {0, 1}
 
 
+def test_a_cdm_run_shows_its_maps_at_each_save_and_continues_where_it_stopped(sample_dir, h, tmp_path, caplog):
+    cases = read_studies(sample_dir / "train")
+    out, maps, cfg = tmp_path / "cdm", tmp_path / "maps", CDMConfig(noise_level=100, ddim_steps=5)
+    settings = PretrainSettings(epochs=2, batch_size=4, save_every=1)
+    with caplog.at_level("INFO", logger="textdiff.weak.cdm_progress"):
+        train_cdm(cases, out, cfg, settings, arch=h.tiny_backbone(), progress=False, maps_folder=maps)
+    assert sorted(p.name for p in maps.iterdir()) == ["epoch-0001.png", "epoch-0002.png"]
+    assert "epoch 2: CDM masks of" in caplog.text and "Dice" in caplog.text  # training images with a drawn mask
+    before = {name: value.clone() for name, value in load_cdm(out).unet.state_dict().items()}
+    history = train_cdm(cases, out, cfg, dataclasses.replace(settings, epochs=1), init=str(out), progress=False,
+                        maps_folder=maps)
+    assert [row["epoch"] for row in history] == [1, 2, 3] and (maps / "epoch-0003.png").is_file()
+    after = load_cdm(out).unet.state_dict()
+    assert any(not torch.equal(before[name], after[name]) for name in before)  # it trained on from there
+
+
 def test_train_cdm_needs_healthy_and_abnormal_images(sample_dir, h, tmp_path):
     infected = [c for c in read_studies(sample_dir / "train") if c.image_label == "infection"]
     with pytest.raises(DataError, match="healthy class 'normal'"):
@@ -160,6 +176,20 @@ def test_gradcam_maps_have_the_image_size_and_unit_range(h):
     maps = cam_maps(net, images, 1)
     assert maps.shape == (4, h.size, h.size) and float(maps.min()) >= 0 and float(maps.max()) <= 1
     assert np.isfinite(maps.numpy()).all()
+
+
+def test_a_corrected_proposal_loses_false_regions_gains_missed_ones_and_keeps_outlines():
+    from textdiff.research.cdm_benchmark import corrected_proposal
+
+    truth, proposal = torch.zeros(1, 12, 12, dtype=torch.long), torch.zeros(1, 12, 12, dtype=torch.long)
+    truth[0, 1:4, 1:4] = 1  # found, with another outline
+    truth[0, 8:11, 8:11] = 1  # missed
+    proposal[0, 2:6, 2:6] = 1
+    proposal[0, 8:10, 1:3] = 1  # nothing there
+    expected = torch.zeros_like(truth)
+    expected[0, 2:6, 2:6] = 1
+    expected[0, 8:11, 8:11] = 1
+    assert torch.equal(corrected_proposal(proposal, truth), expected)
 
 
 def test_pseudo_labels_join_training_only_and_never_replace_a_real_mask(sample_dir, h, monkeypatch, tmp_path):
@@ -195,15 +225,44 @@ def test_cdm_benchmark_reports_every_method_and_the_pseudo_label_difference(samp
     cdm = tmp_path / "cdm"
     train_cdm(read_studies(sample_dir / "train"), cdm, CDMConfig(noise_level=100, ddim_steps=5),
               PretrainSettings(epochs=1, batch_size=4), init=str(backbone), progress=False)
-    settings = CDMBenchmarkSettings(real_masks=2, seeds=(0,), steps=2, classifier=ClassifierSettings(epochs=1))
+    settings = CDMBenchmarkSettings(real_masks=2, seeds=(0,), steps=2, classifier=ClassifierSettings(epochs=1),
+                                    choose_readout=True)
     result = run_cdm_benchmark(sample_dir, str(cdm), str(backbone), tmp_path / "out", settings, cfg)
+    readout = result["readout_selection"]  # chosen on the training images, then used for the test images
+    assert {row["noise_level"] for row in readout["rows"]} == {100, 200, 500}  # 400 / 5 steps: uneven, left out
+    assert max(row["dice"] for row in readout["rows"]) == next(
+        row["dice"] for row in readout["rows"] if all(row[k] == v for k, v in readout["chosen"].items()))
+    assert result["cdm_config"]["noise_level"] == readout["chosen"]["noise_level"]
     assert set(result["maps"]["methods"]) == {"cdm", "gradcam", "reconstruction"}
     for row in result["maps"]["methods"].values():
         assert 0 <= row["dice"] <= 1 and row["seconds_per_image"] > 0 and len(row["images"]) == 3
     pseudo = result["pseudo_labels"]
-    assert [r["training_images"] for r in pseudo["rows"]] == [2, 6]  # 2 real, then + 4 pseudo-labeled
+    assert [r["training_images"] for r in pseudo["rows"]][:2] == [2, 6]  # 2 real, then + 4 pseudo-labeled
+    plain, extended, gated, cold = pseudo["rows"]  # the gate keeps the run with the higher validation Dice
+    assert gated["kept"] == (extended if extended["val_dice"] > plain["val_dice"] else plain)["variant"]
+    assert gated["dice"] == (extended if extended["val_dice"] > plain["val_dice"] else plain)["dice"]
     assert pseudo["difference"] == pytest.approx(pseudo["summary"]["real + CDM pseudo-labels"]["mean"]
                                                  - pseudo["summary"]["real only"]["mean"])
     assert json.loads((tmp_path / "out" / "cdm_results.json").read_text())["maps"]["test_images"] == 3
     assert (tmp_path / "out" / "cdm_map_examples.png").is_file() and (tmp_path / "out" / "cdm_dice.png").is_file()
-    assert "| CDM (condition derivative) |" in capsys.readouterr().out
+    assert cold["variant"] == "corrected CDM proposals" and 0 <= cold["changed_pixels"] <= 1
+    printed = capsys.readouterr().out
+    assert "| CDM (condition derivative) |" in printed and "| gate kept |" in printed
+
+
+def test_smoothing_spreads_a_peak_before_the_threshold(tiny_cdm, h):
+    from textdiff.weak.cdm_masks import smoothed
+
+    raw = torch.zeros(2, 16, 16)
+    raw[0, 8, 8], raw[1, 3, 3] = 5.0, 1.0
+    sharp, blurred = smoothed(raw, 0), smoothed(raw, 2)
+    assert torch.equal(sharp, raw / raw.flatten(1).max(1).values[:, None, None])  # only normalised
+    assert blurred.shape == raw.shape and float(blurred.amax()) == 1.0 and float(blurred.amin()) == 0.0
+    assert int((blurred[0] > 0.5).sum()) > int((sharp[0] > 0.5).sum()) == 1  # the peak became a region
+    assert blurred[1].argmax() == 3 * 16 + 3  # each map on its own
+    cfg = dataclasses.replace(tiny_cdm.cfg, smooth=2.0)
+    images = _images(h)
+    blurred_maps = condition_maps(CDM(tiny_cdm.unet, tiny_cdm.scheduler, cfg), images, "infection")
+    torch.testing.assert_close(blurred_maps, smoothed(condition_maps(tiny_cdm, images, "infection", normalise=False), 2))
+    with pytest.raises(ValueError, match="cdm.smooth"):
+        CDMConfig(smooth=-1)

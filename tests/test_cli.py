@@ -147,6 +147,7 @@ def test_cdm_train_predict_and_pseudo_labels_from_the_command_line(sample_dir, t
                  "--batch-size", "4", "--init", str(_tiny_backbone(tmp_path)), "--set", "cdm.noise_level=100",
                  "cdm.ddim_steps=5"]) == 0
     assert "CDM written" in capsys.readouterr().out and (cdm / "cdm.json").is_file()
+    assert (tmp_path / "cdm-maps" / "epoch-0001.png").is_file()  # next to the model, which is replaced at each save
 
     masks = tmp_path / "cdm-masks"
     assert main(["cdm-predict", "--model", str(cdm), "--images", str(sample_dir / "train"), "--out", str(masks),
@@ -165,9 +166,11 @@ def test_cdm_train_predict_and_pseudo_labels_from_the_command_line(sample_dir, t
     assert "not cdm.<name>" in capsys.readouterr().err
 
     model = tmp_path / "model.pt"
+    capsys.readouterr()
     assert main(["train", "--data", str(sample_dir / "train"), "--out", str(model), "--pseudo-labels", str(masks),
-                 "--epochs", "1", "--device", "cpu", "--set", *TINY_SET, *TINY_HEAD]) == 0
+                 "--epochs", "1", "--device", "cpu", "--compare-without", "--set", *TINY_SET, *TINY_HEAD]) == 0
     assert model.is_file()
+    assert "kept the run with" in capsys.readouterr().out  # says which run it kept, with both Dice values
     assert main(["train", "--data", str(sample_dir / "train"), "--out", str(model), "--pseudo-labels",
                  str(tmp_path / "missing"), "--epochs", "1", "--set", *TINY_SET, *TINY_HEAD]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -156,6 +156,12 @@ def test_synthetic_copies_join_training_only(pairs, sample_dir, tmp_path, h):
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=3, synthetic_ratio=2, val_fraction=0.25))
     model, result = train_on_cases(cases, cfg, tmp_path / "syn.pt", synthetic=read_synthetic(pairs[0]), progress=False)
     assert len(result.history) == 3 and all(np.isfinite(h["loss"]) for h in result.history)
+    _, gated = train_on_cases(cases, cfg, tmp_path / "gated.pt", synthetic=read_synthetic(pairs[0]), progress=False,
+                              compare_without=True)
+    assert gated.gate["extras"] == "synthetic copies"
+    assert gated.gate["kept"] in ("with synthetic copies", "without synthetic copies")
+    assert gated.best_dice == pytest.approx(max(gated.gate["dice_with"], gated.gate["dice_without"]), abs=1e-4)
+    assert sorted(p.name for p in tmp_path.glob("gated*")) == ["gated.pt"]
     with pytest.raises(DataError, match="synthetic pairs"):
         train_on_cases(cases, cfg, tmp_path / "none.pt", synthetic=None, progress=False)
 

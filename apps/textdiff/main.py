@@ -3,7 +3,7 @@
 Start it with `monailabel start_server --app apps/textdiff --studies sample-data/train --host 127.0.0.1`. Settings
 are `--conf key value` pairs (see lib/configs/settings.py and docs/app.md). The model code lives in the `textdiff`
 package; this app only wires it into MONAI Label, turns bad client input into 4xx answers, and serves its own
-versions of the endpoints MONAI Label ships unsafe (lib/endpoints).
+versions of the endpoints MONAI Label ships unsafe; every request check is in lib/endpoints.
 """
 
 from __future__ import annotations
@@ -12,21 +12,18 @@ import logging
 import os
 
 import monailabel
-import torch
 from lib import endpoints
+from lib.endpoints import checks
 from lib.configs.cdm import CDMTaskConfig
 from lib.configs.textdiff import TextDiffTaskConfig
 from lib.datastore import ReportDatastore
 from lib.dicomweb import ReportDICOMwebDatastore, cache_folder
-from lib.errors import bad_request, check_id, not_found
-from lib.endpoints.infer import UPLOAD
-from lib.trainers.textdiff import pseudo_labeled_cases
+from lib.proposals import proposal_dice
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
-from textdiff.weak.cdm import image_level_label
-from textdiff.data.studies import ImageLimits, read_studies, set_image_limits
+from textdiff.data.studies import ImageLimits, set_image_limits
 
 logger = logging.getLogger(__name__)
 
@@ -84,64 +81,34 @@ class MyApp(MONAILabelApp):
                               cors_origins=origins or [str(o) for o in settings.MONAI_LABEL_CORS_ORIGINS],
                               pacs=self.studies.startswith(("http://", "https://")))
 
-    # --- request checks: clear 4xx answers instead of MONAI Label's 500s --------------------------------------
+    def info(self):
+        """MONAI Label's /info, with how good the CDM's masks are where final masks exist: scored at the end of its
+        training run (`final_mask_dice`) and its stored proposals against what clinicians saved (`proposal_dice`)."""
+        meta = super().info()
+        if CDM in meta["models"]:
+            meta["models"][CDM]["final_mask_dice"] = self._trainers[CDM].stats().get("final_mask_dice")
+            meta["models"][CDM]["proposal_dice"] = proposal_dice(self.datastore(), CDM)
+        return meta
+
+    # --- MONAI Label's routes, checked first (lib/endpoints/checks.py): clear 4xx answers instead of 500s ----------
     def infer(self, request, datastore=None):
-        model = request.get("model")
-        if model not in self._infers:
-            raise not_found(f"no model '{model}': available are {sorted(self._infers)}")
-        if not self._infers[model].is_valid():
-            raise not_found(f"model '{model}' has no weights yet: train it first (POST /train/{model})")
-        image = request.get("image")
-        if not isinstance(image, str) or not image:
-            raise bad_request("say which image to segment: ?image=<id>")
-        if image != request.get(UPLOAD):  # only the endpoint sets it, for the file of this very request
-            check_id(image)
-            if image not in self.datastore().list_images():
-                raise not_found(f"no image '{image}' in the datastore")
-            info = self.datastore().get_image_info(image)
-            request = {**request, "report": info.get("report", ""), "stored_label": info.get("image_label")}
-        return super().infer(request, datastore)
+        return super().infer(checks.infer_request(self, request), datastore)
 
     def batch_infer(self, request, datastore=None):
-        """`POST /batch/infer/cdm?images=unlabeled` pre-annotates every unlabeled image as an `original` label.
-        MONAI Label 0.8.5 spreads batch jobs over GPUs by default and divides by zero on a CPU-only server."""
-        if request.get("model") not in self._infers:
-            raise not_found(f"no model '{request.get('model')}': available are {sorted(self._infers)}")
-        request = {key: value for key, value in request.items() if not key.startswith("_")}  # server-set keys
-        if not torch.cuda.is_available():
-            request = {**request, "multi_gpu": False, "device": "cpu"}
-        return super().batch_infer(request, datastore)
+        """`POST /batch/infer/cdm?images=unlabeled` pre-annotates every unlabeled image as an `original` label."""
+        return super().batch_infer(checks.batch_infer_request(self, request), datastore)
 
     def next_sample(self, request):
         strategy = request.get("strategy") or "random"
-        if strategy not in self._strategies:
-            raise not_found(f"no active-learning strategy '{strategy}': available are {sorted(self._strategies)}")
+        checks.known("active-learning strategy", strategy, self._strategies)
         return super().next_sample(request)
 
     def scoring(self, request, datastore=None):
-        method = request.get("method")
-        if method not in self._scoring_methods:
-            raise not_found(f"no scoring method '{method}': available are {sorted(self._scoring_methods)}")
+        checks.known("scoring method", request.get("method"), self._scoring_methods)
         return super().scoring(request, datastore)
 
     def bundle_path(self, model):
         """MONAI Label asks this in the server process just before it starts a background train or scoring job:
         the one place to refuse a job that cannot run with a 4xx, instead of a subprocess that fails later."""
-        if model is not None and model not in self._trainers:
-            raise not_found(f"no trainer '{model}': available are {sorted(self._trainers)}")
-        store = self.datastore()
-        if model == MODEL and not store.get_labeled_images() and not pseudo_labeled_cases(store):
-            raise bad_request("no image has a final label yet: save at least one mask before training")
-        if model == CDM:
-            self._check_image_labels(store)
+        checks.job(self, model, MODEL, CDM)
         return super().bundle_path(model)
-
-    def _check_image_labels(self, store) -> None:
-        """The CDM needs healthy and abnormal images, known from image labels or reports."""
-        found = {image_level_label(case, self.cdm.cfg) for case in read_studies(store.studies_dir)} - {None}
-        if self.cdm.cfg.healthy_class not in found or len(found) < 2:
-            raise bad_request(f"the cdm model learns from image-level labels and needs both healthy "
-                              f"('{self.cdm.cfg.healthy_class}') and abnormal images; found {sorted(found) or 'none'}. "
-                              "Set them with PUT /datastore/image/info {\"image_label\": ...} or in the reports")
-
-

@@ -109,8 +109,10 @@ def cmd_cdm_train(args) -> None:
     cases = [case for folder in args.data for case in read_studies(folder)]
     settings = PretrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                                 class_embedding_lr=args.embedding_lr)
-    history = train_cdm(cases, args.out, cfg, settings, init=args.init)
-    print(f"CDM written to {args.out} (last loss {history[-1]['loss']:.4f} after {len(history)} epochs)")
+    maps = args.maps if args.maps is not None else f"{Path(args.out)}-maps"
+    history = train_cdm(cases, args.out, cfg, settings, init=args.init, maps_folder=maps or None)
+    print(f"CDM written to {args.out} (last loss {history[-1]['loss']:.4f} after {len(history)} epochs)"
+          + (f"; maps of training images at each save in {maps}" if maps else ""))
 
 
 def cmd_cdm_predict(args) -> None:
@@ -161,8 +163,11 @@ def cmd_train(args) -> None:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, synthetic_ratio=args.synthetic_ratio))
     _, result = train_on_cases(cases, cfg, args.out, args.device, pseudo_cases=pseudo,
                                healthy=healthy_cases(studies, cfg.train.healthy_label), synthetic=synthetic,
-                               unlabeled=[c for c in studies if c.label is None])
+                               unlabeled=[c for c in studies if c.label is None], compare_without=args.compare_without)
     plot = plot_training(result.history, Path(args.out).with_suffix(".png"))
+    if result.gate:
+        print(f"kept the run {result.gate['kept']} (validation Dice {result.gate['dice_with']:.4f} with them, "
+              f"{result.gate['dice_without']:.4f} without)")
     print(f"best validation Dice {result.best_dice:.4f} at epoch {result.best_epoch}; model {args.out}; curves {plot}")
 
 
@@ -277,6 +282,7 @@ def cmd_cdm_benchmark(args) -> None:
     from textdiff.research.gradcam import ClassifierSettings
 
     settings = CDMBenchmarkSettings(real_masks=args.real_masks, seeds=tuple(args.seeds), steps=args.steps,
+                                    choose_readout=args.choose_readout,
                                     classifier=ClassifierSettings(epochs=args.classifier_epochs))
     run_cdm_benchmark(Path(args.data), args.cdm, args.backbone, Path(args.out), settings, _config(args),
                       _section_overrides(args, "cdm", only=False))
@@ -400,13 +406,18 @@ def _training_commands(command) -> None:
                    "they join training only, never validation")
     p.add_argument("--synthetic", help="folder of synthetic pairs (textdiff synthesize) mixed into training (EMIT-Diff)")
     p.add_argument("--synthetic-ratio", type=int, default=4, help="synthetic copies used per real image")
+    p.add_argument("--compare-without", action="store_true", help="with --pseudo-labels or --synthetic, also train "
+                   "without them on the same split and keep the run with the higher validation Dice")
 
 
 def _generative_commands(command) -> None:
     p = command("cdm-train", cmd_cdm_train, "train the class-conditional diffusion model on image-level labels",
                 [_parent(_denoiser_training)])
     p.set_defaults(batch_size=8)
-    p.add_argument("--init", help="start from this diffusers folder (e.g. the pretrained backbone)")
+    p.add_argument("--init", help="start from this diffusers folder (the pretrained backbone), or continue the CDM "
+                   "in this folder (its epochs count on)")
+    p.add_argument("--maps", help="folder for the maps of a few training images at each save (default: <out>-maps; "
+                   "\"\": none)")
     p.add_argument("--embedding-lr", type=float, default=3e-3,
                    help="learning rate of the class embedding, which starts at zero on a pretrained backbone")
     _set_option(p, "cdm", "cdm.tau=0.9 cdm.classes=[normal,infection]")
@@ -474,6 +485,8 @@ def _benchmark_commands(command) -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=400, help="TextDiff optimizer steps per run")
     p.add_argument("--classifier-epochs", type=int, default=30)
+    p.add_argument("--choose-readout", action="store_true", help="choose the CDM's noise level, threshold and largest "
+                   "component on the training images (their masks) before scoring the test images")
 
     p = command("al-benchmark", cmd_al_benchmark, "simulate active learning: test Dice per labeling round per strategy",
                 [model])

@@ -4,7 +4,10 @@ Part 1, on the test split's abnormal images (as the CDM paper evaluates): Dice o
 ResNet trained on the same image-level labels, and of the reconstruction baseline (denoise toward healthy from the
 same x_Q, threshold |x - x_healthy|), all thresholded with Otsu, with the time per image of each.
 Part 2: TextDiff trained with a few real masks, against the same plus CDM pseudo-labels on every other training
-image (abnormal: the CDM mask; healthy: an empty mask), scored on the whole test split, same optimizer steps.
+image (abnormal: the CDM mask; healthy: an empty mask), scored on the whole test split, same optimizer steps; and
+what the quality gate keeps of each pair (the run with the higher validation Dice, validation on real masks only).
+Cold start: the same few images labeled by correcting their CDM proposals (`corrected_proposal`: whole-region errors
+fixed from the ground truth, outlines kept) instead of drawing them, with the fraction of pixels the correction changed.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from scipy import ndimage
 from tqdm.auto import tqdm
 
 from textdiff.model.backbone import make_extractor
@@ -26,6 +31,7 @@ from textdiff.weak.cdm_masks import condition_maps, reconstruction_maps, thresho
 from textdiff.config import TextDiffConfig
 from textdiff.data.studies import load_case, read_studies
 from textdiff.model.features import FeatureCache
+from textdiff.research.cdm_readout import choose_readout
 from textdiff.research.gradcam import ClassifierSettings, cam_maps, train_classifier
 from textdiff.training.inference import score_masks, segment_items
 from textdiff.model.segmenter import TextDiffModel
@@ -33,6 +39,10 @@ from textdiff.plots import plot_bars, plot_map_examples
 from textdiff.model.text import TextEncoder
 from textdiff.training.train import split_train_val, train_head
 
+REAL, PSEUDO = "real only", "real + CDM pseudo-labels"
+GATED = "gated (better by validation Dice)"
+CORRECTED = "corrected CDM proposals"  # the same images as REAL, labeled by fixing their CDM masks (cold start)
+VARIANTS = (REAL, PSEUDO, GATED, CORRECTED)
 MAP_METHODS = {"cdm": "CDM (condition derivative)", "gradcam": "Grad-CAM (ResNet classifier)",
                "reconstruction": "reconstruction toward healthy"}
 
@@ -42,6 +52,7 @@ class CDMBenchmarkSettings:
     real_masks: int = 5
     seeds: tuple[int, ...] = (0, 1, 2)
     steps: int = 400  # TextDiff optimizer steps per run, the same with and without pseudo-labels
+    choose_readout: bool = False  # pick Q, threshold and largest component on the training images first
     classifier: ClassifierSettings = dataclasses.field(default_factory=ClassifierSettings)
 
 
@@ -49,11 +60,16 @@ def run_cdm_benchmark(data: Path, cdm_folder: str, backbone: str | None, out: Pa
                       cfg: TextDiffConfig, cdm_overrides: dict | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    readout = None
+    if settings.choose_readout:
+        chosen, rows = choose_readout(cdm_folder, _pool(data), device, base=cdm_overrides)
+        cdm_overrides, readout = {**(cdm_overrides or {}), **chosen}, {"chosen": chosen, "rows": rows}
     cdm = load_cdm(cdm_folder, device, **(cdm_overrides or {}))
     maps = _weak_masks(cdm, data, settings, device, out)
     pseudo = _pseudo_label_runs(cdm, data, backbone, settings, cfg, device)
     result = {"maps": maps, "pseudo_labels": pseudo, "device": str(device), "cdm": cdm_folder, "backbone": backbone,
-              "cdm_config": dataclasses.asdict(cdm.cfg), "settings": dataclasses.asdict(settings)}
+              "cdm_config": dataclasses.asdict(cdm.cfg), "readout_selection": readout,
+              "settings": dataclasses.asdict(settings)}
     (out / "cdm_results.json").write_text(json.dumps(result, indent=1))
     print(format_tables(result))
     return result
@@ -98,14 +114,70 @@ def _weak_masks(cdm, data: Path, settings: CDMBenchmarkSettings, device, out: Pa
 
 def _pseudo_label_runs(cdm, data: Path, backbone: str | None, settings: CDMBenchmarkSettings, cfg: TextDiffConfig,
                        device) -> dict:
-    """Part 2: TextDiff with `real_masks` real masks, with and without CDM pseudo-labels on the rest of the pool."""
+    """Part 2: TextDiff with `real_masks` real masks, with and without CDM pseudo-labels on the rest of the pool, what
+    the gate keeps of the two; and (cold start) the same images labeled by correcting their CDM proposals."""
     pretrained = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, pretrained=backbone))
     cache = FeatureCache(make_extractor(pretrained.backbone).to(device))
-    text_encoder = TextEncoder(cfg.text)
     size, channels = cache.extractor.cfg.image_size, cache.extractor.cfg.in_channels
     cases = _pool(data)
     pool = [load_case(c, size, channels, 2) for c in cases]
-    test = [load_case(c, size, channels, 2) for c in read_studies(data / "test")]
+    runs = _Runs(pretrained, cache, TextEncoder(cfg.text), [load_case(c, size, channels, 2) for c in
+                                                             read_studies(data / "test")], settings.steps, device)
+    pseudo = _pseudo_labels(cdm, cases, pool, device)
+    rows = []
+    for seed in settings.seeds:
+        labeled = _subset(pool, settings.real_masks, seed)
+        train, val = split_train_val(labeled, cfg.train.val_fraction, seed)
+        chosen = {item["id"] for item in labeled}
+        extra = [{**item, "label": pseudo[item["id"]], "origin": "pseudo"} for item in pool
+                 if item["id"] not in chosen and item["id"] in pseudo]
+        plain = runs.train(REAL, seed, train, val)
+        extended = runs.train(PSEUDO, seed, train + extra, val)
+        corrected = [{**item, "label": corrected_proposal(pseudo[item["id"]], item["label"])} if item["id"] in pseudo
+                     else item for item in labeled]
+        cold = runs.train(CORRECTED, seed, *split_train_val(corrected, cfg.train.val_fraction, seed))
+        cold.update(correction_effort(corrected, labeled, pseudo))
+        rows += [plain, extended, gated_row(plain, extended), cold]
+    summary = {}
+    for variant in VARIANTS:
+        values = [r["dice"] for r in rows if r["variant"] == variant]
+        summary[variant] = {"mean": statistics.mean(values), "std": statistics.pstdev(values)}
+    for key in ("changed_pixels", "drawn_pixels"):
+        summary[CORRECTED][key] = statistics.mean(r[key] for r in rows if r["variant"] == CORRECTED)
+    return {"real_masks": settings.real_masks, "rows": rows, "summary": summary,
+            "difference": summary[PSEUDO]["mean"] - summary[REAL]["mean"],
+            "gated_difference": summary[GATED]["mean"] - summary[REAL]["mean"],
+            "corrected_difference": summary[CORRECTED]["mean"] - summary[REAL]["mean"],
+            "pseudo_label_dice_on_pool": _pseudo_label_quality(pseudo, pool)}
+
+
+@dataclass
+class _Runs:
+    """What every TextDiff run of part 2 shares: the model parts, the feature cache, the test images, the steps."""
+
+    pretrained: TextDiffConfig
+    cache: FeatureCache
+    text_encoder: TextEncoder
+    test: list[dict]
+    steps: int
+    device: torch.device
+
+    def train(self, variant: str, seed: int, items: list[dict], val: list[dict]) -> dict:
+        """Train on `items`, choose the epoch on `val`; the test Dice and the validation Dice the gate compares."""
+        cfg = self.pretrained.train
+        torch.manual_seed(seed)
+        model = TextDiffModel(self.pretrained, self.cache.extractor, self.text_encoder).to(self.device)
+        epochs = epochs_for(self.steps, len(items), cfg.batch_size)
+        run = train_head(model, items, val, dataclasses.replace(cfg, epochs=epochs, seed=seed), cache=self.cache,
+                         progress=False)
+        dice = score_masks(segment_items(model, self.test, cache=self.cache), self.test, 2)["mean"]["dice"]
+        print(f"{variant:<26} seed={seed} training images={len(items):<3} validation Dice {run.best_dice:.4f} "
+              f"test Dice {dice:.4f}", flush=True)
+        return {"variant": variant, "seed": seed, "dice": dice, "val_dice": run.best_dice, "training_images": len(items)}
+
+
+def _pseudo_labels(cdm, cases: list, pool: list[dict], device) -> dict[str, torch.Tensor]:
+    """The CDM's mask of every pool image with an image-level label, at the model's size (healthy: empty)."""
     pseudo = {}
     for case, item in tqdm(list(zip(cases, pool)), desc="CDM pseudo-labels", unit="img"):
         target = image_level_label(case, cdm.cfg)
@@ -114,31 +186,40 @@ def _pseudo_label_runs(cdm, data: Path, backbone: str | None, settings: CDMBench
         if target == cdm.cfg.healthy_class:
             pseudo[case.id] = torch.zeros_like(item["label"])
         else:
-            soft = condition_maps(cdm, item["image"][None].to(device), target).cpu()  # at the model's size
+            soft = condition_maps(cdm, item["image"][None].to(device), target).cpu()
             pseudo[case.id] = threshold_map(soft[0], cdm.cfg).long()
-    rows = []
-    for seed in settings.seeds:
-        labeled = _subset(pool, settings.real_masks, seed)
-        train, val = split_train_val(labeled, cfg.train.val_fraction, seed)
-        chosen = {item["id"] for item in labeled}
-        extra = [{**item, "label": pseudo[item["id"]]} for item in pool if item["id"] not in chosen and item["id"] in pseudo]
-        for variant, items in (("real only", train), ("real + CDM pseudo-labels", train + extra)):
-            torch.manual_seed(seed)
-            model = TextDiffModel(pretrained, cache.extractor, text_encoder).to(device)
-            epochs = epochs_for(settings.steps, len(items), cfg.train.batch_size)
-            train_head(model, items, val, dataclasses.replace(cfg.train, epochs=epochs, seed=seed), cache=cache,
-                       progress=False)
-            dice = score_masks(segment_items(model, test, cache=cache), test, 2)["mean"]["dice"]
-            rows.append({"variant": variant, "seed": seed, "dice": dice, "training_images": len(items)})
-            print(f"{variant:<26} seed={seed} training images={len(items):<3} test Dice {dice:.4f}", flush=True)
-    summary = {}
-    for variant in ("real only", "real + CDM pseudo-labels"):
-        values = [r["dice"] for r in rows if r["variant"] == variant]
-        summary[variant] = {"mean": statistics.mean(values), "std": statistics.pstdev(values)}
-    pseudo_dice = _pseudo_label_quality(pseudo, pool)
-    return {"real_masks": settings.real_masks, "rows": rows, "summary": summary,
-            "difference": summary["real + CDM pseudo-labels"]["mean"] - summary["real only"]["mean"],
-            "pseudo_label_dice_on_pool": pseudo_dice}
+    return pseudo
+
+
+def corrected_proposal(proposal: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """A clinician's quick fix of a (1, H, W) proposal: regions that touch no true foreground erased, true regions
+    the proposal missed entirely added whole; where a proposed region meets a true one, its outline stays."""
+    proposed, true = proposal[0].numpy() > 0, truth[0].numpy() > 0
+    kept = np.zeros_like(proposed)
+    regions, count = ndimage.label(proposed)
+    for index in range(1, count + 1):
+        region = regions == index
+        kept |= region if (region & true).any() else False
+    regions, count = ndimage.label(true)
+    for index in range(1, count + 1):
+        region = regions == index
+        kept |= region if not (region & proposed).any() else False
+    return torch.as_tensor(kept[None].astype(np.int64))
+
+
+def correction_effort(corrected: list[dict], labeled: list[dict], pseudo: dict[str, torch.Tensor]) -> dict:
+    """The fraction of pixels the correction changed, against the fraction drawing each mask from scratch paints."""
+    changed = [float((item["label"] != pseudo.get(item["id"], torch.zeros_like(item["label"]))).float().mean())
+               if item["id"] in pseudo else float((item["label"] > 0).float().mean()) for item in corrected]
+    drawn = [float((item["label"] > 0).float().mean()) for item in labeled]
+    return {"changed_pixels": statistics.mean(changed), "drawn_pixels": statistics.mean(drawn)}
+
+
+def gated_row(plain: dict, extended: dict) -> dict:
+    """What `train_on_cases(..., compare_without=True)` keeps of the two runs: the one with the higher validation
+    Dice (a tie keeps the plain run), scored on the test images."""
+    kept = extended if extended["val_dice"] > plain["val_dice"] else plain
+    return {**kept, "variant": GATED, "kept": kept["variant"]}
 
 
 def _pseudo_label_quality(pseudo: dict, pool: list[dict]) -> float:
@@ -159,5 +240,15 @@ def format_tables(result: dict) -> str:
               f"Dice on the pool {pseudo['pseudo_label_dice_on_pool']:.3f}):", "| training data | Dice |", "|---|---|"]
     for variant, stats in pseudo["summary"].items():
         lines.append(f"| {variant} | {stats['mean']:.3f} ± {stats['std']:.3f} |")
-    lines.append(f"difference: {pseudo['difference']:+.3f}")
+    corrected = pseudo["summary"][CORRECTED]
+    lines += [f"difference: {pseudo['difference']:+.3f}; gated: {pseudo['gated_difference']:+.3f}; corrected "
+              f"proposals: {pseudo['corrected_difference']:+.3f}, changing {corrected['changed_pixels']:.1%} of the "
+              f"pixels (drawing from scratch paints {corrected['drawn_pixels']:.1%})",
+              "", "| seed | validation Dice without / with | gate kept | test Dice kept |", "|---|---|---|---|"]
+    by_seed = {}
+    for row in pseudo["rows"]:
+        by_seed.setdefault(row["seed"], {})[row["variant"]] = row
+    for seed, runs in by_seed.items():
+        lines.append(f"| {seed} | {runs[REAL]['val_dice']:.3f} / {runs[PSEUDO]['val_dice']:.3f} | {runs[GATED]['kept']} "
+                     f"| {runs[GATED]['dice']:.3f} |")
     return "\n".join(lines)

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,13 +139,14 @@ def pretrain(
 def fit_denoiser(
     unet, scheduler, images: torch.Tensor | Dataset, conditions: dict[str, torch.Tensor] | None, out: Path,
     settings: PretrainSettings, progress: bool = True, extra_files: dict[str, str] | None = None,
-    denoiser: torch.nn.Module | None = None,
+    denoiser: torch.nn.Module | None = None, on_save: Callable[[int], None] | None = None,
 ) -> list[dict]:
     """DDPM noise-prediction training on (N, C, S, S) images (or a dataset of 1-tuples of them, e.g. RandomWindows);
     EMA weights of `unet` (and `extra_files`) are saved atomically into `out` every `save_every` epochs and at the end.
 
     `conditions` are per-image tensors (first dimension N) passed by name to the model, e.g. the CDM's class labels.
     `denoiser` wraps `unet` when the conditions need more than keyword arguments (EMIT-Diff's edge map and report).
+    `on_save(epoch)` runs after each save, with the saved (EMA) weights in `unet`: e.g. a look at what it learned.
     """
     rank, world, device = _distributed()
     torch.manual_seed(settings.seed + rank)
@@ -191,7 +193,7 @@ def fit_denoiser(
         logger.info("epoch %d/%d: denoising loss %.4f", epoch + 1, settings.epochs, total / count)
         last = epoch + 1 == settings.epochs
         if rank == 0 and (last or (epoch + 1) % settings.save_every == 0):
-            _save(unet, ema, scheduler, out, history, extra_files, settings.save_half)
+            _save(unet, ema, scheduler, out, history, extra_files, settings.save_half, on_save)
     bar.close()
     if world > 1:
         dist.barrier()
@@ -208,9 +210,14 @@ def _parameter_groups(unet, settings: PretrainSettings) -> list[dict]:
 
 
 def _save(unet, ema: EMAModel, scheduler, out: Path, history: list[dict], extra_files: dict[str, str] | None,
-          half: bool = False) -> None:
+          half: bool = False, on_save: Callable[[int], None] | None = None) -> None:
     """Write the EMA weights (what DDPMs are sampled and read out from) with the loss history."""
     ema.store(unet.parameters())
     ema.copy_to(unet.parameters())
     save_diffusion(unet, scheduler, out, {**(extra_files or {}), "history.json": json.dumps(history, indent=1)}, half)
+    if on_save is not None:
+        unet.eval()
+        with torch.no_grad():
+            on_save(len(history))
+        unet.train()
     ema.restore(unet.parameters())

@@ -7,7 +7,9 @@ without a mask as weak supervision (`train.report_weight`, `report_supervision`)
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -36,6 +38,7 @@ class TrainResult:
     best_dice: float
     best_epoch: int
     report_images: int = 0  # images without a mask that trained through their reports (train.report_weight)
+    gate: dict | None = None  # with or without pseudo-labels / synthetic copies, and both scores (compare_without)
 
 
 def split_train_val(items: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -79,12 +82,13 @@ class CheckpointChoice:
 
 
 def selection_items(val_items: list[dict], train_items: list[dict]) -> list[dict]:
-    """The images the best epoch is chosen on: the validation split, or the training images when the split is empty
-    or has no foreground (on normal images alone the best epoch is one that draws nothing: 5 labels, seed 0)."""
+    """The images the best epoch is chosen on: the validation split, or the training images with a drawn mask when
+    the split is empty or has no foreground (on normal images alone the best epoch is one that draws nothing: 5
+    labels, seed 0). Never a pseudo-labeled or healthy-by-label image (`origin`): selection is on real masks only."""
     if any(item["label"].any() for item in val_items):
         return val_items
     logger.info("no validation image with foreground (%d held out): selecting on the training images", len(val_items))
-    return train_items
+    return [item for item in train_items if "origin" not in item] or train_items
 
 
 @torch.no_grad()
@@ -294,7 +298,7 @@ def train_on_cases(cases: list[Case], cfg: TextDiffConfig, checkpoint: str | Pat
                    progress: bool = True, cache_folder: str | Path | None = None,
                    pseudo_cases: list[Case] = (), healthy: list[Case] = (),
                    synthetic: dict[str, list[Case]] | None = None,
-                   unlabeled: list[Case] = ()) -> tuple[TextDiffModel, TrainResult]:
+                   unlabeled: list[Case] = (), compare_without: bool = False) -> tuple[TextDiffModel, TrainResult]:
     """Build the model of `cfg`, load the labeled cases, split off validation images, train and checkpoint.
 
     `pseudo_cases` carry masks nobody drew (e.g. CDM pre-annotations); they join the training split only, so the
@@ -302,6 +306,8 @@ def train_on_cases(cases: list[Case], cfg: TextDiffConfig, checkpoint: str | Pat
     `healthy` cases (see `healthy_cases`) join the training split too, with an empty mask.
     `synthetic` (source id -> synthetic copies, from `read_synthetic`) is used when `cfg.train.synthetic_ratio` > 0.
     `unlabeled` cases train through their reports alone when `cfg.train.report_weight` > 0 (`unlabeled_cases`).
+    With `compare_without`, a run that uses pseudo-labels or synthetic copies also trains without them on the same
+    split, and keeps the one with the higher validation Dice (`TrainResult.gate` says which, and both scores).
     """
     cases = [c for c in cases if c.label is not None]
     real = {c.id for c in cases}
@@ -311,13 +317,48 @@ def train_on_cases(cases: list[Case], cfg: TextDiffConfig, checkpoint: str | Pat
         raise DataError("no labeled image: save at least one mask (labels/final) before training")
     torch.manual_seed(cfg.train.seed)  # the head's initial weights: the same run gives the same model
     model = TextDiffModel(cfg).to(device)
-    groups = [model.load_planes(c) for c in cases]  # a volume's slices stay on one side of the split
+    data = _training_data(model, cases, pseudo_cases, healthy, synthetic, unlabeled)
+    cache = FeatureCache(model.extractor, enabled=cfg.train.cache_features, folder=cache_folder)
+    torch.manual_seed(cfg.train.seed)
+    result = train_head(model, data.train + data.pseudo + data.healthy, data.val, cfg.train, checkpoint=checkpoint,
+                        cache=cache, progress=progress, synthetic=data.copies, unlabeled=data.weak)
+    if not compare_without or not data.extras:
+        return model, result
+    if not any(item["label"].any() for item in data.train + data.val):
+        logger.warning("no drawn mask with foreground to train without %s: kept the run with them",
+                       " and ".join(data.extras))
+        return model, result
+    return _keep_better(model, result, data, checkpoint, cache, progress)
+
+
+@dataclass
+class _TrainingData:
+    """The items of one training run, by where their masks come from."""
+
+    train: list[dict]  # real masks (and no more) on the training side of the split
+    val: list[dict]  # real masks only, always
+    pseudo: list[dict]  # masks nobody drew
+    healthy: list[dict]  # images labeled healthy, with an empty mask
+    copies: dict[str, list[dict]] | None  # synthetic copies by source image id
+    weak: list[dict]  # images without a mask that train through their reports
+
+    @property
+    def extras(self) -> list[str]:
+        """What this run adds to the real masks that may make it worse: named, for the log and the stats."""
+        return ["pseudo-labels"] * bool(self.pseudo) + ["synthetic copies"] * bool(self.copies)
+
+
+def _training_data(model: TextDiffModel, cases: list[Case], pseudo_cases: list[Case], healthy: list[Case],
+                   synthetic: dict[str, list[Case]] | None, unlabeled: list[Case]) -> _TrainingData:
+    """Load every case once and split the real ones (a volume's slices stay on one side of the split)."""
+    cfg = model.cfg
+    groups = [model.load_planes(c) for c in cases]
     train_groups, val_groups = split_train_val(groups, cfg.train.val_fraction, cfg.train.seed)
-    train_items, val_items = [i for g in train_groups for i in g], [i for g in val_groups for i in g]
-    for shape in sorted({item["original_shape"] for item in train_items + val_items}):
+    train, val = [i for g in train_groups for i in g], [i for g in val_groups for i in g]
+    for shape in sorted({item["original_shape"] for item in train + val}):
         logger.info("images of %s", describe(shape, model.cfg.backbone))
-    train_items += [item for c in pseudo_cases for item in model.load_planes(c)]
-    train_items += [with_empty_mask(item) for c in healthy for item in model.load_planes(c)]
+    pseudo = [{**item, "origin": "pseudo"} for c in pseudo_cases for item in model.load_planes(c)]
+    empty = [{**with_empty_mask(item), "origin": "healthy"} for c in healthy for item in model.load_planes(c)]
     if pseudo_cases or healthy:
         logger.info("training on %d real, %d pseudo-labeled and %d healthy images", len(groups), len(pseudo_cases),
                     len(healthy))
@@ -325,17 +366,38 @@ def train_on_cases(cases: list[Case], cfg: TextDiffConfig, checkpoint: str | Pat
     if cfg.train.synthetic_ratio > 0:
         if not synthetic:
             raise DataError("train.synthetic_ratio > 0 needs synthetic pairs: make them with `textdiff synthesize`")
-        wanted = {item["id"] for item in train_items}
+        wanted = {item["id"] for item in train + pseudo + empty}
         copies = {source: [model.load(c) for c in group[: cfg.train.synthetic_ratio]]
                   for source, group in synthetic.items() if source in wanted}
-        logger.info("%d of %d training images have synthetic copies", len(copies), len(train_items))
+        logger.info("%d of %d training images have synthetic copies", len(copies), len(wanted))
     weak = []
     if cfg.train.report_weight > 0:
-        used = {item["id"] for item in train_items + val_items}
+        used = {item["id"] for item in train + val + pseudo + empty}
         weak = report_items([model.load(c) for c in unlabeled if c.label is None and c.id not in used])
         logger.info("%d images without a mask train through their reports", len(weak))
-    torch.manual_seed(cfg.train.seed)
-    cache = FeatureCache(model.extractor, enabled=cfg.train.cache_features, folder=cache_folder)
-    result = train_head(model, train_items, val_items, cfg.train, checkpoint=checkpoint, cache=cache, progress=progress,
-                        synthetic=copies, unlabeled=weak)
-    return model, result
+    return _TrainingData(train, val, pseudo, empty, copies, weak)
+
+
+def _keep_better(model: TextDiffModel, result: TrainResult, data: _TrainingData, checkpoint: str | Path,
+                 cache: FeatureCache, progress: bool) -> tuple[TextDiffModel, TrainResult]:
+    """Train the same run without pseudo-labels and synthetic copies, on the same split from the same initial weights,
+    and keep (in memory and in `checkpoint`) whichever scores the higher validation Dice; a tie keeps the plain run."""
+    extras = " and ".join(data.extras)
+    logger.info("training again without %s, to keep the better run", extras)
+    checkpoint = Path(checkpoint)
+    plain_path = checkpoint.with_name(f"{checkpoint.stem}.without-extras{checkpoint.suffix}")
+    torch.manual_seed(model.cfg.train.seed)
+    plain = TextDiffModel(model.cfg, model.extractor, model.text_encoder).to(next(model.head.parameters()).device)
+    plain_cfg = dataclasses.replace(model.cfg.train, synthetic_ratio=0)
+    plain_result = train_head(plain, data.train + data.healthy, data.val, plain_cfg, checkpoint=plain_path,
+                              cache=cache, progress=progress, unlabeled=data.weak)
+    keep_extras = result.best_dice > plain_result.best_dice
+    gate = {"extras": extras, "kept": f"with {extras}" if keep_extras else f"without {extras}",
+            "dice_with": round(result.best_dice, 4), "dice_without": round(plain_result.best_dice, 4)}
+    logger.info("kept the run %s: validation Dice %.4f with them, %.4f without", gate["kept"], result.best_dice,
+                plain_result.best_dice)
+    if keep_extras:
+        plain_path.unlink(missing_ok=True)
+        return model, dataclasses.replace(result, gate=gate)
+    os.replace(plain_path, checkpoint)
+    return plain, dataclasses.replace(plain_result, gate=gate)

@@ -103,14 +103,27 @@ def labeled_images(cases: list[Case], cfg: CDMConfig, size: int, channels: int) 
 
 
 def train_cdm(cases: list[Case], out: str | Path, cfg: CDMConfig, settings: PretrainSettings,
-              arch: BackboneConfig | None = None, init: str | None = None, progress: bool = True) -> list[dict]:
-    """Train the CDM on every case with an image-level label; writes a diffusers folder plus cdm.json into `out`."""
+              arch: BackboneConfig | None = None, init: str | None = None, progress: bool = True,
+              maps_folder: str | Path | None = None) -> list[dict]:
+    """Train the CDM on every case with an image-level label; writes a diffusers folder plus cdm.json into `out`.
+
+    `init` a CDM folder continues that run (its epochs count on); `maps_folder` gets the maps of a few training
+    images at each save (`cdm_progress.MapProgress`).
+    """
+    from textdiff.weak.cdm_progress import MapProgress  # it reads maps from a CDM, so it imports this module
+
     unet, scheduler = conditional_unet(len(cfg.classes), arch or BackboneConfig(), init)
     images, labels = labeled_images(cases, cfg, unet.config.sample_size, unet.config.in_channels)
     counts = {name: int((labels == i).sum()) for i, name in enumerate(cfg.classes)}
     logger.info("training the CDM on %d images with image-level labels: %s", len(labels), counts)
+    previous = Path(init or "") / "history.json"
+    if init and (Path(init) / CONFIG_FILE).is_file() and previous.is_file():
+        settings = dataclasses.replace(settings, history=json.loads(previous.read_text()))
+        logger.info("continuing the CDM of '%s' after its epoch %d", init, len(settings.history))
     extra = {CONFIG_FILE: json.dumps(dataclasses.asdict(cfg), indent=1)}
-    return fit_denoiser(unet, scheduler, images, {"class_labels": labels}, Path(out), settings, progress, extra)
+    on_save = MapProgress(cases, cfg, maps_folder).bind(unet, scheduler) if maps_folder else None
+    return fit_denoiser(unet, scheduler, images, {"class_labels": labels}, Path(out), settings, progress, extra,
+                        on_save=on_save)
 
 
 class CDM(torch.nn.Module):

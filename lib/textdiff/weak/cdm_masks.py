@@ -13,12 +13,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler
-from monai.transforms import KeepLargestConnectedComponent
+from monai.transforms import GaussianSmooth, KeepLargestConnectedComponent
+from monai.utils import convert_to_tensor
 from skimage.filters import threshold_otsu
 
-from textdiff.weak.cdm import CDM
 from textdiff.config import CDMConfig
-from textdiff.training.inference import per_slice
+from textdiff.data.studies import Case, read_image
+from textdiff.training.inference import per_slice, score_masks
+from textdiff.weak.cdm import CDM, image_level_label
 
 
 def _ddim(cdm: CDM) -> tuple[DDIMScheduler, list[int]]:
@@ -66,7 +68,8 @@ def _normalised(maps: torch.Tensor) -> torch.Tensor:
 
 
 def condition_maps(cdm: CDM, images: torch.Tensor, abnormal: str, normalise: bool = True) -> torch.Tensor:
-    """The CDM map (B, S, S) of images (B, C, S, S) in [-1, 1] for the abnormal class `abnormal`.
+    """The CDM map (B, S, S) of images (B, C, S, S) in [-1, 1] for the abnormal class `abnormal`, smoothed by
+    `cdm.smooth` and min-max normalised (`normalise` False: the raw derivative, neither smoothed nor normalised).
 
     With tau = 1 both conditions are the same, the trajectories coincide and the map is zero.
     """
@@ -77,7 +80,16 @@ def condition_maps(cdm: CDM, images: torch.Tensor, abnormal: str, normalise: boo
     first, second = trajectories(cdm, images, [target.expand(batch, -1), moved.expand(batch, -1)])
     difference = sum(a - b for a, b in zip(first, second)).sum(1)
     raw = difference / (1 - cfg.tau) if cfg.tau < 1 else torch.zeros_like(difference)
-    return _normalised(raw) if normalise else raw
+    return smoothed(raw, cfg.smooth) if normalise else raw
+
+
+def smoothed(raw: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Raw maps (B, S, S) blurred by a Gaussian of `sigma` pixels (0: not at all), then min-max normalised: the
+    derivative peaks at a few pixels of a region, and a threshold on the blurred map keeps more of the region."""
+    if sigma > 0:
+        # the batch as the channel axis: each map blurred on its own
+        raw = convert_to_tensor(GaussianSmooth(sigma)(raw.float()), track_meta=False)
+    return _normalised(raw)
 
 
 def reconstruction_maps(cdm: CDM, images: torch.Tensor) -> torch.Tensor:
@@ -137,3 +149,22 @@ def cdm_segment(cdm: CDM, image: torch.Tensor, image_label: str | None = None,
 
     soft = per_slice(image, cdm.image_size, cdm.in_channels, predict, batch_size)
     return threshold_map(soft[0], cdm.cfg), soft
+
+
+def dice_against_masks(cdm: CDM, cases: list[Case], limit: int = 50) -> dict:
+    """How good the CDM's proposals are where someone drew the answer: mean foreground Dice (any label > 0) of its
+    masks against the drawn masks of up to `limit` cases whose mask has foreground. {"dice": None, "images": 0} when
+    there is no such case."""
+    masks, items = [], []
+    for case in cases:
+        if case.label is None or len(items) == limit:
+            continue
+        truth = (torch.as_tensor(read_image(case.label, "mask")) > 0).to(torch.uint8)
+        if not truth.any():
+            continue
+        mask, _ = cdm_segment(cdm, read_image(case.image, "image"), image_level_label(case, cdm.cfg))
+        masks.append(mask.reshape(truth.shape))
+        items.append({"id": case.id, "original_label": truth})
+    if not items:
+        return {"dice": None, "images": 0}
+    return {"dice": round(score_masks(masks, items, 2)["mean"]["dice"], 4), "images": len(items)}

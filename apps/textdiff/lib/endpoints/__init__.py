@@ -5,6 +5,8 @@ when the server starts (the installed package is left as it is):
 - inference off the event loop on a bounded queue; train params checked before a job starts, one run at a time;
 - model files replaced only by checked uploads, by admins, with a rollback; an existing image never silently replaced;
 - CORS only for the configured origins; report texts kept out of the logs; a login whose tokens verify (`auth`).
+
+The routes kept from MONAI Label are checked through the app's hooks by `checks`: every request check is here.
 """
 
 from __future__ import annotations

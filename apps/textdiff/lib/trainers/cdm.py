@@ -2,7 +2,8 @@
 
 The labels are the datastore's image labels (reports.csv `label`, or `image_label` set through the image info), else
 read from the reports. It starts from the current diffusion backbone when there is one (the class embedding at zero,
-so it begins as that denoiser), and publishes model/cdm/ atomically; the `cdm` infer task picks it up.
+so it begins as that denoiser), and publishes model/cdm/ atomically; the `cdm` infer task picks it up. At the end its
+masks are scored against the final masks that exist (train stats `final_mask_dice`, the log, the `cdm` entry of /info).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import time
 from pathlib import Path
 
 from monailabel.interfaces.datastore import Datastore
-from textdiff.weak.cdm import CONFIG_FILE, train_cdm
+from textdiff.weak.cdm import CONFIG_FILE, load_cdm, train_cdm
+from textdiff.weak.cdm_masks import dice_against_masks
 from textdiff.config import BackboneConfig, CDMConfig
 from textdiff.data.studies import Case, read_studies
 from textdiff.training.pretrain import PretrainSettings
@@ -53,6 +55,19 @@ class CDMTrain(StatsTrainTask):
                                     class_embedding_lr=float(request["embedding_learning_rate"]))
         logger.info("training the CDM on the image-level labels of %d images for %d epochs, from %s",
                     len(data), settings.epochs, init or "random init")
-        history = train_cdm(data, self.folder, self.cfg, settings, arch=self.arch, init=init, progress=False)
+        history = train_cdm(data, self.folder, self.cfg, settings, arch=self.arch, init=init, progress=False,
+                            maps_folder=self.folder.with_name("cdm-maps"))
         return {"total_time": round(time.time() - start, 1), "epochs": settings.epochs, "start": init,
-                "final_loss": history[-1]["loss"], "history": history}
+                "final_loss": history[-1]["loss"], "final_mask_dice": self.score(data, request["device"]),
+                "history": history}
+
+    def score(self, data: list[Case], device) -> dict:
+        """The new CDM's masks against the final masks that exist (`dice_against_masks`), logged: a clinician sees
+        how far its pre-annotations can be trusted before training TextDiff with them as pseudo-labels."""
+        scored = dice_against_masks(load_cdm(self.folder, device), data)
+        if scored["dice"] is None:
+            logger.info("no final mask with foreground yet: the CDM's masks are scored once there are some")
+        else:
+            logger.info("the CDM's masks reach Dice %.4f against the final masks of %d images", scored["dice"],
+                        scored["images"])
+        return scored

@@ -76,7 +76,7 @@ class TextDiffTrain(StatsTrainTask):
              "train_batch_size": cfg.train.batch_size, "learning_rate": cfg.train.lr,
              "pseudo_labels": settings.pseudo_labels, "synthetic_ratio": settings.synthetic_ratio,
              "healthy_label": settings.healthy_label, "report_weight": settings.report_weight,
-             "obey_report": settings.obey_report, "force": False},
+             "obey_report": settings.obey_report, "compare_without": True, "force": False},
             self.model_dir / "train_stats.json", settings.train_threads,
         )
         self.settings = settings
@@ -113,6 +113,8 @@ class TextDiffTrain(StatsTrainTask):
               base: TextDiffConfig | None = None) -> dict:
         """Train on the labeled cases (the best epoch by validation Dice) and publish the result when it segments
         the validation images at least as well as the model in service, or the request forces it (`publish`).
+        A run with pseudo-labels or synthetic copies also trains without them and keeps the better by validation
+        Dice, unless `compare_without` is false; the stats' `kept` says which, with both scores.
 
         `backbone` overrides the one `backbone_for_training` picks; `base` the config the run starts from (by
         default the current model's, so a deployment keeps its architecture; the app defaults when there is none).
@@ -124,7 +126,8 @@ class TextDiffTrain(StatsTrainTask):
         model, result = train_on_cases(data["labeled"], cfg, candidate_path(self.checkpoint), request["device"],
                                        progress=False, cache_folder=self.model_dir / "feature-cache",
                                        pseudo_cases=data["pseudo"], healthy=data["healthy"],
-                                       synthetic=data["synthetic"], unlabeled=data["unlabeled"])
+                                       synthetic=data["synthetic"], unlabeled=data["unlabeled"],
+                                       compare_without=_flag(request.get("compare_without", True)))
         logger.info("best validation Dice %.4f at epoch %d", result.best_dice, result.best_epoch)
         decision = publish_if_better(model, self.checkpoint, selection_cases(data["labeled"], cfg.train),
                                      request["device"], _flag(request.get("force")))
@@ -134,7 +137,7 @@ class TextDiffTrain(StatsTrainTask):
                 "synthetic_ratio": cfg.train.synthetic_ratio, "report_weight": cfg.train.report_weight,
                 "report_images": result.report_images, "obey_report": cfg.head.obey_report,
                 "images_with_synthetic_copies": len({c.id for c in data["labeled"]} & set(data["synthetic"])),
-                "backbone": cfg.backbone.pretrained, "history": result.history}
+                "kept": result.gate, "backbone": cfg.backbone.pretrained, "history": result.history}
 
     def run_config(self, request: dict, backbone: str | None = None, base: TextDiffConfig | None = None) -> TextDiffConfig:
         """The library config for one run: the base config, the client's epochs / split / batch / lr, the backbone."""
