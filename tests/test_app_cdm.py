@@ -65,6 +65,12 @@ def test_cdm_is_trained_on_image_labels_then_pre_annotates_through_the_server(cl
     info = client.get("/info/").json()
     assert info["train_stats"]["cdm"]["epochs"] == 1
     assert {"image_label", "soft_map", "largest_component"} <= set(info["models"]["cdm"]["config"])
+    drawn = {p.stem for p in (deployment["studies"] / "labels" / "final").glob("*.png")} & set(infected)
+    readout = info["train_stats"]["cdm"]["readout"]  # chosen on the final masks of 3 or more abnormal images
+    assert (readout is not None) == (len(drawn) >= 3)
+    if readout:
+        saved = json.loads((deployment["model_dir"] / "cdm" / "cdm.json").read_text())
+        assert all(saved[key] == value for key, value in readout.items())
     scored = info["train_stats"]["cdm"]["final_mask_dice"]  # scored against the final masks that exist
     assert scored["images"] >= 1 and 0 <= scored["dice"] <= 1
     assert info["models"]["cdm"]["final_mask_dice"] == scored

@@ -31,7 +31,7 @@ from textdiff.weak.cdm_masks import condition_maps, reconstruction_maps, thresho
 from textdiff.config import TextDiffConfig
 from textdiff.data.studies import load_case, read_studies
 from textdiff.model.features import FeatureCache
-from textdiff.research.cdm_readout import choose_readout
+from textdiff.weak.cdm_readout import choose_readout
 from textdiff.research.gradcam import ClassifierSettings, cam_maps, train_classifier
 from textdiff.training.inference import score_masks, segment_items
 from textdiff.model.segmenter import TextDiffModel
@@ -64,6 +64,8 @@ def run_cdm_benchmark(data: Path, cdm_folder: str, backbone: str | None, out: Pa
     if settings.choose_readout:
         chosen, rows = choose_readout(cdm_folder, _pool(data), device, base=cdm_overrides)
         cdm_overrides, readout = {**(cdm_overrides or {}), **chosen}, {"chosen": chosen, "rows": rows}
+        best = max(row["dice"] for row in rows)
+        print(f"read-out chosen on the training images: {chosen} (training Dice {best:.4f})", flush=True)
     cdm = load_cdm(cdm_folder, device, **(cdm_overrides or {}))
     maps = _weak_masks(cdm, data, settings, device, out)
     pseudo = _pseudo_label_runs(cdm, data, backbone, settings, cfg, device)

@@ -143,11 +143,9 @@ def fit_denoiser(
 ) -> list[dict]:
     """DDPM noise-prediction training on (N, C, S, S) images (or a dataset of 1-tuples of them, e.g. RandomWindows);
     EMA weights of `unet` (and `extra_files`) are saved atomically into `out` every `save_every` epochs and at the end.
-
     `conditions` are per-image tensors (first dimension N) passed by name to the model, e.g. the CDM's class labels.
     `denoiser` wraps `unet` when the conditions need more than keyword arguments (EMIT-Diff's edge map and report).
-    `on_save(epoch)` runs after each save, with the saved (EMA) weights in `unet`: e.g. a look at what it learned.
-    """
+    `on_save(epoch)` runs after each save with the saved (EMA) weights in `unet`: a look at what it learned."""
     rank, world, device = _distributed()
     torch.manual_seed(settings.seed + rank)
     unet.to(device).train()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -147,6 +148,17 @@ class CDM(torch.nn.Module):
         if name not in self.cfg.classes:
             raise DataError(f"'{name}' is not a CDM class: the classes are {list(self.cfg.classes)}")
         return F.one_hot(torch.tensor(self.cfg.classes.index(name)), len(self.cfg.classes)).float()
+
+
+def save_readout(folder: str | Path, settings: dict) -> CDMConfig:
+    """Write read-out settings (noise_level, smooth, threshold, ...) into a CDM's config, atomically: what
+    `load_cdm` reads from then on."""
+    path = Path(folder) / CONFIG_FILE
+    cfg = CDMConfig.from_dict({**json.loads(path.read_text()), **settings})
+    staging = path.with_name(f".{CONFIG_FILE}.tmp")
+    staging.write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    os.replace(staging, path)
+    return cfg
 
 
 def load_cdm(folder: str | Path, device: str | torch.device = "cpu", **overrides) -> CDM:

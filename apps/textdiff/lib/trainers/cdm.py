@@ -3,7 +3,8 @@
 The labels are the datastore's image labels (reports.csv `label`, or `image_label` set through the image info), else
 read from the reports. It starts from the current diffusion backbone when there is one (the class embedding at zero,
 so it begins as that denoiser), and publishes model/cdm/ atomically; the `cdm` infer task picks it up. At the end its
-masks are scored against the final masks that exist (train stats `final_mask_dice`, the log, the `cdm` entry of /info).
+masks are scored against the final masks that exist (train stats `final_mask_dice`, the log, the `cdm` entry of /info),
+after its read-out (noise level, smoothing, threshold) is chosen on them when there are enough.
 """
 
 from __future__ import annotations
@@ -13,16 +14,19 @@ import time
 from pathlib import Path
 
 from monailabel.interfaces.datastore import Datastore
-from textdiff.weak.cdm import CONFIG_FILE, load_cdm, train_cdm
+from textdiff.weak.cdm import CONFIG_FILE, load_cdm, save_readout, train_cdm
 from textdiff.weak.cdm_masks import dice_against_masks
+from textdiff.weak.cdm_readout import choose_readout
 from textdiff.config import BackboneConfig, CDMConfig
-from textdiff.data.studies import Case, read_studies
+from textdiff.data.studies import Case, DataError, read_studies
 from textdiff.training.pretrain import PretrainSettings
 
 from ..configs.settings import AppSettings
 from .base import StatsTrainTask
 
 logger = logging.getLogger(__name__)
+
+MIN_READOUT_IMAGES = 3  # final masks of abnormal images before the read-out is chosen on them
 
 
 class CDMTrain(StatsTrainTask):
@@ -57,13 +61,27 @@ class CDMTrain(StatsTrainTask):
                     len(data), settings.epochs, init or "random init")
         history = train_cdm(data, self.folder, self.cfg, settings, arch=self.arch, init=init, progress=False,
                             maps_folder=self.folder.with_name("cdm-maps"))
+        readout = self.choose_readout(data, request["device"])
         return {"total_time": round(time.time() - start, 1), "epochs": settings.epochs, "start": init,
-                "final_loss": history[-1]["loss"], "final_mask_dice": self.score(data, request["device"]),
-                "history": history}
+                "final_loss": history[-1]["loss"], "readout": readout,
+                "final_mask_dice": self.score(data, request["device"]), "history": history}
+
+    def choose_readout(self, data: list[Case], device) -> dict | None:
+        """With final masks on MIN_READOUT_IMAGES or more abnormal images, the read-out that segments them best
+        (noise level, smoothing, threshold, largest component) goes into the new CDM's config; else its defaults
+        stay. None when it was not chosen."""
+        try:
+            chosen, _ = choose_readout(str(self.folder), data, device, minimum=MIN_READOUT_IMAGES, progress=False)
+        except DataError as err:
+            logger.info("the CDM keeps its default read-out: %s", err)
+            return None
+        save_readout(self.folder, chosen)
+        return chosen
 
     def score(self, data: list[Case], device) -> dict:
         """The new CDM's masks against the final masks that exist (`dice_against_masks`), logged: a clinician sees
-        how far its pre-annotations can be trusted before training TextDiff with them as pseudo-labels."""
+        how far its pre-annotations can be trusted before training TextDiff with them as pseudo-labels. (When the
+        read-out was chosen on the same masks, this is its best case.)"""
         scored = dice_against_masks(load_cdm(self.folder, device), data)
         if scored["dice"] is None:
             logger.info("no final mask with foreground yet: the CDM's masks are scored once there are some")
