@@ -266,3 +266,14 @@ def test_smoothing_spreads_a_peak_before_the_threshold(tiny_cdm, h):
     torch.testing.assert_close(blurred_maps, smoothed(condition_maps(tiny_cdm, images, "infection", normalise=False), 2))
     with pytest.raises(ValueError, match="cdm.smooth"):
         CDMConfig(smooth=-1)
+
+
+def test_clipping_keeps_a_few_extreme_pixels_from_flattening_the_map():
+    from textdiff.weak.cdm_masks import smoothed
+
+    raw = torch.zeros(1, 20, 20)
+    raw[0, 5:10, 5:10] = 1.0  # the region
+    raw[0, 0, 0] = 100.0  # one extreme border pixel
+    assert float(smoothed(raw, 0)[0, 5:10, 5:10].max()) == pytest.approx(0.01)  # squashed by the extreme pixel
+    clipped = smoothed(raw, 0, clip=1.0)
+    assert float(clipped[0, 5:10, 5:10].min()) == 1.0 and float(clipped[0, 15, 15]) == 0.0

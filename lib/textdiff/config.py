@@ -196,6 +196,7 @@ class CDMConfig:
     threshold: float | None = None  # on the min-max normalised map; None: Otsu per image
     largest_component: bool = False  # keep only the largest connected region of the mask
     smooth: float = 0.0  # Gaussian blur (sigma, pixels of the model's grid) of the map before it is normalised
+    clip: float = 0.0  # percent of each tail of the map clipped before it is normalised (extreme border pixels)
     noise_seed: int = 40  # the fixed noise of the forward process, so masks are deterministic
 
     def __post_init__(self):
@@ -204,8 +205,8 @@ class CDMConfig:
                              f"healthy_class '{self.healthy_class}'")
         if not 0 <= self.tau <= 1:
             raise ValueError(f"cdm.tau must be in [0, 1], got {self.tau}")
-        if self.smooth < 0:
-            raise ValueError(f"cdm.smooth must be 0 or more, got {self.smooth}")
+        if self.smooth < 0 or not 0 <= self.clip < 50:
+            raise ValueError(f"cdm.smooth must be 0 or more and cdm.clip in [0, 50), got {self.smooth}, {self.clip}")
         if self.ddim_steps < 1 or self.noise_level % self.ddim_steps:
             raise ValueError(f"cdm.noise_level ({self.noise_level}) must be a multiple of cdm.ddim_steps "
                              f"({self.ddim_steps}): the DDIM steps are evenly spaced from Q down to 0")

@@ -69,7 +69,7 @@ def _normalised(maps: torch.Tensor) -> torch.Tensor:
 
 def condition_maps(cdm: CDM, images: torch.Tensor, abnormal: str, normalise: bool = True) -> torch.Tensor:
     """The CDM map (B, S, S) of images (B, C, S, S) in [-1, 1] for the abnormal class `abnormal`, smoothed by
-    `cdm.smooth` and min-max normalised (`normalise` False: the raw derivative, neither smoothed nor normalised).
+    `cdm.smooth`, clipped (`cdm.clip`) and min-max normalised (`normalise` False: the raw derivative as it is).
 
     With tau = 1 both conditions are the same, the trajectories coincide and the map is zero.
     """
@@ -80,15 +80,20 @@ def condition_maps(cdm: CDM, images: torch.Tensor, abnormal: str, normalise: boo
     first, second = trajectories(cdm, images, [target.expand(batch, -1), moved.expand(batch, -1)])
     difference = sum(a - b for a, b in zip(first, second)).sum(1)
     raw = difference / (1 - cfg.tau) if cfg.tau < 1 else torch.zeros_like(difference)
-    return smoothed(raw, cfg.smooth) if normalise else raw
+    return smoothed(raw, cfg.smooth, cfg.clip) if normalise else raw
 
 
-def smoothed(raw: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Raw maps (B, S, S) blurred by a Gaussian of `sigma` pixels (0: not at all), then min-max normalised: the
-    derivative peaks at a few pixels of a region, and a threshold on the blurred map keeps more of the region."""
+def smoothed(raw: torch.Tensor, sigma: float, clip: float = 0.0) -> torch.Tensor:
+    """Raw maps (B, S, S) blurred by a Gaussian of `sigma` pixels (0: not at all), each clipped to its `clip` and
+    100 - `clip` percentiles (0: not at all), then min-max normalised. The derivative peaks at a few pixels of a
+    region, and a few extreme pixels (often at the image border) would otherwise squash the rest toward 0."""
     if sigma > 0:
         # the batch as the channel axis: each map blurred on its own
         raw = convert_to_tensor(GaussianSmooth(sigma)(raw.float()), track_meta=False)
+    if clip > 0:
+        flat = raw.flatten(1).float()
+        low, high = (torch.quantile(flat, q, dim=1)[:, None, None] for q in (clip / 100, 1 - clip / 100))
+        raw = torch.minimum(torch.maximum(raw, low), high)
     return _normalised(raw)
 
 

@@ -1,6 +1,6 @@
-"""The CDM's read-out (noise level Q, smoothing, threshold, largest component) chosen on images with a drawn mask:
-the app does it with the final masks at the end of a CDM run, a benchmark with its training images only (so the test
-images never pick the settings they are scored with)."""
+"""The CDM's read-out (noise level Q, smoothing, clipping, threshold, largest component) chosen on images with a
+drawn mask: the app does it with the final masks at the end of a CDM run, a benchmark with its training images only
+(so the test images never pick the settings they are scored with)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from textdiff.weak.cdm_masks import condition_maps, smoothed, threshold_map
 
 logger = logging.getLogger(__name__)
 
-READOUT_GRID = {"noise_level": (100, 200, 400, 500), "smooth": (0.0, 2.0, 4.0, 8.0), "threshold": (None, 0.3, 0.5, 0.7),
-                "largest_component": (False, True)}
+READOUT_GRID = {"noise_level": (100, 200, 400, 500), "smooth": (0.0, 2.0, 4.0, 8.0), "clip": (0.0, 1.0),
+                "threshold": (None, 0.3, 0.5, 0.7), "largest_component": (False, True)}
 
 
 def choose_readout(folder: str, cases: list[Case], device, grid: dict = READOUT_GRID, limit: int = 24,
@@ -42,14 +42,15 @@ def choose_readout(folder: str, cases: list[Case], device, grid: dict = READOUT_
                                         normalise=False).cpu()
                          for case, item in tqdm(list(zip(chosen, items)), desc=f"read-out Q={level}", unit="img",
                                                 disable=not progress)])
-        for sigma, threshold, largest in itertools.product(grid["smooth"], grid["threshold"], grid["largest_component"]):
-            cfg = dataclasses.replace(cdm.cfg, smooth=sigma, threshold=threshold, largest_component=largest)
-            masks = [threshold_map(soft, cfg) for soft in smoothed(raw, sigma)]
+        for sigma, clip, threshold, largest in itertools.product(grid["smooth"], grid["clip"], grid["threshold"],
+                                                                 grid["largest_component"]):
+            cfg = dataclasses.replace(cdm.cfg, smooth=sigma, clip=clip, threshold=threshold, largest_component=largest)
+            masks = [threshold_map(soft, cfg) for soft in smoothed(raw, sigma, clip)]
             dice = score_masks(masks, [{**i, "original_label": i["label"]} for i in items], 2)["mean"]["dice"]
-            rows.append({"noise_level": level, "smooth": sigma, "threshold": threshold, "largest_component": largest,
-                         "dice": dice})
-            logger.debug("read-out Q=%d smooth=%g threshold=%s largest component=%s: Dice %.4f", level, sigma,
-                         threshold or "Otsu", largest, dice)
+            rows.append({"noise_level": level, "smooth": sigma, "clip": clip, "threshold": threshold,
+                         "largest_component": largest, "dice": dice})
+            logger.debug("read-out Q=%d smooth=%g clip=%g threshold=%s largest component=%s: Dice %.4f", level, sigma,
+                         clip, threshold or "Otsu", largest, dice)
     best = max(rows, key=lambda row: row["dice"])
     logger.info("CDM read-out chosen on %d images with a mask: %s (Dice %.4f; the defaults' %.4f)", len(chosen),
                 {key: best[key] for key in grid}, best["dice"], _defaults_dice(rows, probe.cfg))
