@@ -198,7 +198,11 @@ def test_benchmark_compares_with_and_without_synthetic_pairs(pairs, sample_dir, 
     settings = BenchmarkSettings(label_counts=(3,), seeds=(0,), steps=2, methods=tuple(METHODS), synthetic=str(pairs[0]),
                                  synthetic_ratio=2, merge_patch=8)
     result = run_benchmark(sample_dir, None, tmp_path / "bench", settings, cfg)
-    assert {row["method"] for row in result["rows"]} == set(METHODS)
+    assert {row["method"] for row in result["rows"]} == set(METHODS) | {"textdiff_synthetic_gated"}
     assert all(0 <= row["dice"] <= 1 for row in result["rows"])
+    rows = {row["method"]: row for row in result["rows"]}  # the gate keeps the run with the higher validation Dice
+    kept = "textdiff_synthetic" if rows["textdiff_synthetic"]["val_dice"] > rows["textdiff"]["val_dice"] else "textdiff"
+    assert rows["textdiff_synthetic_gated"]["kept"] == kept
+    assert rows["textdiff_synthetic_gated"]["dice"] == rows[kept]["dice"]
     assert "TextDiff + synthetic (EMIT-Diff)" in capsys.readouterr().out
     assert (tmp_path / "bench" / "dice_vs_labels.png").is_file()

@@ -48,6 +48,8 @@ METHODS = {
     "textdiff_synthetic": "TextDiff + synthetic (EMIT-Diff)",
     "unet_synthetic": "MONAI UNet from scratch + synthetic (EMIT-Diff)",
 }
+# Rows made from others, not run: what `compare_without` keeps of TextDiff with and without synthetic copies.
+DERIVED = {"textdiff_synthetic_gated": "TextDiff + synthetic, gated (better by validation Dice)"}
 DEFAULT_METHODS = ("textdiff", "empty_text", "no_cross_attention", "unet", "random_backbone")
 
 
@@ -66,7 +68,7 @@ class BenchmarkSettings:
     timing: bool = True  # also time the feature cache, one image's latency and the peak memory
 
     def __post_init__(self):
-        unknown = [m for m in self.methods if m not in METHODS]
+        unknown = [m for m in self.methods if m not in METHODS]  # DERIVED rows are not run
         if unknown:
             raise ValueError(f"unknown benchmark method(s) {unknown}; known: {', '.join(METHODS)}")
         if any(m.endswith("_synthetic") for m in self.methods) and not self.synthetic:
@@ -174,6 +176,7 @@ class _Models:
         self.cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, pretrained=backbone))
         self.device, self.caches, self.text_encoder = device, {}, TextEncoder(cfg.text)
         self.last: dict[str, TextDiffModel] = {}  # the last trained model of each method (for the timings)
+        self.val_dice: dict[str, float] = {}  # the best validation Dice of the last TextDiff run of each method
 
     def cache(self, method: str) -> FeatureCache:
         kind = "random" if method == "random_backbone" else "pretrained"
@@ -230,9 +233,9 @@ def _masks(method: str, split: _Split, test: list[dict], models: _Models, settin
     if method == "textdiff_synthetic":
         train_cfg = dataclasses.replace(train_cfg, synthetic_ratio=settings.synthetic_ratio,
                                         merge_alpha=settings.merge_alpha, merge_patch=settings.merge_patch)
-    train_head(model, strip(split.train), strip(split.val), train_cfg, cache=cache, progress=False,
-               synthetic=split.copies, unlabeled=strip(split.unlabeled))
-    models.last[method] = model
+    run = train_head(model, strip(split.train), strip(split.val), train_cfg, cache=cache, progress=False,
+                     synthetic=split.copies, unlabeled=strip(split.unlabeled))
+    models.last[method], models.val_dice[method] = model, run.best_dice
     return segment_items(model, strip(test), cache=cache)
 
 
@@ -268,7 +271,9 @@ def run_benchmark(data: Path, backbone: str | None, out: Path, settings: Benchma
                                  probe.cfg.head.num_classes))
                 print(f"{METHODS[method]:<42} labels={count:<3} seed={seed} dice={rows[-1]['dice']:.4f} "
                       f"iou={rows[-1]['iou']:.4f} area oracle={rows[-1]['area_oracle']['dice']:.4f}", flush=True)
+                rows[-1]["val_dice"] = models.val_dice.pop(method, None)
                 _write_results(out, {"rows": rows, "partial": True, **about})  # a crash later keeps the runs so far
+            rows += gated_rows(rows[-len(settings.methods):])
     timing = (_timings(models.last.get("textdiff") or probe, pool, test, cfg, settings, seed=settings.seeds[0])
               if settings.timing else {})
     result = {"rows": rows, "summary": summarise_rows(rows, out, f"{data.name}: test Dice vs labels"),
@@ -276,6 +281,17 @@ def run_benchmark(data: Path, backbone: str | None, out: Path, settings: Benchma
     _write_results(out, result)
     print(json.dumps(timing, indent=1))
     return result
+
+
+def gated_rows(split_rows: list[dict]) -> list[dict]:
+    """With TextDiff run with and without synthetic copies on one split: the run the gate (`compare_without`) keeps,
+    the one with the higher validation Dice (a tie keeps the plain run), as a row of its own."""
+    by_method = {row["method"]: row for row in split_rows}
+    plain, extended = by_method.get("textdiff"), by_method.get("textdiff_synthetic")
+    if plain is None or extended is None:
+        return []
+    kept = extended if extended["val_dice"] > plain["val_dice"] else plain
+    return [{**kept, "method": "textdiff_synthetic_gated", "kept": kept["method"]}]
 
 
 def _write_results(out: Path, result: dict) -> None:
@@ -291,7 +307,7 @@ def summarise_rows(rows: list[dict], out: Path, title: str = "test Dice vs label
     dice_vs_labels.png into `out` (with `references`, published figures, as dashed lines)."""
     summary = _summarise(rows)
     out.mkdir(parents=True, exist_ok=True)
-    plot_curves({METHODS[m]: by for m, by in summary.items()}, out / "dice_vs_labels.png", "labeled training images",
+    plot_curves({{**METHODS, **DERIVED}[m]: by for m, by in summary.items()}, out / "dice_vs_labels.png", "labeled training images",
                 title, references)
     counts, seeds = tuple(sorted({row["labels"] for row in rows})), _seed_counts(rows)
     print(f"seeds: {sorted({row['seed'] for row in rows})}")
@@ -349,7 +365,7 @@ def format_table(summary: dict, counts: tuple[int, ...], seeds: dict[tuple[str, 
     lines = [header, "|" + "---|" * (len(counts) + 1)]
     for method, by in summary.items():
         cells = [f"{by[n][0]:.3f} ± {by[n][1]:.3f}" + _fewer(seeds, most, method, n) if n in by else "-" for n in counts]
-        lines.append(f"| {METHODS[method]} | " + " | ".join(cells) + " |")
+        lines.append(f"| {({**METHODS, **DERIVED})[method]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
