@@ -106,3 +106,20 @@ def test_validation_never_holds_pseudo_labeled_images(pool, h, monkeypatch, tmp_
     cfg = dataclasses.replace(_config(h), train=dataclasses.replace(_config(h).train, val_fraction=0.0, epochs=1))
     train_on_cases(real, cfg, tmp_path / "m.pt", progress=False, pseudo_cases=pseudo, compare_without=True)
     assert len(chosen) == 2 and all(ids == {c.id for c in real} for ids in chosen)
+
+
+def test_both_runs_start_from_the_same_head(pool, h, monkeypatch, tmp_path):
+    import textdiff.training.train as train_module
+
+    starts = []
+    original = train_module.train_head
+
+    def spy(model, *args, **kwargs):
+        starts.append({k: v.clone() for k, v in model.head.state_dict().items()})
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_head", spy)
+    cfg = dataclasses.replace(_config(h), train=dataclasses.replace(_config(h).train, epochs=1))
+    train_on_cases(_real(pool), cfg, tmp_path / "m.pt", progress=False, pseudo_cases=_pseudo(pool, tmp_path, True),
+                   compare_without=True)
+    assert len(starts) == 2 and all(torch.equal(starts[0][k], starts[1][k]) for k in starts[0])

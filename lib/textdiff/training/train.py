@@ -319,6 +319,7 @@ def train_on_cases(cases: list[Case], cfg: TextDiffConfig, checkpoint: str | Pat
     model = TextDiffModel(cfg).to(device)
     data = _training_data(model, cases, pseudo_cases, healthy, synthetic, unlabeled)
     cache = FeatureCache(model.extractor, enabled=cfg.train.cache_features, folder=cache_folder)
+    initial = {k: v.detach().clone() for k, v in model.head.state_dict().items()}  # for a run without the extras
     torch.manual_seed(cfg.train.seed)
     result = train_head(model, data.train + data.pseudo + data.healthy, data.val, cfg.train, checkpoint=checkpoint,
                         cache=cache, progress=progress, synthetic=data.copies, unlabeled=data.weak)
@@ -328,7 +329,7 @@ def train_on_cases(cases: list[Case], cfg: TextDiffConfig, checkpoint: str | Pat
         logger.warning("no drawn mask with foreground to train without %s: kept the run with them",
                        " and ".join(data.extras))
         return model, result
-    return _keep_better(model, result, data, checkpoint, cache, progress)
+    return _keep_better(model, result, data, checkpoint, cache, progress, initial)
 
 
 @dataclass
@@ -379,15 +380,16 @@ def _training_data(model: TextDiffModel, cases: list[Case], pseudo_cases: list[C
 
 
 def _keep_better(model: TextDiffModel, result: TrainResult, data: _TrainingData, checkpoint: str | Path,
-                 cache: FeatureCache, progress: bool) -> tuple[TextDiffModel, TrainResult]:
+                 cache: FeatureCache, progress: bool, initial: dict) -> tuple[TextDiffModel, TrainResult]:
     """Train the same run without pseudo-labels and synthetic copies, on the same split from the same initial weights,
     and keep (in memory and in `checkpoint`) whichever scores the higher validation Dice; a tie keeps the plain run."""
     extras = " and ".join(data.extras)
     logger.info("training again without %s, to keep the better run", extras)
     checkpoint = Path(checkpoint)
     plain_path = checkpoint.with_name(f"{checkpoint.stem}.without-extras{checkpoint.suffix}")
-    torch.manual_seed(model.cfg.train.seed)
     plain = TextDiffModel(model.cfg, model.extractor, model.text_encoder).to(next(model.head.parameters()).device)
+    plain.head.load_state_dict(initial)
+    torch.manual_seed(model.cfg.train.seed)
     plain_cfg = dataclasses.replace(model.cfg.train, synthetic_ratio=0)
     plain_result = train_head(plain, data.train + data.healthy, data.val, plain_cfg, checkpoint=plain_path,
                               cache=cache, progress=progress, unlabeled=data.weak)
