@@ -16,7 +16,7 @@ from textdiff.data.studies import DataError, read_image
 
 logger = logging.getLogger(__name__)
 
-_scores: dict[tuple, float | None] = {}  # (proposal path, its mtime, final path, its mtime) -> Dice
+_scores: dict[tuple, tuple] = {}  # (proposal path, final path) -> ((their mtimes), Dice)
 
 
 def proposal_dice(datastore: Datastore, model: str) -> dict:
@@ -39,18 +39,18 @@ def proposal_dice(datastore: Datastore, model: str) -> dict:
 def _pair_dice(proposal: Path, final: Path) -> float | None:
     """Foreground Dice of one pair (cached); None when the final label is empty or a file cannot be read."""
     try:
-        key = (proposal, proposal.stat().st_mtime_ns, final, final.stat().st_mtime_ns)
+        stamps = (proposal.stat().st_mtime_ns, final.stat().st_mtime_ns)
     except OSError:
         return None
-    if key not in _scores:
+    cached = _scores.get((proposal, final))
+    if cached is None or cached[0] != stamps:
         try:
             drawn = np.asarray(read_image(final, "label")) > 0
             guess = np.asarray(read_image(proposal, "label")) > 0
         except DataError as err:
             logger.warning("cannot compare a proposal with its final label: %s", err)
             return None
-        if guess.shape != drawn.shape or not drawn.any():
-            _scores[key] = None
-        else:
-            _scores[key] = float(2 * (guess & drawn).sum() / (guess.sum() + drawn.sum()))
-    return _scores[key]
+        value = None if guess.shape != drawn.shape or not drawn.any() else float(
+            2 * (guess & drawn).sum() / (guess.sum() + drawn.sum()))
+        cached = _scores[(proposal, final)] = (stamps, value)
+    return cached[1]
