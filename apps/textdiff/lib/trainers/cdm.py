@@ -68,8 +68,8 @@ class CDMTrain(StatsTrainTask):
 
     def choose_readout(self, data: list[Case], device) -> dict | None:
         """With final masks on MIN_READOUT_IMAGES or more abnormal images, the read-out that segments them best
-        (noise level, smoothing, threshold, largest component) goes into the new CDM's config; else its defaults
-        stay. None when it was not chosen."""
+        (noise level, smoothing, clipping, threshold, largest component) goes into the new CDM's config; else its
+        defaults stay. None when it was not chosen."""
         try:
             chosen, _ = choose_readout(str(self.folder), data, device, minimum=MIN_READOUT_IMAGES, progress=False)
         except DataError as err:
