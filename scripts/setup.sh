@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Create .venv (Python 3.11) with the pinned requirements and the textdiff package; safe to run again. It does the
 # work only when .venv is missing or what it was made from changed (requirements, pyproject, this script): a
-# second run, such as every start of scripts/serve.sh, returns at once and needs no network.
+# second run, such as every start of scripts/serve.sh, returns at once and needs no network. It also installs the OHIF
+# viewer the app serves at /viewer/ (scripts/install_ohif.py: a pinned npm package, no build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+python3 scripts/install_ohif.py || echo "warning: without OHIF the server has no /viewer/ (the rest works)" >&2
 STAMP=.venv/.setup-done
 wanted=$(cat requirements.txt pyproject.toml scripts/setup.sh scripts/system-packages.sh | sha256sum | cut -d' ' -f1)
 if [ -x .venv/bin/python ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$wanted" ]; then

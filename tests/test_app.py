@@ -124,6 +124,14 @@ def test_bad_requests_get_a_clear_4xx(client, request_path, status):
     assert client.get("/info/").status_code == 200  # still serving
 
 
+def test_the_viewer_and_worklist_say_they_need_a_pacs(client):
+    for path in ("/viewer/", "/viewer/app-config.js", "/labeling/"):
+        response = client.get(path)
+        assert response.status_code == 404 and "PACS" in response.json()["detail"], (path, response.text)
+    response = client.post("/labeling/propose?image=case_0000")
+    assert response.status_code == 404 and "PACS" in response.json()["detail"]
+
+
 def test_bad_reports_are_refused_and_the_old_one_kept(client):
     before = client.get("/datastore/image/info?image=case_0004").json()["report"]
     for bad in ["x" * 5000, 42, ["a list"]]:

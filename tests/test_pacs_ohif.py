@@ -1,6 +1,7 @@
 """The app on a real PACS: Orthanc with DICOMweb (scripts/orthanc.sh), studies exported and uploaded by `textdiff
-export-dicom --stow`, `monailabel start_server --studies http://127.0.0.1:PORT/dicom-web`, and OHIF in headless
-Chromium (Playwright driving the Debian browser). Slow: it starts Orthanc, the server and a browser."""
+export-dicom --stow`, `monailabel start_server --studies http://127.0.0.1:PORT/dicom-web`, and two OHIFs in headless
+Chromium (Playwright driving the Debian browser): MONAI Label's at /ohif/ for volumes, and the app's OHIF 3.13 at
+/viewer/ for the radiograph workflow. Slow: it starts Orthanc, the server and a browser."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 import pydicom
@@ -20,10 +22,13 @@ import SimpleITK as sitk
 
 from textdiff.cli import main as textdiff_cli
 from textdiff.data.studies import read_studies, write_reports
-from textdiff.data.dicom import seg_to_mask, uid_for
+from textdiff.data.dicom import seg_dataset, seg_on_sources, seg_to_mask, uid_for
 
 sys.path.insert(0, str(Path(__file__).parent))
-from app_fixtures import free_port, running_server  # noqa: E402
+from app_fixtures import APP_DIR, free_port, running_server  # noqa: E402
+
+sys.path.insert(0, str(APP_DIR))
+from lib.endpoints.viewer import viewer_url  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -246,18 +251,224 @@ def _mask_coloured_pixels(png: bytes) -> int:
     return int(((rgb[..., 0] - rgb[..., 2] > 60) & (rgb[..., 0] > 120)).sum())
 
 
+def test_the_viewer_is_served_locked_down_under_viewer(server):
+    page = requests.get(f"{server}/viewer/")
+    assert page.status_code == 200 and 'src="/viewer/app.bundle.' in page.text
+    config = requests.get(f"{server}/viewer/app-config.js").text
+    assert "routerBasename: '/viewer'" in config and "/proxy/dicom/wado" in config
+    for widening in ("dicomjson", "dicomwebproxy", "dicomlocal", "dangerouslyUseDynamicConfig", "customizationUrl"):
+        assert widening not in config  # no ?url= data sources, no config or customization from the URL
+    for route in ("/viewer/segmentation?StudyInstanceUIDs=1.2.3", "/viewer/..%2F..%2Fmain.py"):
+        answer = requests.get(server + route)  # OHIF's routes, and nothing outside its folder
+        assert answer.status_code == 200 and answer.text == page.text
+
+
+def _browser(playwright):
+    return playwright.chromium.launch(executable_path=shutil.which("chromium"), args=[
+        "--no-sandbox", "--enable-unsafe-swiftshader", "--use-angle=swiftshader", "--ignore-gpu-blocklist"])
+
+
+def _propose(server: str, image: str) -> str:
+    """The worklist's "Segment with TextDiff" button: the viewer URL it redirects to."""
+    answer = requests.post(f"{server}/labeling/propose", params={"image": image}, allow_redirects=False)
+    assert answer.status_code == 303, answer.text
+    return answer.headers["location"]
+
+
+def _open_proposal(page, url: str) -> None:
+    """Open the viewer where the worklist sends a clinician, and load the proposal drawn over the image for editing."""
+    page.goto(url)
+    page.get_by_text("Confirm and Hide").click(timeout=120_000)
+    page.get_by_text("LOAD", exact=True).click(timeout=120_000)  # the proposal over its image, editable
+    page.locator("[data-cy=data-row-title]").first.wait_for(timeout=60_000)
+    page.wait_for_timeout(2000)
+
+
+def _paint_stroke(page, start: tuple[int, int], end: tuple[int, int]) -> None:
+    page.locator("[data-cy=Brush-btn]").click()
+    page.mouse.move(*start)
+    page.mouse.down()
+    for step in range(1, 21):
+        page.mouse.move(start[0] + (end[0] - start[0]) * step / 20, start[1] + (end[1] - start[1]) * step / 20)
+    page.mouse.up()
+    page.wait_for_timeout(1000)
+
+
+def _store_segmentation(page) -> None:
+    """Export > DICOM SEG > Save, as a clinician stores the corrected mask in the PACS."""
+    page.locator("[data-cy=segmentation-collapsed-more-btn-Labelmap]").click()
+    page.get_by_role("menuitem", name="Export").hover()
+    page.get_by_role("menuitem", name="DICOM SEG").click()
+    with page.expect_response(lambda r: r.request.method == "POST" and "/proxy/dicom/" in r.url) as stored:
+        page.get_by_role("button", name="Save").click()
+    assert stored.value.status == 200
+
+
+def _to_image(page, point: tuple[float, float], size: tuple[int, int]) -> tuple[float, float]:
+    """A screen point as (column, row) of the image shown fitted and centred in the viewport's canvas."""
+    box = page.locator("[data-cy=viewport-pane] canvas").first.bounding_box()
+    scale = min(box["width"] / size[0], box["height"] / size[1])
+    left = box["x"] + (box["width"] - size[0] * scale) / 2
+    top = box["y"] + (box["height"] - size[1] * scale) / 2
+    return (point[0] - left) / scale, (point[1] - top) / scale
+
+
+def test_viewer_shows_the_proposal_and_a_corrected_one_becomes_the_final_label(server, pacs, studies, tmp_path):
+    """The radiograph workflow in the app's OHIF: proposal drawn over the DX image, a brush stroke, Save; the app
+    then lists the image as labeled, with a final label that holds the stroke and equals the proposal elsewhere."""
+    from playwright.sync_api import sync_playwright
+
+    case = studies["cases"][3]  # unlabeled, with an infection in its report
+    image = _series(case.id)
+    url = _propose(server, image)
+    assert url.startswith("/viewer/segmentation?") and uid_for(case.id, "study") in url
+    assert image not in _labeled(server)  # a proposal is not a label
+    size = sitk.ReadImage(str(case.image)).GetSize()
+    worklist = requests.get(f"{server}/labeling/").text
+    assert "proposal" in worklist and "Segment with TextDiff" in worklist
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    stroke = ((860, 260), (960, 290))
+    with sync_playwright() as playwright:
+        browser = _browser(playwright)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        console: list[str] = []
+        page.on("console", lambda message: console.append(f"{message.type}: {message.text}"))
+        try:
+            _open_proposal(page, server + url)
+            shot = page.screenshot(path=str(ARTIFACTS / "viewer-proposal.png"))
+            stroke_in_image = [_to_image(page, point, size) for point in stroke]
+            _paint_stroke(page, *stroke)
+            _store_segmentation(page)
+        finally:
+            (ARTIFACTS / "viewer-console.log").write_text("\n".join(console))
+            browser.close()
+    assert _mask_coloured_pixels(shot) > 100, "the proposal is not drawn over the image"
+    assert image in _labeled(server)
+    final, drawn = (_label(server, image, tag, tmp_path) for tag in ("final", "original"))
+    on_stroke = _line_pixels(*stroke_in_image)
+    assert all(final[row, col] == 1 for col, row in on_stroke), "the stroke is not in the final label"
+    changed = np.argwhere(final != drawn)
+    assert len(changed) and not (drawn[final != drawn]).any(), "the stroke only adds foreground"
+    radius = 25 + 3  # OHIF's default brush radius in mm (1 mm pixels), and a margin for the brush's rasterisation
+    distances = np.min([np.hypot(changed[:, 1] - c, changed[:, 0] - r) for c, r in on_stroke], axis=0)
+    assert distances.max() <= radius, "the final label differs from the proposal away from the stroke"
+    segs = {seg.Manufacturer: seg for seg in _study_segs(pacs, uid_for(case.id, "study"))}
+    ours, theirs = segs["TextDiff Label"].SegmentSequence[0], segs["Unspecified"].SegmentSequence[0]  # OHIF's
+    assert theirs.SegmentLabel == ours.SegmentLabel == "infection"  # the label's name and colour survive the trip
+    assert np.abs(np.subtract(theirs.RecommendedDisplayCIELabValue, ours.RecommendedDisplayCIELabValue)).max() < 300
+
+
+def test_a_new_proposal_is_numbered_first_so_the_viewer_opens_it(server, pacs, studies):
+    """OHIF's SEG layout opens the study's lowest-numbered SEG: each proposal is numbered below the SEGs already
+    there (a labeled image keeps its label: a proposal is not one)."""
+    case = studies["cases"][0]
+    for _ in range(2):
+        location = _propose(server, _series(case.id))
+    numbers = {str(s.SeriesInstanceUID): int(s.SeriesNumber) for s in _study_segs(pacs, uid_for(case.id, "study"))}
+    newest = parse_qs(urlparse(location).query)["initialSeriesInstanceUID"][0]
+    assert numbers[newest] == min(numbers.values()) and len(numbers) == 3
+    assert _series(case.id) in _labeled(server)
+
+
+def test_next_image_opens_in_the_viewer_with_its_slice_by_slice_proposal(server, studies):
+    """The worklist's "label the next image": active learning picks the only unlabeled image, a volume; the viewer
+    opens on its study with the proposal (one SEG frame per slice) over the CT slices."""
+    from playwright.sync_api import sync_playwright
+
+    # random: `diverse` would then hold the volume back from the next annotator, which the test below asks
+    answer = requests.post(f"{server}/labeling/next", params={"strategy": "random"}, allow_redirects=False)
+    assert answer.status_code == 303, answer.text
+    assert uid_for(VOLUME_ID, "study") in answer.headers["location"]
+    assert requests.post(f"{server}/labeling/next", params={"strategy": "nope"}).status_code == 404
+    with sync_playwright() as playwright:
+        browser = _browser(playwright)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        try:
+            _open_proposal(page, server + answer.headers["location"])
+            coloured = []
+            for _ in range(4):  # every slice of the volume
+                coloured.append(_mask_coloured_pixels(page.screenshot()))
+                page.locator("[data-cy=viewport-pane]").first.hover()
+                page.mouse.wheel(0, 120)
+                page.wait_for_timeout(800)
+            page.screenshot(path=str(ARTIFACTS / "viewer-volume.png"))
+        finally:
+            browser.close()
+    assert max(coloured) > 100, f"no proposal drawn on any slice ({coloured})"
+
+
+def _study_segs(pacs, study: str) -> list[pydicom.Dataset]:
+    client = _client(pacs)
+    return [client.retrieve_series(study, str(pydicom.Dataset.from_json(s).SeriesInstanceUID))[0]
+            for s in client.search_for_series(study, search_filters={"Modality": "SEG"})]
+
+
+def _labeled(server: str) -> set[str]:
+    """The images the app trains on: those with a final label."""
+    pairs = requests.get(f"{server}/datastore/", params={"output": "train"}).json()
+    return {Path(pair["image"]).name.removesuffix(".nii.gz") for pair in pairs}
+
+
+def _label(server: str, image: str, tag: str, folder: Path) -> np.ndarray:
+    answer = requests.get(f"{server}/datastore/label", params={"label": image, "tag": tag})
+    assert answer.status_code == 200, answer.text
+    path = folder / f"{image}-{tag}.nii.gz"
+    path.write_bytes(answer.content)
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path))).squeeze()
+
+
+def _line_pixels(start: tuple[float, float], end: tuple[float, float]) -> list[tuple[int, int]]:
+    """(column, row) pixels along a segment."""
+    return [(round(start[0] + (end[0] - start[0]) * t), round(start[1] + (end[1] - start[1]) * t))
+            for t in np.linspace(0, 1, 30)]
+
+
 def test_active_learning_and_training_on_the_pacs(server, studies):
-    """Runs after the browser test: it replaces the demo model the others use."""
-    labeled = {_series(c.id) for c in studies["cases"][:3]}  # two exported SEGs and the one saved above
-    unlabeled = {_series(studies["cases"][3].id), _series(VOLUME_ID)}
+    """Runs after the browser tests: it replaces the demo model the others use."""
+    labeled = {_series(c.id) for c in studies["cases"]}  # two exported SEGs, one saved over REST, one from OHIF
+    unlabeled = {_series(VOLUME_ID)}
     for strategy in ("random", "diverse"):  # MONAI Label's and ours (diffusion features of the PACS's images)
         answer = requests.post(f"{server}/activelearning/{strategy}", json={})
-        assert answer.status_code == 200 and answer.json()["id"] in unlabeled, (strategy, answer.text)
+        assert answer.status_code == 200 and answer.json().get("id") in unlabeled, (strategy, answer.text)
     answer = requests.post(f"{server}/train/textdiff", params={"run_sync": "true"},
                            json={"max_epochs": 1, "val_split": 0.0})
     assert answer.status_code == 200, answer.text
     stats = requests.get(f"{server}/info/").json()["train_stats"]["textdiff"]
     assert stats["labeled_images"] == len(labeled)
+
+
+def test_a_multi_class_seg_keeps_its_names_and_colours_through_ohif(server, pacs, studies):
+    """Runs last: the SEG it leaves names classes this server does not have. A 2-class proposal, loaded in OHIF and
+    stored back unchanged, comes back with the same segment names and colours and the same classes per pixel."""
+    from playwright.sync_api import sync_playwright
+
+    names = ["background", "infection", "effusion"]
+    case = studies["cases"][0]
+    client = _client(pacs)
+    sources = client.retrieve_series(uid_for(case.id, "study"), _series(case.id))
+    mask = np.zeros((sources[0].Rows, sources[0].Columns), np.uint8)
+    mask[60:120, 50:110], mask[150:200, 140:210] = 1, 2
+    image = sitk.JoinSeries(sitk.GetImageFromArray(mask))
+    image.SetOrigin([float(v) for v in sources[0].ImagePositionPatient])
+    proposal = seg_dataset(image, sources, names, proposal_of="textdiff")
+    proposal.SeriesNumber = 2  # below the study's other SEGs, as the app numbers a proposal, so the viewer opens it
+    client.store_instances([proposal])
+    with sync_playwright() as playwright:
+        browser = _browser(playwright)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        try:
+            _open_proposal(page, server + viewer_url(uid_for(case.id, "study"), str(proposal.SeriesInstanceUID)))
+            page.screenshot(path=str(ARTIFACTS / "viewer-two-classes.png"))
+            _store_segmentation(page)
+        finally:
+            browser.close()
+    theirs = {seg.Manufacturer: seg for seg in _study_segs(pacs, uid_for(case.id, "study"))}["Unspecified"]
+    segments = {int(s.SegmentNumber): s for s in theirs.SegmentSequence}
+    for ours in proposal.SegmentSequence:
+        kept = segments[int(ours.SegmentNumber)]
+        assert kept.SegmentLabel == ours.SegmentLabel
+        assert np.abs(np.subtract(kept.RecommendedDisplayCIELabValue, ours.RecommendedDisplayCIELabValue)).max() < 300
+    np.testing.assert_array_equal(seg_on_sources(theirs, sources, names)[0], mask)
 
 
 def test_orthanc_stops_cleanly(pacs):

@@ -79,7 +79,7 @@ class MyApp(MONAILabelApp):
             endpoints.install(server, max_upload_bytes=conf.max_upload_mb << 20,
                               infer_workers=max(1, conf.infer_workers), infer_queue=max(0, conf.infer_queue),
                               cors_origins=origins or [str(o) for o in settings.MONAI_LABEL_CORS_ORIGINS],
-                              pacs=self.studies.startswith(("http://", "https://")))
+                              pacs=self.studies.startswith(("http://", "https://")), viewer_dir=conf.viewer_dir)
 
     def info(self):
         """MONAI Label's /info, with how good the CDM's masks are where final masks exist: scored at the end of its

@@ -40,6 +40,10 @@ CT_MR_OT = tuple(VOLUME_SOP_CLASSES)
 FINDING_CATEGORY = {"CodeValue": "49755003", "CodingSchemeDesignator": "SCT",
                     "CodeMeaning": "Morphologically Altered Structure"}
 FINDING_TYPE = {"CodeValue": "128477000", "CodingSchemeDesignator": "SCT", "CodeMeaning": "Abnormal"}
+MANUFACTURER = "TextDiff Label"
+PROPOSAL_CONTENT_LABEL = "PROPOSAL"
+PROPOSAL_DESCRIPTION = "TextDiff proposal"
+LABELMAP_SEG = "1.2.840.10008.5.1.4.1.1.66.7"  # Label Map Segmentation Storage: what OHIF 3.10+ stores by default
 
 
 @dataclass(frozen=True)
@@ -174,8 +178,11 @@ def report_of(dataset: pydicom.Dataset) -> str:
     return str(getattr(dataset, REPORT_KEYWORD, "") or "")
 
 
-def seg_dataset(mask: sitk.Image, sources: list[pydicom.Dataset], label_names: list[str]) -> pydicom.Dataset:
-    """A DICOM SEG (one segment per class present) of a mask on the grid of `sources`, referencing them."""
+def seg_dataset(mask: sitk.Image, sources: list[pydicom.Dataset], label_names: list[str],
+                proposal_of: str | None = None) -> pydicom.Dataset:
+    """A DICOM SEG (one segment per class present, named and coloured as the app's labels) of a mask on the grid of
+    `sources`, referencing them. `proposal_of` (a model name) marks it as that model's proposal (see `is_proposal`):
+    segments AUTOMATIC, never read as a clinician's label; otherwise it is a label saved through the app."""
     if mask.GetDimension() == 2:
         mask = sitk.JoinSeries(mask)
     mask = sitk.Cast(mask, sitk.sitkUInt8)
@@ -185,13 +192,16 @@ def seg_dataset(mask: sitk.Image, sources: list[pydicom.Dataset], label_names: l
     unknown = [v for v in present if v >= len(label_names)]
     if unknown:
         raise DataError(f"the mask has unknown label value(s) {unknown}: expected 1..{len(label_names) - 1}")
+    algorithm = ("AUTOMATIC", f"TextDiff Label {proposal_of}") if proposal_of else ("SEMIAUTOMATIC", "TextDiff Label")
     template = pydicom_seg.template.from_dcmqi_metainfo({
         "ContentCreatorName": "TextDiffLabel", "ClinicalTrialSeriesID": "1", "ClinicalTrialTimePointID": "1",
-        "SeriesDescription": "TextDiff Label mask", "SeriesNumber": "300", "InstanceNumber": "1",
-        "BodyPartExamined": "", "ContentLabel": "SEGMENTATION", "ContentDescription": "TextDiff Label",
+        "SeriesDescription": f"{PROPOSAL_DESCRIPTION} ({proposal_of})" if proposal_of else "TextDiff Label mask",
+        "SeriesNumber": "299" if proposal_of else "300", "InstanceNumber": "1", "BodyPartExamined": "",
+        "ContentLabel": PROPOSAL_CONTENT_LABEL if proposal_of else "SEGMENTATION",
+        "ContentDescription": "TextDiff Label",
         "segmentAttributes": [[{
             "labelID": value, "SegmentLabel": label_names[value], "SegmentDescription": label_names[value],
-            "SegmentAlgorithmType": "SEMIAUTOMATIC", "SegmentAlgorithmName": "TextDiff Label",
+            "SegmentAlgorithmType": algorithm[0], "SegmentAlgorithmName": algorithm[1],
             "SegmentedPropertyCategoryCodeSequence": FINDING_CATEGORY,
             "SegmentedPropertyTypeCodeSequence": FINDING_TYPE,
             "recommendedDisplayRGBValue": label_colour(value),
@@ -199,12 +209,72 @@ def seg_dataset(mask: sitk.Image, sources: list[pydicom.Dataset], label_names: l
     })
     writer = pydicom_seg.MultiClassWriter(template=template, inplane_cropping=False, skip_empty_slices=False,
                                           skip_missing_segment=False)
-    return writer.write(mask, sources)
+    seg = writer.write(mask, sources)
+    now = datetime.datetime.now()
+    seg.Manufacturer = MANUFACTURER
+    seg.SeriesDate = seg.ContentDate = now.strftime("%Y%m%d")
+    seg.SeriesTime = seg.ContentTime = now.strftime("%H%M%S.%f")
+    return seg
+
+
+def is_proposal(seg: pydicom.Dataset) -> bool:
+    """A model's proposal written by this app: OHIF and other editors write their own Manufacturer and content label
+    into a SEG they save, even one edited from a proposal (whose segments they may still call AUTOMATIC)."""
+    return seg.get("Manufacturer") == MANUFACTURER and seg.get("ContentLabel") == PROPOSAL_CONTENT_LABEL
 
 
 def seg_to_mask(dataset: pydicom.Dataset) -> sitk.Image:
     """The label map of a DICOM SEG (0 = background, segment numbers as values)."""
     return pydicom_seg.MultiClassReader().read(dataset).image
+
+
+def seg_on_sources(seg: pydicom.Dataset, sources: list[pydicom.Dataset], label_names: list[str]) -> np.ndarray:
+    """A SEG from any editor (binary or label-map SOP class) as class indices on the sources' grid, shape
+    (len(sources), rows, columns): each frame goes to the source instance it references and each segment to the
+    app's label of the same name (else of the same number)."""
+    index_of = {str(s.SOPInstanceUID): i for i, s in enumerate(sources)}
+    classes = _segment_classes(seg, label_names)
+    frames = seg.pixel_array.reshape(int(seg.get("NumberOfFrames", 1)), int(seg.Rows), int(seg.Columns))
+    out = np.zeros((len(sources), int(sources[0].Rows), int(sources[0].Columns)), np.uint8)
+    if frames.shape[1:] != out.shape[1:]:
+        raise DataError(f"the SEG is {frames.shape[2]}x{frames.shape[1]} but its image {out.shape[2]}x{out.shape[1]}")
+    labelmap = str(seg.SOPClassUID) == LABELMAP_SEG
+    for number, frame in enumerate(frames):
+        groups = seg.PerFrameFunctionalGroupsSequence[number]
+        target = _frame_source(groups, index_of, len(sources))
+        if labelmap:
+            for segment, value in classes.items():
+                out[target][frame == segment] = value
+        else:
+            segment = int(groups.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+            out[target][frame > 0] = classes[segment]
+    return out
+
+
+def _segment_classes(seg: pydicom.Dataset, label_names: list[str]) -> dict[int, int]:
+    lower = [name.lower() for name in label_names]
+    classes = {}
+    for segment in seg.SegmentSequence:
+        number, name = int(segment.SegmentNumber), str(segment.get("SegmentLabel", "")).lower()
+        if name in lower[1:]:
+            classes[number] = lower.index(name)
+        elif 0 < number < len(label_names):
+            classes[number] = number
+        else:
+            raise DataError(f"the SEG's segment {number} '{segment.get('SegmentLabel', '')}' is none of the labels "
+                            f"{', '.join(label_names[1:])}")
+    return classes
+
+
+def _frame_source(groups: pydicom.Dataset, index_of: dict[str, int], count: int) -> int:
+    """The index of the source instance a SEG frame was derived from (the only one for a single-frame image)."""
+    for derivation in groups.get("DerivationImageSequence", []):
+        for source in derivation.get("SourceImageSequence", []):
+            if str(source.ReferencedSOPInstanceUID) in index_of:
+                return index_of[str(source.ReferencedSOPInstanceUID)]
+    if count == 1:
+        return 0
+    raise DataError("a SEG frame names no source image of this series")
 
 
 def mask_on_sources(mask_path: Path, sources: list[pydicom.Dataset]) -> sitk.Image:

@@ -62,6 +62,7 @@ class AppSettings:
     # Web pages of other origins allowed to call the server from a browser, comma-separated (e.g. an OHIF viewer
     # served elsewhere: "https://viewer.example.org"); empty: MONAI_LABEL_CORS_ORIGINS, else none
     cors_origins: str = ""
+    viewer_dir: str = ""  # the OHIF viewer served at /viewer/ with a PACS; default: <app>/viewer (install_ohif.py)
 
     @property
     def label_names(self) -> tuple[str, ...]:
@@ -89,4 +90,6 @@ class AppSettings:
         settings = cls(**values)
         if not settings.model_dir:
             settings.model_dir = str(Path(app_dir) / "model")
+        if not settings.viewer_dir:
+            settings.viewer_dir = str(Path(app_dir) / "viewer")
         return settings

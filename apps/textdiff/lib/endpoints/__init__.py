@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, HTTPException
 from fastapi.middleware import Middleware
@@ -21,7 +22,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from monailabel.config import settings
 from monailabel.endpoints.user.auth import get_current_user
 
-from . import auth, datastore, infer, model, session, train
+from . import auth, datastore, infer, model, session, train, viewer
 from .body_limit import BodyLimit
 from .queue import WorkQueue
 
@@ -32,7 +33,7 @@ logger = logging.getLogger(__name__)
 NOT_SERVED = [("/infer/wsi/{model}", "POST"), ("/infer/wsi_v2/{model}", "POST"), ("/datastore/", "PUT"),
               ("/datastore/updatelabelinfo", "PUT"), ("/train/", "POST")]
 PROXY = [("/proxy/dicom/{path:path}", "GET"), ("/proxy/dicom/{path:path}", "POST")]
-ROUTERS = [module.router for module in (datastore, infer, model, session, train)]
+ROUTERS = [module.router for module in (datastore, infer, model, session, train, viewer)]
 
 
 def _not_served():
@@ -47,7 +48,7 @@ def _not_served_router(pacs: bool) -> APIRouter:
 
 
 def install(server: FastAPI, *, max_upload_bytes: int, infer_workers: int, infer_queue: int,
-            cors_origins: list[str], pacs: bool) -> None:
+            cors_origins: list[str], pacs: bool, viewer_dir: str) -> None:
     """Put the app's endpoints in front of MONAI Label's (the first route that matches a path and method answers),
     and its limits and CORS rule around all of them."""
     theirs = [route for route in server.router.routes
@@ -62,6 +63,7 @@ def install(server: FastAPI, *, max_upload_bytes: int, infer_workers: int, infer
     if settings.MONAI_LABEL_AUTH_ENABLE:
         server.dependency_overrides[get_current_user] = auth.current_user
     infer.queue = WorkQueue(infer_workers, infer_queue)
+    viewer.folder = Path(viewer_dir) if pacs else None
     session.max_unpacked_bytes = max_upload_bytes
     server.user_middleware = [
         Middleware(CORSMiddleware, allow_origins=cors_origins, allow_credentials=bool(cors_origins),
