@@ -355,6 +355,7 @@ def test_viewer_shows_the_proposal_and_a_corrected_one_becomes_the_final_label(s
     segs = {seg.Manufacturer: seg for seg in _study_segs(pacs, uid_for(case.id, "study"))}
     ours, theirs = segs["TextDiff Label"].SegmentSequence[0], segs["Unspecified"].SegmentSequence[0]  # OHIF's
     assert theirs.SegmentLabel == ours.SegmentLabel == "infection"  # the label's name and colour survive the trip
+    assert (ours.SegmentAlgorithmType, theirs.SegmentAlgorithmType) == ("AUTOMATIC", "MANUAL")
     assert np.abs(np.subtract(theirs.RecommendedDisplayCIELabValue, ours.RecommendedDisplayCIELabValue)).max() < 300
 
 
