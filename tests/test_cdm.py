@@ -248,6 +248,10 @@ def test_cdm_benchmark_reports_every_method_and_the_pseudo_label_difference(samp
     assert cold["variant"] == "corrected CDM proposals" and 0 <= cold["changed_pixels"] <= 1
     printed = capsys.readouterr().out
     assert "| CDM (condition derivative) |" in printed and "| gate kept |" in printed
+    masks_only = run_cdm_benchmark(sample_dir, str(cdm), str(backbone), tmp_path / "masks",
+                                   dataclasses.replace(settings, seeds=(), choose_readout=False), cfg)
+    assert masks_only["pseudo_labels"] is None and set(masks_only["maps"]["methods"]) == set(result["maps"]["methods"])
+    assert "gate" not in capsys.readouterr().out.split("Masks from image-level labels")[-1]
 
 
 def test_smoothing_spreads_a_peak_before_the_threshold(tiny_cdm, h):

@@ -278,6 +278,10 @@ def _propose(server: str, image: str) -> str:
 def _open_proposal(page, url: str) -> None:
     """Open the viewer where the worklist sends a clinician, and load the proposal drawn over the image for editing."""
     page.goto(url)
+    _load_proposal(page)
+
+
+def _load_proposal(page) -> None:
     page.get_by_text("Confirm and Hide").click(timeout=120_000)
     page.get_by_text("LOAD", exact=True).click(timeout=120_000)  # the proposal over its image, editable
     page.locator("[data-cy=data-row-title]").first.wait_for(timeout=60_000)
@@ -298,7 +302,9 @@ def _store_segmentation(page) -> None:
     """Export > DICOM SEG > Save, as a clinician stores the corrected mask in the PACS."""
     page.locator("[data-cy=segmentation-collapsed-more-btn-Labelmap]").click()
     page.get_by_role("menuitem", name="Export").hover()
-    page.get_by_role("menuitem", name="DICOM SEG").click()
+    item = page.get_by_role("menuitem", name="DICOM SEG")
+    item.focus()  # the keyboard, not a pointer path that may cross another item and close the submenu
+    item.press("Enter")
     with page.expect_response(lambda r: r.request.method == "POST" and "/proxy/dicom/" in r.url) as stored:
         page.get_by_role("button", name="Save").click()
     assert stored.value.status == 200
@@ -314,18 +320,14 @@ def _to_image(page, point: tuple[float, float], size: tuple[int, int]) -> tuple[
 
 
 def test_viewer_shows_the_proposal_and_a_corrected_one_becomes_the_final_label(server, pacs, studies, tmp_path):
-    """The radiograph workflow in the app's OHIF: proposal drawn over the DX image, a brush stroke, Save; the app
-    then lists the image as labeled, with a final label that holds the stroke and equals the proposal elsewhere."""
+    """The radiograph workflow in a browser: the worklist's "Segment with TextDiff" opens the app's OHIF with the
+    proposal drawn over the DX image; a brush stroke, Save; the app then lists the image as labeled, with a final
+    label that holds the stroke and equals the proposal elsewhere."""
     from playwright.sync_api import sync_playwright
 
     case = studies["cases"][3]  # unlabeled, with an infection in its report
     image = _series(case.id)
-    url = _propose(server, image)
-    assert url.startswith("/viewer/segmentation?") and uid_for(case.id, "study") in url
-    assert image not in _labeled(server)  # a proposal is not a label
     size = sitk.ReadImage(str(case.image)).GetSize()
-    worklist = requests.get(f"{server}/labeling/").text
-    assert "proposal" in worklist and "Segment with TextDiff" in worklist
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     stroke = ((860, 260), (960, 290))
     with sync_playwright() as playwright:
@@ -334,7 +336,13 @@ def test_viewer_shows_the_proposal_and_a_corrected_one_becomes_the_final_label(s
         console: list[str] = []
         page.on("console", lambda message: console.append(f"{message.type}: {message.text}"))
         try:
-            _open_proposal(page, server + url)
+            page.goto(f"{server}/labeling/")
+            page.locator("tr", has_text=case.id).get_by_role("button", name="Segment with TextDiff").click()
+            page.wait_for_url("**/viewer/segmentation?**", timeout=120_000)
+            assert uid_for(case.id, "study") in page.url
+            assert image not in _labeled(server)  # a proposal is not a label
+            assert "proposal" in requests.get(f"{server}/labeling/").text
+            _load_proposal(page)
             shot = page.screenshot(path=str(ARTIFACTS / "viewer-proposal.png"))
             stroke_in_image = [_to_image(page, point, size) for point in stroke]
             _paint_stroke(page, *stroke)
@@ -381,6 +389,8 @@ def test_next_image_opens_in_the_viewer_with_its_slice_by_slice_proposal(server,
     assert answer.status_code == 303, answer.text
     assert uid_for(VOLUME_ID, "study") in answer.headers["location"]
     assert requests.post(f"{server}/labeling/next", params={"strategy": "nope"}).status_code == 404
+    other_site = requests.post(f"{server}/labeling/next", headers={"Origin": "https://elsewhere.example"})
+    assert other_site.status_code == 403 and "elsewhere.example" in other_site.json()["detail"]
     with sync_playwright() as playwright:
         browser = _browser(playwright)
         page = browser.new_page(viewport={"width": 1400, "height": 900})

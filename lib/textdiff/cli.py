@@ -482,7 +482,8 @@ def _benchmark_commands(command) -> None:
     p.add_argument("--cdm", required=True, help="folder written by cdm-train")
     p.add_argument("--out", default="benchmark-results")
     p.add_argument("--real-masks", type=int, default=5)
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2],
+                   help="TextDiff runs with and without pseudo-labels per seed; none: score the masks only")
     p.add_argument("--steps", type=int, default=400, help="TextDiff optimizer steps per run")
     p.add_argument("--classifier-epochs", type=int, default=30)
     p.add_argument("--choose-readout", action="store_true", help="choose the CDM's noise level, threshold and largest "

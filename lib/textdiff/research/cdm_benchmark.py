@@ -68,7 +68,7 @@ def run_cdm_benchmark(data: Path, cdm_folder: str, backbone: str | None, out: Pa
         print(f"read-out chosen on the training images: {chosen} (training Dice {best:.4f})", flush=True)
     cdm = load_cdm(cdm_folder, device, **(cdm_overrides or {}))
     maps = _weak_masks(cdm, data, settings, device, out)
-    pseudo = _pseudo_label_runs(cdm, data, backbone, settings, cfg, device)
+    pseudo = _pseudo_label_runs(cdm, data, backbone, settings, cfg, device) if settings.seeds else None
     result = {"maps": maps, "pseudo_labels": pseudo, "device": str(device), "cdm": cdm_folder, "backbone": backbone,
               "cdm_config": dataclasses.asdict(cdm.cfg), "readout_selection": readout,
               "settings": dataclasses.asdict(settings)}
@@ -238,6 +238,8 @@ def format_tables(result: dict) -> str:
     for name, row in maps["methods"].items():
         lines.append(f"| {MAP_METHODS[name]} | {row['dice']:.3f} | {row['iou']:.3f} | {row['seconds_per_image']:.3f} |")
     pseudo = result["pseudo_labels"]
+    if pseudo is None:  # no seeds: the masks only
+        return "\n".join(lines)
     lines += ["", f"TextDiff with {pseudo['real_masks']} real masks (test Dice, mean ± std over seeds; pseudo-label "
               f"Dice on the pool {pseudo['pseudo_label_dice_on_pool']:.3f}):", "| training data | Dice |", "|---|---|"]
     for variant, stats in pseudo["summary"].items():

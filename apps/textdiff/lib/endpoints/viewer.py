@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from urllib.parse import urlencode
 
-from fastapi import APIRouter
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 
 from ..dicomweb import ReportDICOMwebDatastore
@@ -130,9 +130,10 @@ def worklist(user=USER):
 
 
 @router.post("/labeling/propose", summary="Pre-annotate an image and open it in the viewer")
-async def propose(image: str, model: str = "", user=ANNOTATOR):
+async def propose(request: Request, image: str, model: str = "", user=ANNOTATOR):
     """The image's proposal (`textdiff`, or `cdm` while no textdiff model exists) stored in the PACS as a SEG marked
     as a proposal, then a redirect (303) into the viewer on its study."""
+    _same_origin(request)
     instance, store = app(), _pacs()
     model = model or _proposal_model(instance)
     result = await infer.queue.run(instance.infer, {"model": model, "image": image,
@@ -149,12 +150,21 @@ async def propose(image: str, model: str = "", user=ANNOTATOR):
 
 
 @router.post("/labeling/next", summary="Pre-annotate the image active learning picks next and open it")
-async def propose_next(strategy: str = "diverse", model: str = "", user=ANNOTATOR):
+async def propose_next(request: Request, strategy: str = "diverse", model: str = "", user=ANNOTATOR):
+    _same_origin(request)
     _pacs()
     chosen = app().next_sample({"strategy": strategy})  # unknown strategies are refused there
     if not chosen.get("id"):
         raise not_found("every image has a label")
-    return await propose(chosen["id"], model)
+    return await propose(request, chosen["id"], model)
+
+
+def _same_origin(request: Request) -> None:
+    """The worklist's buttons are plain forms, which any web page could submit to this server: a browser names the
+    page's origin on such a post, and only this server's own pages may press them."""
+    origin = request.headers.get("origin")
+    if origin and origin != f"{request.url.scheme}://{request.headers.get('host', '')}":
+        raise HTTPException(403, f"a page from {origin} may not press the worklist's buttons")
 
 
 def _pacs() -> ReportDICOMwebDatastore:
