@@ -22,7 +22,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from monailabel.config import settings
 from monailabel.endpoints.user.auth import get_current_user
 
-from . import auth, datastore, infer, model, session, train, viewer
+from . import auth, datastore, infer, labeling, model, session, train, viewer
 from .body_limit import BodyLimit
 from .queue import WorkQueue
 
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 NOT_SERVED = [("/infer/wsi/{model}", "POST"), ("/infer/wsi_v2/{model}", "POST"), ("/datastore/", "PUT"),
               ("/datastore/updatelabelinfo", "PUT"), ("/train/", "POST")]
 PROXY = [("/proxy/dicom/{path:path}", "GET"), ("/proxy/dicom/{path:path}", "POST")]
-ROUTERS = [module.router for module in (datastore, infer, model, session, train, viewer)]
+ROUTERS = [module.router for module in (datastore, infer, labeling, model, session, train, viewer)]
 
 
 def _not_served():
