@@ -251,6 +251,12 @@ def _mask_coloured_pixels(png: bytes) -> int:
     return int(((rgb[..., 0] - rgb[..., 2] > 60) & (rgb[..., 0] > 120)).sum())
 
 
+def test_the_viewer_s_searches_reach_the_pacs_with_their_filters(server, studies):
+    case = studies["cases"][0]
+    found = requests.get(f"{server}/proxy/dicom/qido/studies", params={"PatientID": case.id}).json()
+    assert [pydicom.Dataset.from_json(s).PatientID for s in found] == [case.id]
+
+
 def test_the_viewer_is_served_locked_down_under_viewer(server):
     page = requests.get(f"{server}/viewer/")
     assert page.status_code == 200 and 'src="/viewer/app.bundle.' in page.text

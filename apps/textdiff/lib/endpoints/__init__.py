@@ -22,7 +22,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from monailabel.config import settings
 from monailabel.endpoints.user.auth import get_current_user
 
-from . import auth, datastore, infer, labeling, model, session, train, viewer
+from . import auth, datastore, dicomweb_proxy, infer, labeling, model, session, train, viewer
 from .body_limit import BodyLimit
 from .queue import WorkQueue
 
@@ -54,7 +54,7 @@ def install(server: FastAPI, *, max_upload_bytes: int, infer_workers: int, infer
     theirs = [route for route in server.router.routes
               if not getattr(getattr(route, "original_router", None), "textdiff_label", False)]  # not a former install
     server.router.routes[:] = theirs
-    for router in [*ROUTERS, _not_served_router(pacs)]:
+    for router in [*ROUTERS, *([dicomweb_proxy.router] if pacs else []), _not_served_router(pacs)]:
         router.textdiff_label = True
         server.include_router(router)
     server.router.routes[:] = server.router.routes[len(theirs):] + theirs
