@@ -96,11 +96,11 @@ def test_the_newest_clinician_seg_is_the_final_label_and_a_proposal_never_is(rad
     image = str(radiograph[0][0].SeriesInstanceUID)
     pacs = FakePacs([_seg(radiograph, "1.1", "120000", proposal=True)])
     segs = PacsSegs(pacs)
-    assert segs.finals() == {} and segs.proposals()[image].instance == "1.1"
+    assert segs.finals() == {} and segs.latest()[1][image].instance == "1.1"
     pacs.segs.append(_seg(radiograph, "1.3", "130000.5", proposal=False, editor="Unspecified"))  # from OHIF
     pacs.segs.append(_seg(radiograph, "1.2", "130000", proposal=False))  # saved through the app, earlier
-    assert segs.finals()[image].instance == "1.3"
-    assert segs.proposals()[image].instance == "1.1"
+    finals, proposals = segs.latest()
+    assert finals[image].instance == "1.3" and proposals[image].instance == "1.1"
     assert pacs.metadata_calls == 3  # each instance asked about once
 
 

@@ -33,7 +33,7 @@ from textdiff.data.dicom import mask_on_sources, report_of, seg_dataset, seg_on_
 
 from .datastore import check_label_file
 from .errors import bad_request, check_id, client_errors, not_found
-from .pacs_segs import PacsSegs
+from .pacs_segs import PacsSegs, SegInstance
 
 logger = logging.getLogger(__name__)
 
@@ -73,16 +73,13 @@ class ReportDICOMwebDatastore(DICOMWebDatastore):
         return sorted(set(self.segs.finals()) & set(self.list_images()))  # asked of the PACS each time
 
     def get_unlabeled_images(self, label_tag: str | None = None, labels=None) -> list[str]:
-        return sorted(set(self.list_images()) - set(self.get_labeled_images()))
+        return sorted(set(self.list_images()) - set(self.segs.finals()))
 
     def datalist(self, full_path: bool = True) -> list[dict]:
         """(image, final label) pairs, each label the image's newest clinician SEG as a NIfTI on the image's grid."""
-        pairs = []
-        for image_id in self.get_labeled_images():
-            label = self._final_label(image_id)
-            if label:
-                pairs.append({"image": self.get_image_uri(image_id), "label": label})
-        return pairs
+        finals = self.segs.finals()
+        return [{"image": self.get_image_uri(image_id), "label": self._final_label(image_id, finals[image_id])}
+                for image_id in sorted(set(finals) & set(self.list_images()))]
 
     def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
         if label_tag == DefaultLabelTag.FINAL:
@@ -181,9 +178,10 @@ class ReportDICOMwebDatastore(DICOMWebDatastore):
                    for s in self._client.search_for_series(study, search_filters={"Modality": "SEG"})]
         return max(2, min(numbers + [default + 1]) - 1)
 
-    def _final_label(self, image_id: str) -> str:
-        """The local copy of the image's newest clinician SEG, fetched and converted when that SEG changed."""
-        seg = self.segs.finals().get(image_id)
+    def _final_label(self, image_id: str, seg: SegInstance | None = None) -> str:
+        """The local copy of the image's newest clinician SEG (`seg`, else asked of the PACS), fetched and converted
+        when that SEG changed; "" when the image has none."""
+        seg = seg or self.segs.finals().get(image_id)
         if seg is None:
             return ""
         cached = LocalDatastore.get_label_by_image_id(self, image_id, DefaultLabelTag.FINAL)

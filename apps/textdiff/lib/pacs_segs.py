@@ -46,11 +46,12 @@ class PacsSegs:
 
     def finals(self) -> dict[str, SegInstance]:
         """Each labeled image's newest clinician SEG."""
-        return _newest(s for s in self.all() if not s.proposal)
+        return self.latest()[0]
 
-    def proposals(self) -> dict[str, SegInstance]:
-        """Each image's newest model proposal."""
-        return _newest(s for s in self.all() if s.proposal)
+    def latest(self) -> tuple[dict[str, SegInstance], dict[str, SegInstance]]:
+        """Each image's newest clinician SEG, and its newest model proposal (from one listing of the PACS)."""
+        segs = self.all()
+        return _newest(s for s in segs if not s.proposal), _newest(s for s in segs if s.proposal)
 
     def _describe(self, study: str, series: str, instance: str) -> SegInstance | None:
         meta = Dataset.from_json(self._client.retrieve_instance_metadata(study, series, instance))

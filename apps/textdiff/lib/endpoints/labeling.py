@@ -28,7 +28,7 @@ router = APIRouter(tags=["Labeling"])
 @router.get("/labeling/", response_class=HTMLResponse, summary="The labeling worklist (a web page)")
 def worklist(user=USER):
     store = _pacs()
-    images, finals, proposals = store.image_series(), store.segs.finals(), store.segs.proposals()
+    images, (finals, proposals) = store.image_series(), store.segs.latest()
     rows = []
     for key, series in sorted(images.items(), key=lambda item: str(item[1].get("PatientID", ""))):
         state = "labeled" if key in finals else "proposal" if key in proposals else "to label"
