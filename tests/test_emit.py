@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from textdiff.config import SynthConfig, TextConfig, TrainConfig
+from textdiff.config import BackboneConfig, SynthConfig, TextConfig, TrainConfig
 from textdiff.data.studies import SYNTHETIC_MARKER, DataError, load_case, read_studies
 from textdiff.synthesis.emit import (
     condition_map, guided_noise, load_synth, merge_predictions, merging_mask, train_synth,
@@ -195,8 +195,9 @@ def test_benchmark_compares_with_and_without_synthetic_pairs(pairs, sample_dir, 
     with pytest.raises(ValueError, match="unknown benchmark method"):
         BenchmarkSettings(methods=("textdiff", "magic"))
     cfg = h.tiny_config()
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, merge_patch=8))
     settings = BenchmarkSettings(label_counts=(3,), seeds=(0,), steps=2, methods=tuple(METHODS), synthetic=str(pairs[0]),
-                                 synthetic_ratio=2, merge_patch=8)
+                                 synthetic_ratio=2)
     result = run_benchmark(sample_dir, None, tmp_path / "bench", settings, cfg)
     assert {row["method"] for row in result["rows"]} == set(METHODS) | {"textdiff_synthetic_gated"}
     assert all(0 <= row["dice"] <= 1 for row in result["rows"])
@@ -206,3 +207,50 @@ def test_benchmark_compares_with_and_without_synthetic_pairs(pairs, sample_dir, 
     assert rows["textdiff_synthetic_gated"]["dice"] == rows[kept]["dice"]
     assert "TextDiff + synthetic (EMIT-Diff)" in capsys.readouterr().out
     assert (tmp_path / "bench" / "dice_vs_labels.png").is_file()
+
+
+def test_a_generator_started_from_a_backbone_denoises_as_the_backbone_until_trained(sample_dir, tmp_path):
+    from diffusers import UNet2DModel
+
+    from textdiff.model.backbone import build_scheduler, save_diffusion
+    from textdiff.synthesis.emit import synth_unet_from_backbone
+
+    torch.manual_seed(0)
+    backbone = UNet2DModel(sample_size=TINY_SIZE, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                           down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                           norm_num_groups=8, add_attention=False)
+    for p in backbone.parameters():  # diffusers zero-initialises some layers; make every weight count
+        p.data.normal_(0, 0.2)
+    save_diffusion(backbone, build_scheduler(BackboneConfig()), tmp_path / "bb")
+    generator, scheduler, cfg = synth_unet_from_backbone(str(tmp_path / "bb"), SynthConfig(), text_dim=384)
+    assert cfg.block_out_channels == (8, 16) and cfg.image_size == TINY_SIZE and generator.config.in_channels == 2
+    gen = torch.Generator().manual_seed(1)
+    x, steps = torch.randn(2, 1, TINY_SIZE, TINY_SIZE, generator=gen), torch.tensor([100, 600])
+    edges = (torch.rand(2, 1, TINY_SIZE, TINY_SIZE, generator=gen) > 0.7).float()
+    tokens = torch.randn(2, 5, 384, generator=gen)
+    with torch.no_grad():
+        expected = backbone(x, steps).sample
+        given = generator(torch.cat([x, edges], 1), steps, encoder_hidden_states=tokens).sample
+    torch.testing.assert_close(given, expected)  # edges and prompt unheard before training; the backbone's denoiser
+
+    history = train_synth(read_studies(sample_dir / "train"), tmp_path / "synth", SynthConfig(), TextConfig(max_tokens=16),
+                          PretrainSettings(epochs=1, batch_size=4), progress=False, init=str(tmp_path / "bb"))
+    model = load_synth(tmp_path / "synth", ddim_steps=2)
+    assert len(history) == 1 and model.cfg.block_out_channels == (8, 16)
+    assert json.loads((tmp_path / "synth" / "synth.json").read_text())["init"] == str(tmp_path / "bb")
+    sample = model.sample(edges, ["Left lung.", "Right lung."], torch.Generator().manual_seed(0))
+    assert sample.shape == (2, 1, TINY_SIZE, TINY_SIZE) and sample.abs().max() <= 1
+
+
+def test_a_backbone_the_generator_cannot_hold_is_refused(tmp_path):
+    from diffusers import UNet2DModel
+
+    from textdiff.model.backbone import build_scheduler, save_diffusion
+    from textdiff.synthesis.emit import synth_unet_from_backbone
+
+    class_conditional = UNet2DModel(sample_size=TINY_SIZE, block_out_channels=(8, 16), layers_per_block=1, num_class_embeds=2,
+                                    down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                                    norm_num_groups=8)
+    save_diffusion(class_conditional, build_scheduler(BackboneConfig()), tmp_path / "cdm")
+    with pytest.raises(ValueError, match="does not fit an EMIT-Diff generator.*class_embedding"):
+        synth_unet_from_backbone(str(tmp_path / "cdm"), SynthConfig(), text_dim=384)

@@ -180,7 +180,7 @@ def cmd_synth_train(args) -> None:
     cfg = SynthConfig.from_dict(_section_overrides(args, "synth"))
     cases = [case for folder in args.data for case in read_studies(folder)]
     settings = PretrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    history = train_synth(cases, args.out, cfg, TextConfig(encoder=args.text_encoder), settings)
+    history = train_synth(cases, args.out, cfg, TextConfig(encoder=args.text_encoder), settings, init=args.init)
     print(f"EMIT-Diff model written to {args.out} (last loss {history[-1]['loss']:.4f} after {len(history)} epochs)")
 
 
@@ -424,6 +424,8 @@ def _generative_commands(command) -> None:
 
     p = command("synth-train", cmd_synth_train, "train the EMIT-Diff model (edge map + text conditioned diffusion)",
                 [_parent(_denoiser_training, _text_encoder)])
+    p.add_argument("--init", help="start from this pretrained backbone (its layout, weights and scheduler), as "
+                   "EMIT-Diff starts from a pretrained diffusion model: far fewer steps than from scratch")
     _set_option(p, "synth", "synth.image_size=64")
 
     p = command("synthesize", cmd_synthesize, "synthetic image-mask pairs of the labeled images, plus a contact sheet",

@@ -62,9 +62,7 @@ class BenchmarkSettings:
     steps: int = 400
     methods: tuple[str, ...] = DEFAULT_METHODS
     synthetic: str | None = None  # folder of synthetic pairs of the training pool (the "+ synthetic" methods)
-    synthetic_ratio: int = 4
-    merge_alpha: float = 0.6
-    merge_patch: int = 32
+    synthetic_ratio: int = 4  # the merging mask is cfg.train's (merge_alpha, merge_patch)
     timing: bool = True  # also time the feature cache, one image's latency and the peak memory
 
     def __post_init__(self):
@@ -225,14 +223,13 @@ def _masks(method: str, split: _Split, test: list[dict], models: _Models, settin
     if method in ("unet", "unet_synthetic"):
         copies = split.copies if method == "unet_synthetic" else None
         net = _train_unet(windows_of(split.train, window), windows_of(split.val, window), split.epochs, train_cfg,
-                          models.device, cfg.head.num_classes, copies, (settings.merge_alpha, settings.merge_patch))
+                          models.device, cfg.head.num_classes, copies, (cfg.train.merge_alpha, cfg.train.merge_patch))
         return _unet_masks(net, test, models.device, window, cfg.backbone.window_overlap)
     torch.manual_seed(seed)  # the head's initial weights, whatever ran before in this process
     model, cache = models.model(method), models.cache(method)
     strip = _without_text if method == "empty_text" else (lambda items: items)
     if method == "textdiff_synthetic":
-        train_cfg = dataclasses.replace(train_cfg, synthetic_ratio=settings.synthetic_ratio,
-                                        merge_alpha=settings.merge_alpha, merge_patch=settings.merge_patch)
+        train_cfg = dataclasses.replace(train_cfg, synthetic_ratio=settings.synthetic_ratio)
     run = train_head(model, strip(split.train), strip(split.val), train_cfg, cache=cache, progress=False,
                      synthetic=split.copies, unlabeled=strip(split.unlabeled))
     models.last[method], models.val_dice[method] = model, run.best_dice

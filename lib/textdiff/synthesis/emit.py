@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers import DDIMScheduler, DDPMScheduler, Transformer2DModel, UNet2DConditionModel
 from monai.transforms import LabelToContour
 from skimage.feature import canny
 from torch import nn
 
-from textdiff.model.backbone import save_diffusion
+from textdiff.model.backbone import load_diffusion, save_diffusion
 from textdiff.config import SynthConfig, TextConfig
 from textdiff.data.studies import Case, load_case
 from textdiff.training.pretrain import PretrainSettings, fit_denoiser
@@ -45,7 +45,7 @@ def prompt_for(report: str, cfg: SynthConfig) -> str:
     return f"{cfg.prompt} {report}".strip()
 
 
-def build_synth_unet(cfg: SynthConfig, channels: int, text_dim: int) -> UNet2DConditionModel:
+def build_synth_unet(cfg: SynthConfig, channels: int, text_dim: int, norm_groups: int | None = None) -> UNet2DConditionModel:
     return UNet2DConditionModel(
         sample_size=cfg.image_size,
         in_channels=channels + 1,  # the noisy image and the condition map
@@ -56,8 +56,43 @@ def build_synth_unet(cfg: SynthConfig, channels: int, text_dim: int) -> UNet2DCo
         layers_per_block=cfg.layers_per_block,
         cross_attention_dim=text_dim,
         attention_head_dim=cfg.attention_head_dim,
-        norm_num_groups=min(32, min(cfg.block_out_channels)),
+        norm_num_groups=norm_groups or min(32, min(cfg.block_out_channels)),
     )
+
+
+def backbone_layout(backbone_config, cfg: SynthConfig) -> SynthConfig:
+    """`cfg` with the backbone's size, channels and depth; cross-attention stays at the two coarsest scales."""
+    levels = len(backbone_config.block_out_channels)
+    cross = min(2, levels)
+    down = ("DownBlock2D",) * (levels - cross) + ("CrossAttnDownBlock2D",) * cross
+    up = ("CrossAttnUpBlock2D",) * cross + ("UpBlock2D",) * (levels - cross)
+    return dataclasses.replace(cfg, image_size=backbone_config.sample_size, layers_per_block=backbone_config.layers_per_block,
+                               block_out_channels=tuple(backbone_config.block_out_channels),
+                               down_block_types=down, up_block_types=up)
+
+
+def synth_unet_from_backbone(backbone: str, cfg: SynthConfig, text_dim: int) -> tuple[UNet2DConditionModel, DDPMScheduler, SynthConfig]:
+    """The generator started from a pretrained denoiser, as EMIT-Diff's ControlNet starts from Stable Diffusion.
+
+    Every convolution, norm and time embedding is the backbone's; the edge channel's input weights and the output of
+    every cross-attention block start at zero, so the untrained generator denoises as the backbone does (less its
+    self-attention, which has no counterpart) and training only has to learn what the edges and the prompt add."""
+    base, scheduler = load_diffusion(backbone)
+    cfg = backbone_layout(base.config, cfg)
+    unet = build_synth_unet(cfg, base.config.in_channels, text_dim, base.config.norm_num_groups)
+    own, given = unet.state_dict(), base.state_dict()
+    copied = {name: value for name, value in given.items() if name in own and own[name].shape == value.shape}
+    left = [name for name in given if name not in copied and ".attentions." not in name and name != "conv_in.weight"]
+    if left:
+        raise ValueError(f"'{backbone}' does not fit an EMIT-Diff generator: no place for {left[:5]}")
+    conv_in = torch.zeros_like(own["conv_in.weight"])
+    conv_in[:, : base.config.in_channels] = given["conv_in.weight"]  # the condition map's channel starts unheard
+    unet.load_state_dict({**copied, "conv_in.weight": conv_in}, strict=False)
+    for block in unet.modules():
+        if isinstance(block, Transformer2DModel):  # residual blocks: a zero output makes each an identity at first
+            torch.nn.init.zeros_(block.proj_out.weight)
+            torch.nn.init.zeros_(block.proj_out.bias)
+    return unet, scheduler, cfg
 
 
 class EdgeTextDenoiser(nn.Module):
@@ -154,18 +189,24 @@ def training_tensors(cases: list[Case], cfg: SynthConfig, channels: int, text_en
 
 
 def train_synth(cases: list[Case], out: str | Path, cfg: SynthConfig, text: TextConfig, settings: PretrainSettings,
-                channels: int = 1, progress: bool = True) -> list[dict]:
+                channels: int = 1, progress: bool = True, init: str | None = None) -> list[dict]:
     """Train the edge- and text-conditioned model on the cases (images with or without masks) and save it into `out`
-    (a diffusers folder plus synth.json), atomically; returns the per-epoch loss history."""
+    (a diffusers folder plus synth.json), atomically; returns the per-epoch loss history. With `init` (a backbone
+    folder) the generator takes the backbone's layout, weights, scheduler and channels instead of `cfg`'s layout."""
     if not cases:
         raise ValueError("no image to train the synthesis model on")
     text_encoder = TextEncoder(text)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
-        unet = build_synth_unet(cfg, channels, text_encoder.dim)
-    scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule="linear")
+        if init:
+            unet, scheduler, cfg = synth_unet_from_backbone(init, cfg, text_encoder.dim)
+            channels = unet.config.out_channels
+        else:
+            unet = build_synth_unet(cfg, channels, text_encoder.dim)
+            scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule="linear")
     data = training_tensors(cases, cfg, channels, text_encoder)
-    meta = json.dumps({"synth": dataclasses.asdict(cfg), "text": dataclasses.asdict(text), "images": len(cases)}, indent=1)
+    meta = json.dumps({"synth": dataclasses.asdict(cfg), "text": dataclasses.asdict(text), "images": len(cases),
+                       "init": str(init) if init else None}, indent=1)
     conditions = {"condition": data["condition"], "tokens": data["tokens"], "mask": data["mask"]}
     return fit_denoiser(unet, scheduler, data["images"], conditions, Path(out), settings, progress,
                         {MODEL_FILE: meta}, denoiser=_denoiser(unet, text_encoder, cfg))
