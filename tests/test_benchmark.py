@@ -214,3 +214,18 @@ def test_an_imported_colour_set_benchmarks_through_windows(tmp_path, h):
         assert set(row["per_image_dice"]) == {"test_0", "test_1"}
         assert 0 <= row["iou"] <= row["dice"] <= 1
     assert (tmp_path / "out" / "dice_vs_labels.png").is_file()
+
+
+def test_benchmark_summary_applies_the_gate_to_runs_with_and_without_synthetic_copies_from_two_processes(tmp_path):
+    from textdiff.cli import main
+
+    plain = _results(tmp_path / "plain", "textdiff", {0: {"a": 0.8}, 1: {"a": 0.6}})
+    synthetic = _results(tmp_path / "synthetic", "textdiff_synthetic", {0: {"a": 0.7}, 1: {"a": 0.9}})
+    for folder, val in ((plain, {0: 0.9, 1: 0.5}), (synthetic, {0: 0.8, 1: 0.7})):
+        run = json.loads((folder / "results.json").read_text())
+        (folder / "results.json").write_text(json.dumps({"rows": [dict(r, val_dice=val[r["seed"]]) for r in run["rows"]]}))
+    out = tmp_path / "summary"
+    assert main(["benchmark-summary", str(plain), str(synthetic), "--out", str(out)]) == 0
+    gated = {r["seed"]: r for r in json.loads((out / "results.json").read_text())["rows"] if r["method"] == "textdiff_synthetic_gated"}
+    assert gated[0]["kept"] == "textdiff" and gated[0]["dice"] == 0.8  # the higher validation Dice is kept
+    assert gated[1]["kept"] == "textdiff_synthetic" and gated[1]["dice"] == 0.9

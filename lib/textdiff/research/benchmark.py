@@ -337,10 +337,20 @@ def merge_runs(folders: list[str | Path], out: Path, title: str = "test Dice vs 
                 raise DataError(f"{key[0]} with {key[1]} labels, seed {key[2]} is in both '{seen[key]}' and '{folder}'")
             seen[key] = folder
             rows.append(row)
+    rows += _gate_across_runs(rows)
     result = {"rows": rows, "summary": summarise_rows(rows, out, title, references), "backbone": backbones.pop(),
               "runs": {folder: {k: run.get(k) for k in ("timing", "settings", "device")} for folder, run in runs.items()}}
     _write_results(out, result)
     return result
+
+
+def _gate_across_runs(rows: list[dict]) -> list[dict]:
+    """The gate's rows for splits whose runs with and without synthetic copies came from different processes."""
+    splits: dict[tuple[int, int], list[dict]] = {}
+    for row in rows:
+        splits.setdefault((row["labels"], row["seed"]), []).append(row)
+    return [gated for split in splits.values() if not any(r["method"] in DERIVED for r in split)
+            for gated in gated_rows(split)]
 
 
 def _summarise(rows: list[dict], metric: str = "dice") -> dict[str, dict[int, tuple[float, float]]]:
