@@ -229,3 +229,32 @@ def test_benchmark_summary_applies_the_gate_to_runs_with_and_without_synthetic_c
     gated = {r["seed"]: r for r in json.loads((out / "results.json").read_text())["rows"] if r["method"] == "textdiff_synthetic_gated"}
     assert gated[0]["kept"] == "textdiff" and gated[0]["dice"] == 0.8  # the higher validation Dice is kept
     assert gated[1]["kept"] == "textdiff_synthetic" and gated[1]["dice"] == 0.9
+
+
+def test_with_intensity_copies_the_unet_trains_on_the_same_windows_and_copies_as_textdiff(sample_dir, h, tmp_path,
+                                                                                        monkeypatch):
+    from textdiff.training.intensity import training_windows
+
+    seen = {}
+    real_unet, real_head = benchmark._train_unet, benchmark.train_head
+
+    def recording_unet(train, val, epochs, *args, **kwargs):
+        seen["unet"] = ([w["id"] for w in train], epochs)
+        return real_unet(train, val, epochs, *args, **kwargs)
+
+    def recording_head(model, train, val, cfg, *args, **kwargs):
+        seen["textdiff"] = ([w["id"] for w in training_windows(train, model.image_size, cfg)], cfg.epochs)
+        return real_head(model, train, val, cfg, *args, **kwargs)
+
+    monkeypatch.setattr(benchmark, "_train_unet", recording_unet)
+    monkeypatch.setattr(benchmark, "train_head", recording_head)
+    cfg = h.tiny_config()
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, intensity_copies=2))
+    settings = benchmark.BenchmarkSettings(label_counts=(3,), seeds=(0,), steps=6, methods=("textdiff", "unet"),
+                                           timing=False)
+    benchmark.run_benchmark(sample_dir, None, tmp_path / "out", settings, cfg)
+    assert seen["unet"] == seen["textdiff"]
+    ids, epochs = seen["unet"]
+    originals = [i for i in ids if "~" not in i]
+    assert len(ids) == 3 * len(originals) == 9  # the copies count in the steps: 6 steps at 5 batches of 2 an epoch
+    assert epochs == 2

@@ -115,6 +115,9 @@ class TrainConfig:
     # sides swapped, so image and text still agree), "flip" or "rot90_flip" (these two contradict reports that name
     # sides and zones, "upper left lung").
     augment: str = "none"
+    # Intensity copies per training window (textdiff.training.intensity): contrast, per-channel gain and offset drawn
+    # at random, features cached once per copy. 0: off.
+    intensity_copies: int = 0
     val_fraction: float = 0.2
     # The checkpoint is the epoch whose validation Dice, averaged over it and the epochs before it (this many in all),
     # is highest. With a few held-out images one epoch's Dice is noisy; 1 picks the single best epoch.
@@ -144,6 +147,8 @@ class TrainConfig:
         if self.report_weight > 0 and self.augment in ("flip", "rot90_flip"):
             raise ValueError(f"train.report_weight > 0 needs train.augment 'none' or 'mirror': '{self.augment}' moves "
                              f"the lungs away from the sides the reports name")
+        if self.intensity_copies < 0:
+            raise ValueError(f"train.intensity_copies must be 0 or more, got {self.intensity_copies}")
         if self.selection_window < 1:
             raise ValueError(f"train.selection_window must be at least 1, got {self.selection_window}")
         if self.synthetic_ratio < 0 or not 0 <= self.merge_alpha <= 1 or self.merge_patch < 1:

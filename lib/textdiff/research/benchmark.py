@@ -32,6 +32,7 @@ from textdiff.model.features import FeatureCache, feature_augmentation
 from textdiff.research.headroom import area_oracle
 from textdiff.training.inference import score_masks, segment_items, to_original_size
 from textdiff.data.tiling import sliding_logits, windows_of
+from textdiff.training.intensity import training_windows
 from textdiff.model.segmenter import TextDiffModel
 from textdiff.plots import plot_curves
 from textdiff.synthesis.synthetic import read_synthetic
@@ -210,7 +211,7 @@ def _split(pool: list[dict], healthy: set[str], count: int, seed: int, cfg: Text
     drawn = {it["id"] for it in labeled}
     train += [with_empty_mask(it) for it in pool if it["id"] in healthy and it["id"] not in drawn]
     unlabeled = [{**it, "label": None} for it in pool if it["id"] not in drawn and it["id"] not in healthy]
-    windows = len(windows_of(train, cfg.backbone.image_size))
+    windows = len(training_windows(train, cfg.backbone.image_size, cfg.train))
     copies = {it["id"]: synthetic.get(it["id"], []) for it in train} if synthetic else None
     return _Split(train, val, unlabeled, epochs_for(steps, windows, cfg.train.batch_size), copies)
 
@@ -222,8 +223,9 @@ def _masks(method: str, split: _Split, test: list[dict], models: _Models, settin
     train_cfg = dataclasses.replace(cfg.train, epochs=split.epochs, seed=seed)
     if method in ("unet", "unet_synthetic"):
         copies = split.copies if method == "unet_synthetic" else None
-        net = _train_unet(windows_of(split.train, window), windows_of(split.val, window), split.epochs, train_cfg,
-                          models.device, cfg.head.num_classes, copies, (cfg.train.merge_alpha, cfg.train.merge_patch))
+        net = _train_unet(training_windows(split.train, window, train_cfg), windows_of(split.val, window), split.epochs,
+                          train_cfg, models.device, cfg.head.num_classes, copies,
+                          (cfg.train.merge_alpha, cfg.train.merge_patch))
         return _unet_masks(net, test, models.device, window, cfg.backbone.window_overlap)
     torch.manual_seed(seed)  # the head's initial weights, whatever ran before in this process
     model, cache = models.model(method), models.cache(method)

@@ -28,6 +28,7 @@ from textdiff.model.features import FeatureCache, feature_augmentation, feature_
 from textdiff.model.segmenter import TextDiffModel, save_checkpoint
 from textdiff.model.report_supervision import check_reports_readable, named_sides, report_loss
 from textdiff.data.tiling import describe, windows_of
+from textdiff.training.intensity import training_windows
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ def train_head(
         _refuse_windows(train_items + val_items + extra, model.image_size)
     if loop.weak:
         logger.info("report supervision: %d images without a mask, weight %g", len(loop.weak), cfg.report_weight)
-    train_items, val_items = windows_of(train_items, model.image_size), windows_of(val_items, model.image_size)
+    train_items, val_items = training_windows(train_items, model.image_size, cfg), windows_of(val_items, model.image_size)
     loop.cache.fill(train_items + val_items + extra, progress=progress)
     selection = selection_items(val_items, train_items)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

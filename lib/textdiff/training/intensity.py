@@ -1,0 +1,32 @@
+"""Intensity copies of training windows: each window also trains with its contrast, per-channel gain and offset
+drawn at random, so the head does not learn the stain of a few slides or the contrast of one scanner.
+
+The backbone is frozen, so a copy's features are computed once and cached like the window's own; the copies are fixed
+per seed, not redrawn each epoch.
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.transforms import Compose, RandAdjustContrast, RandScaleIntensity, RandShiftIntensity
+
+from textdiff.config import TrainConfig
+from textdiff.data.tiling import windows_of
+
+
+def intensity_copies(windows: list[dict], count: int, seed: int) -> list[dict]:
+    """`count` copies of every window (ids "<window id>~i<k>"), the same mask, intensities jittered in [-1, 1]."""
+    jitter = Compose([
+        RandAdjustContrast(prob=1.0, gamma=(0.7, 1.4)),
+        RandScaleIntensity(factors=0.15, prob=1.0, channel_wise=True),
+        RandShiftIntensity(offsets=0.15, prob=1.0, channel_wise=True),
+    ]).set_random_state(seed=seed)
+    return [{**window, "id": f"{window['id']}~i{k}",
+             "image": torch.as_tensor(jitter(window["image"])).as_subclass(torch.Tensor).clamp(-1, 1)}
+            for k in range(count) for window in windows]
+
+
+def training_windows(items: list[dict], window: int, cfg: TrainConfig) -> list[dict]:
+    """The windows a training run learns from: every item's windows, and `cfg.intensity_copies` copies of each."""
+    windows = windows_of(items, window)
+    return windows + intensity_copies(windows, cfg.intensity_copies, cfg.seed)
