@@ -8,7 +8,7 @@ import torch
 from textdiff.config import TrainConfig
 from textdiff.model.features import FeatureCache
 from textdiff.training.intensity import training_windows
-from textdiff.training.train import train_head
+from textdiff.training.train import selection_items, train_head
 
 
 def test_each_window_gets_its_copies_with_the_same_mask_and_other_intensities(labeled_items, h):
@@ -26,6 +26,8 @@ def test_each_window_gets_its_copies_with_the_same_mask_and_other_intensities(la
     again = training_windows(items, h.size, TrainConfig(intensity_copies=2, seed=3))
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(windows, again))  # fixed per seed
     assert training_windows(items, h.size, TrainConfig()) == items  # off by default
+    # a checkpoint chosen on training images (no validation foreground) is scored on the real windows only
+    assert selection_items([], windows) == items
 
 
 def test_training_with_copies_computes_each_copys_features_once(make_model, labeled_items):

@@ -15,13 +15,14 @@ from textdiff.data.tiling import windows_of
 
 
 def intensity_copies(windows: list[dict], count: int, seed: int) -> list[dict]:
-    """`count` copies of every window (ids "<window id>~i<k>"), the same mask, intensities jittered in [-1, 1]."""
+    """`count` copies of every window (ids "<window id>~i<k>"), the same mask, intensities jittered in [-1, 1]; marked
+    with an "origin", so that choosing the checkpoint on training images (no validation foreground) scores real ones."""
     jitter = Compose([
         RandAdjustContrast(prob=1.0, gamma=(0.7, 1.4)),
         RandScaleIntensity(factors=0.15, prob=1.0, channel_wise=True),
         RandShiftIntensity(offsets=0.15, prob=1.0, channel_wise=True),
     ]).set_random_state(seed=seed)
-    return [{**window, "id": f"{window['id']}~i{k}",
+    return [{**window, "id": f"{window['id']}~i{k}", "origin": "intensity",
              "image": torch.as_tensor(jitter(window["image"])).as_subclass(torch.Tensor).clamp(-1, 1)}
             for k in range(count) for window in windows]
 
