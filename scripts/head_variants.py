@@ -27,7 +27,7 @@ from textdiff.model.features import FeatureCache
 from textdiff.training.inference import score_masks, segment_items
 from textdiff.model.segmenter import TextDiffModel
 from textdiff.model.text import TextEncoder
-from textdiff.training.intensity import training_windows
+from textdiff.training.intensity import training_window_count
 from textdiff.training.train import split_train_val, train_head
 
 
@@ -38,7 +38,7 @@ def run_variant(cfg: TextDiffConfig, cache: FeatureCache, text: TextEncoder, dat
     pool = [model.load(c) for c in read_studies(data / "train")]
     test = [model.load(c) for c in read_studies(data / "test")]
     train, val = split_train_val(_subset(pool, labels, seed), cfg.train.val_fraction, seed)
-    epochs = epochs_for(steps, len(training_windows(train, model.image_size, cfg.train)), cfg.train.batch_size)
+    epochs = epochs_for(steps, training_window_count(train, model.image_size, cfg.train), cfg.train.batch_size)
     start = time.perf_counter()
     result = train_head(model, train, val, dataclasses.replace(cfg.train, epochs=epochs, seed=seed), cache=cache,
                         progress=False)

@@ -7,7 +7,7 @@ import torch
 
 from textdiff.config import TrainConfig
 from textdiff.model.features import FeatureCache
-from textdiff.training.intensity import training_windows
+from textdiff.training.intensity import training_window_count, training_windows
 from textdiff.training.train import selection_items, train_head
 
 
@@ -23,6 +23,7 @@ def test_each_window_gets_its_copies_with_the_same_mask_and_other_intensities(la
             assert torch.equal(copy["label"], item["label"]) and copy["report"] == item["report"]
             assert copy["image"].shape == item["image"].shape
             assert not torch.allclose(copy["image"], item["image"]) and copy["image"].abs().max() <= 1
+    assert training_window_count(items, h.size, TrainConfig(intensity_copies=2)) == len(windows)  # epochs in steps
     again = training_windows(items, h.size, TrainConfig(intensity_copies=2, seed=3))
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(windows, again))  # fixed per seed
     assert training_windows(items, h.size, TrainConfig()) == items  # off by default

@@ -32,7 +32,7 @@ from textdiff.model.features import FeatureCache, feature_augmentation
 from textdiff.research.headroom import area_oracle
 from textdiff.training.inference import score_masks, segment_items, to_original_size
 from textdiff.data.tiling import sliding_logits, windows_of
-from textdiff.training.intensity import training_windows
+from textdiff.training.intensity import training_window_count, training_windows
 from textdiff.model.segmenter import TextDiffModel
 from textdiff.plots import plot_curves
 from textdiff.synthesis.synthetic import read_synthetic
@@ -211,7 +211,7 @@ def _split(pool: list[dict], healthy: set[str], count: int, seed: int, cfg: Text
     drawn = {it["id"] for it in labeled}
     train += [with_empty_mask(it) for it in pool if it["id"] in healthy and it["id"] not in drawn]
     unlabeled = [{**it, "label": None} for it in pool if it["id"] not in drawn and it["id"] not in healthy]
-    windows = len(training_windows(train, cfg.backbone.image_size, cfg.train))
+    windows = training_window_count(train, cfg.backbone.image_size, cfg.train)
     copies = {it["id"]: synthetic.get(it["id"], []) for it in train} if synthetic else None
     return _Split(train, val, unlabeled, epochs_for(steps, windows, cfg.train.batch_size), copies)
 

@@ -27,6 +27,11 @@ def intensity_copies(windows: list[dict], count: int, seed: int) -> list[dict]:
             for k in range(count) for window in windows]
 
 
+def training_window_count(items: list[dict], window: int, cfg: TrainConfig) -> int:
+    """How many windows `training_windows` yields, without drawing the copies (for counting epochs in steps)."""
+    return len(windows_of(items, window)) * (1 + cfg.intensity_copies)
+
+
 def training_windows(items: list[dict], window: int, cfg: TrainConfig) -> list[dict]:
     """The windows a training run learns from: every item's windows, and `cfg.intensity_copies` copies of each."""
     windows = windows_of(items, window)
