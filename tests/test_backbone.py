@@ -167,3 +167,18 @@ def test_a_missing_backbone_folder_is_named_and_never_looked_up_on_the_hub(tmp_p
         load_diffusion(str(tmp_path / "nothing-here"))
     with pytest.raises(FileNotFoundError, match="no diffusion backbone folder 'runs/gpu/small-extra'"):
         load_diffusion("runs/gpu/small-extra")  # also a valid hub id: only hf:runs/gpu/small-extra would ask the hub
+
+
+def test_by_default_every_decoder_block_is_read_down_to_the_window_size(h):
+    """The finest decoder block carries the boundaries (docs/results/mri.md): the default reads it, so the head's
+    classifier runs at the window's own size."""
+    from textdiff.model.fusion import TextDiffHead
+
+    extractor = make_extractor(h.tiny_backbone(feature_layers=None))
+    assert extractor.cfg.feature_layers == ("up_blocks.0.resnets.1", "up_blocks.1.resnets.1")
+    features = extractor(torch.rand(1, 1, h.size, h.size) * 2 - 1)
+    assert max(f.shape[-1] for f in features) == h.size
+    head = TextDiffHead(extractor.feature_channels, 384, h.tiny_config(use_text=False).head, h.size)
+    seen = []
+    head.classifier.register_forward_hook(lambda _m, inputs, _o: seen.append(tuple(inputs[0].shape[-2:])))
+    assert head(features).shape[-2:] == (h.size, h.size) and seen == [(h.size, h.size)]

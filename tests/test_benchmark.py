@@ -138,6 +138,10 @@ def test_benchmark_compare_pairs_runs_by_seed_and_groups_test_images(tmp_path, c
     assert main(["benchmark-compare", "--a", str(tmp_path / "none"), "--b", str(b), "--data", str(sample_dir),
                  "--out", str(out)]) == 2
     assert result["area_oracle"] == {}  # runs made before the oracle existed still compare
+    other = _results(tmp_path / "other-data", "textdiff", {0: {"nucleus-01": 0.8}})  # scored on another data set
+    assert main(["benchmark-compare", "--a", str(other), "--b", str(other), "--data", str(sample_dir),
+                 "--out", str(out)]) == 2
+    assert "pass the benchmark's own --data" in capsys.readouterr().err
 
 
 def test_benchmark_compare_reports_the_headroom_of_the_area_oracle(tmp_path, capsys):

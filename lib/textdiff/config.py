@@ -26,8 +26,8 @@ class BackboneConfig:
     up_block_types: tuple[str, ...] = ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D")
     num_train_timesteps: int = 1000
     # Noise steps at which features are read (paper: 50, 150, 250) and the decoder modules hooked. None: the last
-    # resnet of every decoder block but the finest (16², 32² and 64² for a 128² input and 4 blocks), whatever the
-    # backbone's depth.
+    # resnet of every decoder block (16², 32², 64² and 128² for a 128² input and 4 blocks), whatever the backbone's
+    # depth: the finest carries the boundaries (docs/results/mri.md).
     timesteps: tuple[int, ...] = (50, 150, 250)
     feature_layers: tuple[str, ...] | None = None
     noise_seed: int = 40
@@ -78,16 +78,16 @@ class HeadConfig:
     # likely area; an empty report constrains nothing. A wrong report then hides or invents a finding, so it is off
     # by default (docs/results/report.md, "Report supervision").
     obey_report: bool = False
-    # None: every scale goes through the shared block at full size, as in the paper. A number bounds the tokens: a
-    # finer scale is average-pooled to attention_size² and gets the block's change upsampled back (a report names
-    # zones, not pixels). Cheaper, at some Dice (docs/results/sample-data.md, "What did not help"); for large inputs
-    # on a GPU.
-    attention_size: int | None = None
+    # A scale finer than attention_size² is average-pooled to it for the shared block and gets the block's change
+    # upsampled back (a report names zones, not pixels); None: every scale at full size, as in the paper. 64 fuses
+    # a 128² window's three coarser scales whole and its finest pooled: on a CPU that costs a third less time per
+    # step than None (docs/results/mri.md); pooling finer scales lowered Dice (docs/results/sample-data.md).
+    attention_size: int | None = 64
     head_channels: tuple[int, ...] = (32, 16)
-    # True: every fused scale is upsampled to the window size and the classifier runs there, as DDPM-Seg and the
-    # TextDiff code do; False: it runs at the finest hooked scale and its logits are upsampled. False by measurement:
-    # with the default feature layers (none at the window's own size) True costs about 4x per step on a CPU and did
-    # not score higher (docs/results/monuseg.md).
+    # The classifier runs at the finest hooked scale and its logits are upsampled to the window; with the default
+    # feature layers that scale is the window's own. True upsamples the fused scales to the window first, as DDPM-Seg
+    # and the TextDiff code do, for feature layers that stop short of it (4x the CPU time per step with three
+    # coarser scales, no gain on MoNuSeg: docs/results/monuseg.md).
     full_resolution: bool = False
 
     def __post_init__(self):

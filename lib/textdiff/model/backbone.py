@@ -50,8 +50,9 @@ def architecture(unet: UNet2DModel) -> dict:
 
 
 def default_feature_layers(unet: UNet2DModel) -> tuple[str, ...]:
-    """The last resnet of every decoder block but the finest: features from coarse to fine, as DDPM-Seg reads them."""
-    return tuple(f"up_blocks.{i}.resnets.{len(block.resnets) - 1}" for i, block in enumerate(unet.up_blocks[:-1]))
+    """The last resnet of every decoder block: features from coarse to fine, as DDPM-Seg reads them, down to the
+    window's own resolution, where fine boundaries are (docs/results/mri.md)."""
+    return tuple(f"up_blocks.{i}.resnets.{len(block.resnets) - 1}" for i, block in enumerate(unet.up_blocks))
 
 
 def load_diffusion(source: str) -> tuple[UNet2DModel, DDPMScheduler]:

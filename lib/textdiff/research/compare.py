@@ -53,6 +53,11 @@ def compare(a_rows: list[dict], b_rows: list[dict], image_labels: dict[str, str]
     differences = [p["difference"] for p in pairs]
     groups = {}
     if all("per_image_dice" in a[k] and "per_image_dice" in b[k] for k in keys):
+        scored = set.intersection(*(set(rows[k]["per_image_dice"]) for rows in (a, b) for k in keys))
+        unscored = sorted(set(image_labels) - scored)
+        if unscored:
+            raise DataError(f"{len(unscored)} test images of the data (e.g. '{unscored[0]}') are not in every run: "
+                            f"pass the benchmark's own --data")
         for group in sorted(set(image_labels.values())):
             images = [i for i, g in image_labels.items() if g == group]
             groups[group] = {"images": len(images), **{
