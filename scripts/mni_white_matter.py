@@ -24,7 +24,7 @@ T1, WM = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz", "mni_icbm152_wm_tal
 
 
 def axial(volume: np.ndarray, z: int) -> np.ndarray:
-    """Slice z in radiological display (rows anterior to posterior, columns left to right)."""
+    """Slice z, anterior at the top and the patient's left on the left (RAS voxels: x runs left to right)."""
     return np.rot90(volume[:, :, z])
 
 
