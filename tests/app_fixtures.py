@@ -34,7 +34,7 @@ def make_deployment(root: Path, tiny_config) -> dict:
     cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, pretrained=str(backbone)),
                               train=dataclasses.replace(cfg.train, epochs=1))
     train_on_cases(read_studies(studies), cfg, model_dir / "textdiff.pt", progress=False)
-    conf = {"model_dir": str(model_dir), "demo_weights": "false", "epochs": "2", "pretrain_epochs": "1",
+    conf = {"model_dir": str(model_dir), "demo_weights": "false", "epochs": "30", "pretrain_epochs": "1",
             "pretrain_batch_size": "4", "image_size": "32"}
     return {"studies": studies, "model_dir": model_dir, "conf": conf, "groundtruth": data / "train-groundtruth",
             "conf_json": json.dumps(conf)}

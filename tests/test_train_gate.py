@@ -54,7 +54,7 @@ def _real(pool):
 
 def _config(h):
     cfg = h.tiny_config()
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=12, val_fraction=0.4, seed=1))
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=12, val_fraction=0.4, min_val_images=1, seed=1))
 
 
 def test_wrong_pseudo_labels_are_dropped_and_the_run_without_them_is_kept(pool, h, tmp_path):

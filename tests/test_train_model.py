@@ -129,15 +129,25 @@ def test_load_checkpoint_missing_file(tmp_path):
         load_checkpoint(tmp_path / "absent.pt")
 
 
-def test_split_train_val():
+def test_split_train_val_holds_out_a_seeded_fraction_or_nothing_when_too_few():
     items = [{"id": str(i)} for i in range(10)]
-    train, val = split_train_val(items, 0.2, seed=0)
+    cfg = TrainConfig(val_fraction=0.2, seed=0)
+    train, val = split_train_val(items, cfg)
     assert len(val) == 2 and len(train) == 8
     assert {it["id"] for it in train} | {it["id"] for it in val} == {str(i) for i in range(10)}
-    assert split_train_val(items, 0.2, seed=0) == (train, val)
-    few_train, few_val = split_train_val(items[:3], 0.5, seed=0)
-    assert few_val == [] and sorted(it["id"] for it in few_train) == ["0", "1", "2"]  # too few to hold out
-    assert len(split_train_val(items[:4], 0.01, seed=0)[1]) == 1  # at least one once there are 4
+    assert split_train_val(items, cfg) == (train, val) != split_train_val(items, cfg, seed=1)
+    # five labels would hold out one: all five train (one image is a noisy judge and a fifth of the labels)
+    few_train, few_val = split_train_val(items[:5], cfg)
+    assert few_val == [] and sorted(it["id"] for it in few_train) == ["0", "1", "2", "3", "4"]
+    assert len(split_train_val(items[:5], dataclasses.replace(cfg, min_val_images=1))[1]) == 1
+    assert split_train_val(items, dataclasses.replace(cfg, val_fraction=0.0))[1] == []
+
+
+def test_train_config_refuses_an_impossible_split():
+    with pytest.raises(ValueError, match="min_val_images"):
+        TrainConfig(min_val_images=0)
+    with pytest.raises(ValueError, match="val_fraction"):
+        TrainConfig(val_fraction=1.0)
 
 
 def test_dice_per_image_counts_empty_as_perfect():

@@ -118,7 +118,11 @@ class TrainConfig:
     # Intensity copies per training window (textdiff.training.intensity): contrast, per-channel gain and offset drawn
     # at random, features cached once per copy. 0: off.
     intensity_copies: int = 0
+    # A seeded val_fraction of the labeled images is held out to choose the checkpoint, only when that makes at least
+    # min_val_images: one held-out image is a noisy judge of the epoch and costs a fifth of five labels, so a few
+    # labeled images all train (the epoch is then chosen on them; docs/results/mri.md, "Few labels").
     val_fraction: float = 0.2
+    min_val_images: int = 2
     # The checkpoint is the epoch whose validation Dice, averaged over it and the epochs before it (this many in all),
     # is highest. With a few held-out images one epoch's Dice is noisy; 1 picks the single best epoch.
     selection_window: int = 1
@@ -149,8 +153,9 @@ class TrainConfig:
                              f"the lungs away from the sides the reports name")
         if self.intensity_copies < 0:
             raise ValueError(f"train.intensity_copies must be 0 or more, got {self.intensity_copies}")
-        if self.selection_window < 1:
-            raise ValueError(f"train.selection_window must be at least 1, got {self.selection_window}")
+        if self.selection_window < 1 or self.min_val_images < 1 or not 0 <= self.val_fraction < 1:
+            raise ValueError(f"need train.selection_window >= 1, train.min_val_images >= 1 and 0 <= train.val_fraction"
+                             f" < 1, got {self.selection_window}, {self.min_val_images} and {self.val_fraction}")
         if self.synthetic_ratio < 0 or not 0 <= self.merge_alpha <= 1 or self.merge_patch < 1:
             raise ValueError(f"need train.synthetic_ratio >= 0, 0 <= train.merge_alpha <= 1 and train.merge_patch >= 1,"
                              f" got {self.synthetic_ratio}, {self.merge_alpha}, {self.merge_patch}")

@@ -72,7 +72,7 @@ def run_labeling_benchmark(data: Path, backbone: str | None, out: Path, settings
     def train_and_score(labeled: list[dict], seed: int) -> tuple[TextDiffModel, float]:
         torch.manual_seed(seed)
         model = TextDiffModel(cfg, cache.extractor, text_encoder).to(device)
-        train, val = split_train_val(labeled, cfg.train.val_fraction, seed)
+        train, val = split_train_val(labeled, cfg.train, seed)
         epochs = epochs_for(settings.steps, len(train), cfg.train.batch_size)
         train_head(model, train, val, dataclasses.replace(cfg.train, epochs=epochs, seed=seed), cache=cache,
                    progress=False)

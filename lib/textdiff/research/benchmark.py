@@ -207,7 +207,7 @@ def _split(pool: list[dict], healthy: set[str], count: int, seed: int, cfg: Text
     training with an empty mask (cfg.train.healthy_label), the rest of the pool trains through its reports alone
     (cfg.train.report_weight)."""
     labeled = _subset(pool, count, seed)
-    train, val = split_train_val(labeled, cfg.train.val_fraction, seed)
+    train, val = split_train_val(labeled, cfg.train, seed)
     drawn = {it["id"] for it in labeled}
     train += [with_empty_mask(it) for it in pool if it["id"] in healthy and it["id"] not in drawn]
     unlabeled = [{**it, "label": None} for it in pool if it["id"] not in drawn and it["id"] not in healthy]
@@ -387,7 +387,7 @@ def _timings(model: TextDiffModel, pool: list[dict], test: list[dict], cfg: Text
              settings: BenchmarkSettings, seed: int) -> dict:
     """Epoch time with and without the feature cache (10 labels), latency for one image, peak memory."""
     labeled = _subset(pool, 10, seed)
-    train, val = split_train_val(labeled, cfg.train.val_fraction, seed)
+    train, val = split_train_val(labeled, cfg.train, seed)
     result = {}
     for cached in (True, False):
         cache = FeatureCache(model.extractor, enabled=cached)

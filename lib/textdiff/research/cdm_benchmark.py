@@ -129,7 +129,7 @@ def _pseudo_label_runs(cdm, data: Path, backbone: str | None, settings: CDMBench
     rows = []
     for seed in settings.seeds:
         labeled = _subset(pool, settings.real_masks, seed)
-        train, val = split_train_val(labeled, cfg.train.val_fraction, seed)
+        train, val = split_train_val(labeled, cfg.train, seed)
         chosen = {item["id"] for item in labeled}
         extra = [{**item, "label": pseudo[item["id"]], "origin": "pseudo"} for item in pool
                  if item["id"] not in chosen and item["id"] in pseudo]
@@ -137,7 +137,7 @@ def _pseudo_label_runs(cdm, data: Path, backbone: str | None, settings: CDMBench
         extended = runs.train(PSEUDO, seed, train + extra, val)
         corrected = [{**item, "label": corrected_proposal(pseudo[item["id"]], item["label"])} if item["id"] in pseudo
                      else item for item in labeled]
-        cold = runs.train(CORRECTED, seed, *split_train_val(corrected, cfg.train.val_fraction, seed))
+        cold = runs.train(CORRECTED, seed, *split_train_val(corrected, cfg.train, seed))
         cold.update(correction_effort(corrected, labeled, pseudo))
         rows += [plain, extended, gated_row(plain, extended), cold]
     summary = {}

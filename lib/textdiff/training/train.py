@@ -42,11 +42,13 @@ class TrainResult:
     gate: dict | None = None  # with or without pseudo-labels / synthetic copies, and both scores (compare_without)
 
 
-def split_train_val(items: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Hold out a seeded fraction of the labeled images (at least one once there are 4+) for model selection."""
+def split_train_val(items: list[dict], cfg: TrainConfig, seed: int | None = None) -> tuple[list[dict], list[dict]]:
+    """Hold out a seeded `cfg.val_fraction` of the labeled images for model selection, or none when that would be
+    fewer than `cfg.min_val_images` (then every labeled image trains)."""
     order = list(range(len(items)))
-    random.Random(seed).shuffle(order)
-    count = max(1, round(len(items) * fraction)) if len(items) >= 4 and fraction > 0 else 0
+    random.Random(cfg.seed if seed is None else seed).shuffle(order)
+    count = round(len(items) * cfg.val_fraction)
+    count = count if count >= cfg.min_val_images and count < len(items) else 0
     return [items[i] for i in order[count:]], [items[i] for i in order[:count]]
 
 
@@ -54,7 +56,7 @@ def selection_cases(cases: list[Case], cfg: TrainConfig) -> list[Case]:
     """The labeled cases `train_on_cases` holds out for validation with this config (the same seeded split), or all
     of them when it holds out none: the images two models of the same data are compared on."""
     labeled = [c for c in cases if c.label is not None]
-    _, val = split_train_val(labeled, cfg.val_fraction, cfg.seed)
+    _, val = split_train_val(labeled, cfg)
     return val or labeled
 
 
@@ -355,7 +357,7 @@ def _training_data(model: TextDiffModel, cases: list[Case], pseudo_cases: list[C
     """Load every case once and split the real ones (a volume's slices stay on one side of the split)."""
     cfg = model.cfg
     groups = [model.load_planes(c) for c in cases]
-    train_groups, val_groups = split_train_val(groups, cfg.train.val_fraction, cfg.train.seed)
+    train_groups, val_groups = split_train_val(groups, cfg.train)
     train, val = [i for g in train_groups for i in g], [i for g in val_groups for i in g]
     for shape in sorted({item["original_shape"] for item in train + val}):
         logger.info("images of %s", describe(shape, model.cfg.backbone))
