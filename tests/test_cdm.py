@@ -206,8 +206,8 @@ def test_pseudo_labels_join_training_only_and_never_replace_a_real_mask(sample_d
     real = [c for c in cases if c.label is not None]
     truth = sample_dir / "train-groundtruth"
     pseudo = [dataclasses.replace(c, label=truth / f"{c.id}.png") for c in cases]  # one per image, real ones too
-    cfg = dataclasses.replace(h.tiny_config(), train=dataclasses.replace(h.tiny_config().train, val_fraction=0.25,
-                                                                                   min_val_images=1))
+    train = dataclasses.replace(h.tiny_config().train, val_fraction=0.25, min_val_images=1)  # one of four held out
+    cfg = dataclasses.replace(h.tiny_config(), train=train)
     train_module.train_on_cases(real, cfg, tmp_path / "m.pt", pseudo_cases=pseudo, progress=False)
     unlabeled = sorted(c.id for c in cases if c.label is None)
     assert len(seen["val"]) == 1 and seen["val"][0] in {c.id for c in real}

@@ -153,8 +153,8 @@ def test_synthetic_copies_join_training_only(pairs, sample_dir, tmp_path, h):
 
     cases = read_studies(sample_dir / "train")
     cfg = h.tiny_config()
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=3, synthetic_ratio=2, val_fraction=0.25,
-                                                                   min_val_images=1))
+    train = dataclasses.replace(cfg.train, epochs=3, synthetic_ratio=2, val_fraction=0.25, min_val_images=1)
+    cfg = dataclasses.replace(cfg, train=train)
     model, result = train_on_cases(cases, cfg, tmp_path / "syn.pt", synthetic=read_synthetic(pairs[0]), progress=False)
     assert len(result.history) == 3 and all(np.isfinite(h["loss"]) for h in result.history)
     _, gated = train_on_cases(cases, cfg, tmp_path / "gated.pt", synthetic=read_synthetic(pairs[0]), progress=False,
