@@ -1,0 +1,86 @@
+"""A real MRI case with fine boundaries: white or grey matter on axial slices of the MNI152 T1 template (ICBM 2009a).
+
+    python scripts/mni_tissue.py --templates DIR --out runs/mni-wm [--tissue gm]
+
+DIR holds `mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz` and the tissue maps `..._wm_...`, `..._gm_...`
+(nilearn's wheel ships them in `nilearn/datasets/data/`: `pip download nilearn --no-deps`, unzip). Writes
+`<out>/train` (a pool of labeled slices) and `<out>/test` (the slices between them) as studies folders of 8-bit PNGs,
+masks where the tissue's probability exceeds 0.5, for `textdiff benchmark --data <out>`. `--noise` and `--bias` make
+the smooth average brain look more like one scan (Rician noise, a slowly varying coil sensitivity per slice, written
+as 16-bit PNGs as a scanner's export would be). White matter is one thick
+region with a folded outline; grey matter (the cortical ribbon and deep nuclei) is a few pixels thick. Slices every `--step` mm; pool and test alternate, so no test slice is a
+training slice and neighbours differ by `--step` mm.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from PIL import Image
+
+from textdiff.data.studies import write_reports
+
+T1 = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+TISSUES = {"wm": "white matter", "gm": "grey matter"}
+
+
+def axial(volume: np.ndarray, z: int) -> np.ndarray:
+    """Slice z, anterior at the top and the patient's left on the left (RAS voxels: x runs left to right)."""
+    return np.rot90(volume[:, :, z])
+
+
+def scan_like(image: np.ndarray, z: int, noise: float, bias: float) -> np.ndarray:
+    """A 16-bit slice with a smooth multiplicative field of amplitude `bias` and Rician noise of sd `noise` x its 99th
+    percentile, seeded by the slice index so every run writes the same images."""
+    rng = np.random.default_rng(z)
+    rows, cols = np.meshgrid(np.linspace(-1, 1, image.shape[0]), np.linspace(-1, 1, image.shape[1]), indexing="ij")
+    terms = np.stack([rows, cols, rows * cols, rows**2, cols**2])
+    field = np.exp(bias * np.tensordot(rng.uniform(-1, 1, len(terms)), terms, axes=1) / 2)
+    signal = image.astype(np.float64) * field
+    sigma = noise * np.percentile(image, 99)
+    noisy = np.hypot(signal + rng.normal(0, sigma, image.shape), rng.normal(0, sigma, image.shape))
+    return np.clip(noisy * 100, 0, 65535).astype(np.uint16)
+
+
+def write_split(out: Path, slices: list[int], t1: np.ndarray, tissue: np.ndarray, z0: int, noise: float = 0.0,
+                bias: float = 0.0) -> None:
+    (out / "labels" / "final").mkdir(parents=True, exist_ok=True)
+    rows, names = {}, {}
+    for z in slices:
+        name = f"mni-z{z:03d}"
+        image = axial(t1, z)
+        image = scan_like(image, z, noise, bias) if noise or bias else image.astype(np.uint8)
+        Image.fromarray(image).save(out / f"{name}.png")
+        Image.fromarray((axial(tissue, z) > 0.5).astype(np.uint8)).save(out / "labels" / "final" / f"{name}.png")
+        rows[name] = (f"Axial T1-weighted MRI, {z - z0:+d} mm from the AC-PC plane.", None)
+        names[name] = f"{name}.png"
+    write_reports(out, rows, names)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--templates", required=True, help="folder with the MNI152 T1 and tissue NIfTI files")
+    parser.add_argument("--tissue", choices=sorted(TISSUES), default="wm", help="the structure to label")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--first", type=int, default=50, help="lowest axial slice (voxel index)")
+    parser.add_argument("--last", type=int, default=150, help="highest axial slice (voxel index)")
+    parser.add_argument("--step", type=int, default=4, help="mm between consecutive slices (pool and test alternate)")
+    parser.add_argument("--noise", type=float, default=0.0, help="Rician noise sd as a fraction of the 99th percentile")
+    parser.add_argument("--bias", type=float, default=0.0, help="amplitude of a smooth intensity field per slice")
+    args = parser.parse_args()
+    t1_image = nib.load(Path(args.templates) / T1)
+    t1 = np.asarray(t1_image.dataobj)  # nilearn's copies are 8-bit, the probabilities scaled to 0..255
+    tissue_map = f"mni_icbm152_{args.tissue}_tal_nlin_sym_09a_converted.nii.gz"
+    tissue = np.asarray(nib.load(Path(args.templates) / tissue_map).dataobj) / 255.0
+    z0 = int(round(np.linalg.inv(t1_image.affine)[2] @ [0, 0, 0, 1]))  # the slice through MNI z = 0
+    slices = list(range(args.first, args.last + 1, args.step))
+    for split, chosen in (("train", slices[0::2]), ("test", slices[1::2])):
+        write_split(Path(args.out) / split, chosen, t1, tissue, z0, args.noise, args.bias)
+    print(f"{TISSUES[args.tissue]}: {len(slices[0::2])} pool slices, {len(slices[1::2])} test slices of {t1.shape[0]}x{t1.shape[1]} -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
