@@ -1,15 +1,15 @@
 """A real MRI case with fine boundaries: white or grey matter on axial slices of the MNI152 T1 template (ICBM 2009a).
 
-    python scripts/mni_tissue.py --templates DIR --out runs/mni-wm [--tissue gm]
+    python scripts/mni_tissue.py --templates DIR --out runs/mni-wm [--tissue gm] [--noise 0.05 --bias 0.4]
 
 DIR holds `mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz` and the tissue maps `..._wm_...`, `..._gm_...`
 (nilearn's wheel ships them in `nilearn/datasets/data/`: `pip download nilearn --no-deps`, unzip). Writes
-`<out>/train` (a pool of labeled slices) and `<out>/test` (the slices between them) as studies folders of 8-bit PNGs,
-masks where the tissue's probability exceeds 0.5, for `textdiff benchmark --data <out>`. `--noise` and `--bias` make
-the smooth average brain look more like one scan (Rician noise, a slowly varying coil sensitivity per slice, written
-as 16-bit PNGs as a scanner's export would be). White matter is one thick
-region with a folded outline; grey matter (the cortical ribbon and deep nuclei) is a few pixels thick. Slices every `--step` mm; pool and test alternate, so no test slice is a
-training slice and neighbours differ by `--step` mm.
+`<out>/train` (a pool of labeled slices) and `<out>/test` (the slices between them) as studies folders of PNGs,
+masks where the tissue's probability exceeds 0.5, for `textdiff benchmark --data <out>`. Slices every `--step` mm;
+pool and test alternate, so no test slice is a training slice. White matter is one thick region with a folded
+outline; grey matter (the cortical ribbon and deep nuclei) is a few pixels thick. `--noise` and `--bias` make the
+smooth average brain look more like one scan: MONAI's Rician noise and bias field, seeded per slice, written as
+16-bit PNGs as a scanner's export would be.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from monai.transforms import RandBiasField, RandRicianNoise
 from PIL import Image
 
 from textdiff.data.studies import write_reports
@@ -33,16 +34,12 @@ def axial(volume: np.ndarray, z: int) -> np.ndarray:
 
 
 def scan_like(image: np.ndarray, z: int, noise: float, bias: float) -> np.ndarray:
-    """A 16-bit slice with a smooth multiplicative field of amplitude `bias` and Rician noise of sd `noise` x its 99th
-    percentile, seeded by the slice index so every run writes the same images."""
-    rng = np.random.default_rng(z)
-    rows, cols = np.meshgrid(np.linspace(-1, 1, image.shape[0]), np.linspace(-1, 1, image.shape[1]), indexing="ij")
-    terms = np.stack([rows, cols, rows * cols, rows**2, cols**2])
-    field = np.exp(bias * np.tensordot(rng.uniform(-1, 1, len(terms)), terms, axes=1) / 2)
-    signal = image.astype(np.float64) * field
-    sigma = noise * np.percentile(image, 99)
-    noisy = np.hypot(signal + rng.normal(0, sigma, image.shape), rng.normal(0, sigma, image.shape))
-    return np.clip(noisy * 100, 0, 65535).astype(np.uint16)
+    """A 16-bit slice: a smooth multiplicative field (Legendre coefficients within ±`bias`) and Rician noise of sd
+    `noise` x the slice's 99th percentile, seeded by the slice index so every run writes the same images."""
+    field = RandBiasField(degree=2, coeff_range=(-bias, bias), prob=1.0).set_random_state(seed=z)
+    rician = RandRicianNoise(prob=1.0, std=noise * float(np.percentile(image, 99)), sample_std=False)
+    scan = rician.set_random_state(seed=z)(field(image[None].astype(np.float32)))[0]
+    return np.clip(np.asarray(scan) * 100, 0, 65535).astype(np.uint16)
 
 
 def write_split(out: Path, slices: list[int], t1: np.ndarray, tissue: np.ndarray, z0: int, noise: float = 0.0,
@@ -69,7 +66,7 @@ def main() -> None:
     parser.add_argument("--last", type=int, default=150, help="highest axial slice (voxel index)")
     parser.add_argument("--step", type=int, default=4, help="mm between consecutive slices (pool and test alternate)")
     parser.add_argument("--noise", type=float, default=0.0, help="Rician noise sd as a fraction of the 99th percentile")
-    parser.add_argument("--bias", type=float, default=0.0, help="amplitude of a smooth intensity field per slice")
+    parser.add_argument("--bias", type=float, default=0.0, help="range of the bias field's coefficients")
     args = parser.parse_args()
     t1_image = nib.load(Path(args.templates) / T1)
     t1 = np.asarray(t1_image.dataobj)  # nilearn's copies are 8-bit, the probabilities scaled to 0..255
