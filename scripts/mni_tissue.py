@@ -9,7 +9,8 @@ masks where the tissue's probability exceeds 0.5, for `textdiff benchmark --data
 pool and test alternate, so no test slice is a training slice. White matter is one thick region with a folded
 outline; grey matter (the cortical ribbon and deep nuclei) is a few pixels thick. `--noise` and `--bias` make the
 smooth average brain look more like one scan: MONAI's Rician noise and bias field, seeded per slice, written as
-16-bit PNGs as a scanner's export would be.
+16-bit PNGs as a scanner's export would be. `--drawn Z ...` also writes `<out>/volume`: the whole T1 as one NIfTI
+volume whose mask is drawn on those axial slices only, as a user who labels a few slices in 3D Slicer saves it.
 """
 
 from __future__ import annotations
@@ -57,6 +58,19 @@ def write_split(out: Path, slices: list[int], t1: np.ndarray, tissue: np.ndarray
     write_reports(out, rows, names)
 
 
+def write_volume(out: Path, t1: np.ndarray, tissue: np.ndarray, drawn: list[int]) -> None:
+    """The T1 volume (1 mm voxels) and a mask drawn on the `drawn` slices only; its axial slices read exactly as the
+    PNG slices do (NIfTI's first axis is the PNG's width)."""
+    (out / "labels" / "final").mkdir(parents=True, exist_ok=True)
+    image = np.stack([axial(t1, z).T for z in range(t1.shape[2])], axis=-1).astype(np.float32)
+    mask = np.zeros(image.shape, np.uint8)
+    for z in drawn:
+        mask[..., z] = axial(tissue, z).T > 0.5
+    nib.save(nib.Nifti1Image(image, np.eye(4)), out / "mni.nii.gz")
+    nib.save(nib.Nifti1Image(mask, np.eye(4)), out / "labels" / "final" / "mni.nii.gz")
+    write_reports(out, {"mni": ("Axial T1-weighted MRI.", None)}, {"mni": "mni.nii.gz"})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--templates", required=True, help="folder with the MNI152 T1 and tissue NIfTI files")
@@ -67,6 +81,7 @@ def main() -> None:
     parser.add_argument("--step", type=int, default=4, help="mm between consecutive slices (pool and test alternate)")
     parser.add_argument("--noise", type=float, default=0.0, help="Rician noise sd as a fraction of the 99th percentile")
     parser.add_argument("--bias", type=float, default=0.0, help="range of the bias field's coefficients")
+    parser.add_argument("--drawn", type=int, nargs="*", default=[], help="also write <out>/volume, drawn on these slices")
     args = parser.parse_args()
     t1_image = nib.load(Path(args.templates) / T1)
     t1 = np.asarray(t1_image.dataobj)  # nilearn's copies are 8-bit, the probabilities scaled to 0..255
@@ -76,6 +91,8 @@ def main() -> None:
     slices = list(range(args.first, args.last + 1, args.step))
     for split, chosen in (("train", slices[0::2]), ("test", slices[1::2])):
         write_split(Path(args.out) / split, chosen, t1, tissue, z0, args.noise, args.bias)
+    if args.drawn:
+        write_volume(Path(args.out) / "volume", t1, tissue, args.drawn)
     print(f"{TISSUES[args.tissue]}: {len(slices[0::2])} pool slices, {len(slices[1::2])} test slices of {t1.shape[0]}x{t1.shape[1]} -> {args.out}")
 
 

@@ -259,3 +259,69 @@ def test_the_same_training_run_gives_the_same_model(sample_dir, h, tmp_path):
         model, _ = train_on_cases(cases, h.tiny_config(), tmp_path / f"m{run}.pt", progress=False)
         heads.append(model.head.state_dict())
     assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
+
+
+def _sparsely_labeled_volume(tmp_path, labeled=(1, 4), depth=6):
+    """A NIfTI volume whose structure is in every slice but whose mask is drawn on `labeled` slices only, as a user
+    who labels a few slices in a viewer saves it."""
+    import nibabel as nib
+    import numpy as np
+    from textdiff.data.studies import Case
+
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0, 50, (32, 32, depth)).astype(np.float32)
+    image[8:20, 10:24] += 150
+    mask = np.zeros(image.shape, np.uint8)
+    for z in labeled:
+        mask[8:20, 10:24, z] = 1
+    nib.save(nib.Nifti1Image(image, np.eye(4)), tmp_path / "scan.nii.gz")
+    nib.save(nib.Nifti1Image(mask, np.eye(4)), tmp_path / "scan-mask.nii.gz")
+    return Case("scan", tmp_path / "scan.nii.gz", tmp_path / "scan-mask.nii.gz", "Axial MRI.")
+
+
+@pytest.mark.parametrize("volume_slices, expected", [("labeled", ["scan#z1", "scan#z4"]),
+                                                      ("all", [f"scan#z{z}" for z in range(6)])])
+def test_a_volume_trains_on_its_drawn_slices_unless_told_every_slice_is_drawn(volume_slices, expected, h, tmp_path,
+                                                                               monkeypatch):
+    """Slices left empty in a few-slice labeling are not drawn, not background; `all` trains them as background."""
+    import textdiff.training.train as train_module
+
+    seen = {}
+
+    def spy(model, train_items, val_items, cfg, **kwargs):
+        seen["ids"] = sorted(item["id"] for item in train_items + val_items)
+        return train_module.TrainResult([], 0.0, 0)
+
+    monkeypatch.setattr(train_module, "train_head", spy)
+    cfg = h.tiny_config()
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, volume_slices=volume_slices))
+    train_module.train_on_cases([_sparsely_labeled_volume(tmp_path)], cfg, tmp_path / "m.pt", progress=False)
+    assert seen["ids"] == expected
+
+
+def test_a_volume_whose_mask_is_empty_everywhere_is_refused(h, tmp_path):
+    from textdiff.data.studies import DataError
+    from textdiff.training.train import train_on_cases
+
+    with pytest.raises(DataError, match="every mask is empty"):
+        train_on_cases([_sparsely_labeled_volume(tmp_path, labeled=())], h.tiny_config(), tmp_path / "m.pt",
+                       progress=False)
+
+
+def test_the_dice_that_chooses_a_model_reads_a_volume_on_its_drawn_slices(make_model, tmp_path, monkeypatch):
+    """A model that finds the structure in every slice is not scored down on the slices nobody drew."""
+    import textdiff.training.inference as inference
+
+    model = make_model()
+    case = _sparsely_labeled_volume(tmp_path)
+    assert len(model.load_planes(case)) == 6 and len(model.load_planes(case, labeled_only=True)) == 2
+
+    def structure_everywhere(model, items, **kwargs):
+        masks = [torch.zeros(1, *item["original_shape"], dtype=torch.uint8) for item in items]
+        for mask in masks:
+            mask[:, 8:20, 10:24] = 1
+        return masks
+
+    monkeypatch.setattr(inference, "segment_items", structure_everywhere)
+    assert inference.dice_on_cases(model, [case], labeled_only=True) == pytest.approx(1.0)
+    assert inference.dice_on_cases(model, [case]) == pytest.approx(2 / 6)  # four undrawn slices count as misses

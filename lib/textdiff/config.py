@@ -102,6 +102,10 @@ class HeadConfig:
         return len(self.label_names)
 
 
+# What a volume's mask slices without any label mean (TrainConfig.volume_slices).
+VOLUME_SLICES = ("labeled", "all")
+
+
 @dataclass
 class TrainConfig:
     """How fusion and head are trained on a handful of masks."""
@@ -143,8 +147,14 @@ class TrainConfig:
     # "none" or "mirror", which keep the sides true.
     report_weight: float = 0.0
     report_top_k: int = 16
+    # A volume's mask slices without any label: "labeled" leaves them out of training and of choosing the model (a
+    # few slices drawn in a viewer leave the others empty, which means "not drawn", not "background"); "all" trains
+    # them as background, for volumes drawn whole.
+    volume_slices: str = "labeled"
 
     def __post_init__(self):
+        if self.volume_slices not in VOLUME_SLICES:
+            raise ValueError(f"train.volume_slices must be one of {list(VOLUME_SLICES)}, got {self.volume_slices!r}")
         if not 0 <= self.report_weight < float("inf") or self.report_top_k < 1:
             raise ValueError(f"need train.report_weight >= 0 and train.report_top_k >= 1, "
                              f"got {self.report_weight} and {self.report_top_k}")
@@ -159,6 +169,10 @@ class TrainConfig:
         if self.synthetic_ratio < 0 or not 0 <= self.merge_alpha <= 1 or self.merge_patch < 1:
             raise ValueError(f"need train.synthetic_ratio >= 0, 0 <= train.merge_alpha <= 1 and train.merge_patch >= 1,"
                              f" got {self.synthetic_ratio}, {self.merge_alpha}, {self.merge_patch}")
+
+    @property
+    def labeled_slices_only(self) -> bool:
+        return self.volume_slices == "labeled"
 
 
 @dataclass

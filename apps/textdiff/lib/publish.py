@@ -28,8 +28,10 @@ def previous_path(current: Path) -> Path:
     return current.with_name(f"{current.stem}.prev{current.suffix}")
 
 
-def current_dice(current: Path, cases: list[Case], device: str, label_names: tuple[str, ...]) -> float | None:
-    """The model in service's Dice on `cases`; None when there is none, or it cannot segment these labels."""
+def current_dice(current: Path, cases: list[Case], device: str, label_names: tuple[str, ...],
+                 labeled_only: bool = False) -> float | None:
+    """The model in service's Dice on `cases` (only the labeled slices of volumes with `labeled_only`); None when
+    there is none, or it cannot segment these labels."""
     if not current.is_file():
         return None
     try:
@@ -39,14 +41,15 @@ def current_dice(current: Path, cases: list[Case], device: str, label_names: tup
         return None
     if model.cfg.head.label_names != label_names:
         return None
-    return dice_on_cases(model, cases)
+    return dice_on_cases(model, cases, labeled_only)
 
 
 def publish_if_better(model: TextDiffModel, current: Path, cases: list[Case], device: str, force: bool) -> dict:
     """Compare the trained `model` (saved at `candidate_path(current)`) with the model in service on `cases` and
     publish it when it is not worse, or when `force`; returns what was decided and both scores."""
-    new = dice_on_cases(model, cases)
-    old = current_dice(current, cases, device, model.cfg.head.label_names)
+    labeled_only = model.cfg.train.labeled_slices_only  # both models are judged on the same slices
+    new = dice_on_cases(model, cases, labeled_only)
+    old = current_dice(current, cases, device, model.cfg.head.label_names, labeled_only)
     published = force or old is None or new >= old
     decision = {"published": published, "validation_dice": round(new, 4),
                 "current_validation_dice": None if old is None else round(old, 4),

@@ -6,6 +6,7 @@ A checkpoint holds only the trained head and the config that rebuilds the frozen
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from textdiff.model.fusion import TextDiffHead
 from textdiff.model.report_supervision import obey_reports
 from textdiff.model.text import TextEncoder
 from textdiff.data.tiling import resolve_tiling, to_working_grid
+
+logger = logging.getLogger(__name__)
 
 
 class TextDiffModel(torch.nn.Module):
@@ -41,8 +44,9 @@ class TextDiffModel(torch.nn.Module):
         backbone = self.cfg.backbone
         return load_case(case, backbone.image_size, backbone.in_channels, self.cfg.head.num_classes, backbone)
 
-    def load_planes(self, case: Case) -> list[dict]:
-        """A case as items: `load` for a 2D image, one item per slice (with its mask slice) for a volume."""
+    def load_planes(self, case: Case, labeled_only: bool = False) -> list[dict]:
+        """A case as items: `load` for a 2D image, one item per slice (with its mask slice) for a volume. With
+        `labeled_only` a volume keeps only the slices its mask labels (`train.volume_slices`)."""
         planes = read_planes(case.image, "image")
         if len(planes) == 1:
             return [self.load(case)]
@@ -51,12 +55,17 @@ class TextDiffModel(torch.nn.Module):
             raise DataError(f"mask '{case.label}' has {len(masks)} slices but its image has {len(planes)}")
         items = []
         for z, (plane, mask) in enumerate(zip(planes, masks)):
+            if labeled_only and mask is not None and not mask.any():
+                continue  # an empty slice of a volume drawn in a few slices: not drawn, not background
             item = {**self.plane_item(plane, f"{case.id}#z{z}", case.report), "original_image": plane,
                     "label": None, "original_label": None}
             if mask is not None:
                 mask = check_mask(mask, tuple(plane.shape[1:]), self.cfg.head.num_classes, case.label)
                 item = with_mask(item, mask, self.cfg.backbone)
             items.append(item)
+        if labeled_only and case.label is not None:
+            logger.info("volume '%s': %d of its %d slices are labeled and the others left out (train.volume_slices=all "
+                        "trains them as background)", case.id, len(items), len(planes))
         return items
 
     def plane_item(self, plane: torch.Tensor, key: str, report: str) -> dict:

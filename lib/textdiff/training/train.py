@@ -356,7 +356,9 @@ def _training_data(model: TextDiffModel, cases: list[Case], pseudo_cases: list[C
                    synthetic: dict[str, list[Case]] | None, unlabeled: list[Case]) -> _TrainingData:
     """Load every case once and split the real ones (a volume's slices stay on one side of the split)."""
     cfg = model.cfg
-    groups = [model.load_planes(c) for c in cases]
+    groups = [group for c in cases if (group := model.load_planes(c, cfg.train.labeled_slices_only))]
+    if cases and not groups:
+        raise DataError("every mask is empty: draw at least one region to segment")
     train_groups, val_groups = split_train_val(groups, cfg.train)
     train, val = [i for g in train_groups for i in g], [i for g in val_groups for i in g]
     for shape in sorted({item["original_shape"] for item in train + val}):

@@ -19,6 +19,7 @@ import torch
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.others.generic import name_to_device
+from textdiff.config import VOLUME_SLICES
 
 from ..errors import client_errors
 
@@ -79,6 +80,8 @@ CLIENT_KEYS = {"client_id", "model", "name", "pretrained", "val_batch_size", "mu
 # Bounds of numeric train params: (smallest, largest); others are whole numbers or finite numbers >= 0.
 BOUNDS = {"max_epochs": (1, 100_000), "train_batch_size": (1, 4096), "val_split": (0.0, 0.9),
           "learning_rate": (1e-9, 10.0), "embedding_learning_rate": (1e-9, 10.0)}
+# Text params that take one of a few values.
+CHOICES = {"volume_slices": VOLUME_SLICES}
 TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
 
@@ -95,6 +98,8 @@ def _checked(name: str, value: object, default: object) -> object:
     if kind is str:
         if not isinstance(value, str) or len(value) > 200:
             raise ValueError(f"train param {name} must be text of at most 200 characters")
+        if name in CHOICES and value not in CHOICES[name]:
+            raise ValueError(f"train param {name} must be one of {list(CHOICES[name])}, got {value!r}")
         return value
     try:
         number = kind(str(value)) if kind is int else float(str(value))
