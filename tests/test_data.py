@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from textdiff.data.studies import (
-    MAX_REPORT_CHARS, Case, DataError, check_report, image_id, load_case, read_2d, read_reports, read_studies,
-    write_reports,
+    MAX_REPORT_CHARS, Case, DataError, check_drawn_in_slices, check_report, image_id, load_case, read_2d, read_reports,
+    read_studies, write_reports,
 )
 
 
@@ -226,3 +226,27 @@ def test_multi_page_tiff_is_a_volume_of_planes(tmp_path):
     assert [int(p.max()) for p in planes] == [0, 40, 80, 120]
     with pytest.raises(DataError, match="volumes go slice by slice"):
         read_2d(tmp_path / "stack.tif", "image")
+
+
+def _drawn(*regions):
+    mask = torch.zeros(1, 20, 24, 30, dtype=torch.uint8)
+    for region in regions:
+        mask[(0, *region)] = 1
+    return [mask[..., z] for z in range(30)]
+
+
+@pytest.mark.parametrize("what, regions, refused", [
+    ("three axial slices", [(slice(5, 15), slice(5, 20), z) for z in (3, 10, 20)], False),
+    ("one axial slice", [(slice(5, 15), slice(5, 20), 10)], False),
+    ("a structure drawn whole", [(slice(5, 15), slice(5, 20), slice(4, 25))], False),
+    ("two structures apart", [(slice(2, 6), slice(5, 20), slice(4, 25)), (slice(12, 18), slice(5, 20), slice(4, 25))],
+     False),
+    ("three coronal slices", [(slice(5, 15), y, slice(4, 25)) for y in (3, 10, 20)], True),
+    ("one sagittal slice", [(9, slice(5, 20), slice(4, 25))], True),
+])
+def test_a_volume_drawn_across_the_slices_the_model_reads_is_refused(what, regions, refused):
+    if refused:
+        with pytest.raises(DataError, match="draw in those slices"):
+            check_drawn_in_slices(_drawn(*regions), "mask.nii.gz")
+    else:
+        check_drawn_in_slices(_drawn(*regions), "mask.nii.gz")

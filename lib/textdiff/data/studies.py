@@ -222,6 +222,27 @@ def read_planes(path: Path, what: str) -> list[MetaTensor]:
     raise DataError(f"'{path}' has spatial shape {tuple(data.shape[1:])}: expected a 2D image or a 3D volume")
 
 
+def check_drawn_in_slices(masks: list[torch.Tensor], path: Path) -> None:
+    """Refuse a volume's mask drawn in a few planes across another axis (e.g. coronal slices of an axial stack): the
+    model reads slices along the last axis, and each of those would hold a line of the drawing and call the rest of
+    the slice background. Planes drawn apart (runs one plane thick) along an axis, and more labeled slices along the
+    last axis than planes along that one, mark such a drawing; a structure drawn whole is thicker than one plane."""
+    labeled = torch.stack([torch.as_tensor(m)[0] != 0 for m in masks], dim=-1)
+    planes = [labeled.movedim(axis, 0).flatten(1).any(1).numpy() for axis in range(labeled.dim())]
+    for axis, drawn in enumerate(planes[:-1]):
+        runs = _run_lengths(drawn)
+        if len(runs) and runs.max() == 1 and planes[-1].sum() > drawn.sum():
+            raise DataError(f"mask '{path}' is drawn in {len(runs)} plane(s) across axis {axis} of the volume, but the "
+                            f"model reads slices along its last axis: draw in those slices instead (a volume drawn "
+                            f"whole trains with train.volume_slices=all)")
+
+
+def _run_lengths(flags: np.ndarray) -> np.ndarray:
+    """Lengths of the runs of consecutive True values."""
+    edges = np.diff(np.concatenate([[0], flags.astype(np.int8), [0]]))
+    return np.flatnonzero(edges == -1) - np.flatnonzero(edges == 1)
+
+
 def _without_singletons(data: MetaTensor) -> MetaTensor:
     spatial = data.shape[1:]
     while len(spatial) > 2 and 1 in spatial:

@@ -14,7 +14,8 @@ import torch
 
 from textdiff.model.backbone import DiffusionFeatureExtractor, architecture, make_extractor
 from textdiff.config import TextDiffConfig
-from textdiff.data.studies import Case, DataError, check_mask, load_case, preprocess_image, read_planes, with_mask
+from textdiff.data.studies import (Case, DataError, check_drawn_in_slices, check_mask, load_case, preprocess_image,
+                                   read_planes, with_mask)
 from textdiff.model.fusion import TextDiffHead
 from textdiff.model.report_supervision import obey_reports
 from textdiff.model.text import TextEncoder
@@ -53,6 +54,8 @@ class TextDiffModel(torch.nn.Module):
         masks = read_planes(case.label, "mask") if case.label is not None else [None] * len(planes)
         if len(masks) != len(planes):
             raise DataError(f"mask '{case.label}' has {len(masks)} slices but its image has {len(planes)}")
+        if labeled_only and case.label is not None:
+            check_drawn_in_slices(masks, case.label)
         items = []
         for z, (plane, mask) in enumerate(zip(planes, masks)):
             if labeled_only and mask is not None and not mask.any():
