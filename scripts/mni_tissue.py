@@ -10,7 +10,8 @@ pool and test alternate, so no test slice is a training slice. White matter is o
 outline; grey matter (the cortical ribbon and deep nuclei) is a few pixels thick. `--noise` and `--bias` make the
 smooth average brain look more like one scan: MONAI's Rician noise and bias field, seeded per slice, written as
 16-bit PNGs as a scanner's export would be. `--drawn Z ...` also writes `<out>/volume`: the whole T1 as one NIfTI
-volume whose mask is drawn on those axial slices only, as a user who labels a few slices in 3D Slicer saves it.
+volume whose mask is drawn on those axial slices only, as a user who labels a few slices in 3D Slicer saves it, and
+`<out>/volume-whole`: the same volume drawn on every slice, to evaluate against.
 """
 
 from __future__ import annotations
@@ -58,13 +59,13 @@ def write_split(out: Path, slices: list[int], t1: np.ndarray, tissue: np.ndarray
     write_reports(out, rows, names)
 
 
-def write_volume(out: Path, t1: np.ndarray, tissue: np.ndarray, drawn: list[int]) -> None:
-    """The T1 volume (1 mm voxels) and a mask drawn on the `drawn` slices only; its axial slices read exactly as the
-    PNG slices do (NIfTI's first axis is the PNG's width)."""
+def write_volume(out: Path, t1: np.ndarray, tissue: np.ndarray, drawn: list[int] | None) -> None:
+    """The T1 volume (1 mm voxels) and a mask drawn on the `drawn` slices only (None: on every slice); its axial
+    slices read exactly as the PNG slices do (NIfTI's first axis is the PNG's width)."""
     (out / "labels" / "final").mkdir(parents=True, exist_ok=True)
     image = np.stack([axial(t1, z).T for z in range(t1.shape[2])], axis=-1).astype(np.float32)
     mask = np.zeros(image.shape, np.uint8)
-    for z in drawn:
+    for z in range(t1.shape[2]) if drawn is None else drawn:
         mask[..., z] = axial(tissue, z).T > 0.5
     nib.save(nib.Nifti1Image(image, np.eye(4)), out / "mni.nii.gz")
     nib.save(nib.Nifti1Image(mask, np.eye(4)), out / "labels" / "final" / "mni.nii.gz")
@@ -93,6 +94,7 @@ def main() -> None:
         write_split(Path(args.out) / split, chosen, t1, tissue, z0, args.noise, args.bias)
     if args.drawn:
         write_volume(Path(args.out) / "volume", t1, tissue, args.drawn)
+        write_volume(Path(args.out) / "volume-whole", t1, tissue, None)
     print(f"{TISSUES[args.tissue]}: {len(slices[0::2])} pool slices, {len(slices[1::2])} test slices of {t1.shape[0]}x{t1.shape[1]} -> {args.out}")
 
 

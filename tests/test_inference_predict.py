@@ -213,6 +213,21 @@ def test_segment_image_volume_equals_its_slices_one_by_one(make_model, h):
         torch.testing.assert_close(whole[..., z], segment_image(model, volume[..., z], h.infected))
 
 
+def test_a_blank_slice_of_a_volume_is_background_without_a_backbone_pass(make_model, h):
+    """Slices outside the body (one value throughout) cost nothing and draw nothing."""
+    model = make_model()
+    volume = torch.rand(1, 40, 48, 3)
+    volume[..., 1] = 0.0
+    calls, handle = h.count_calls(model.extractor.unet)
+    try:
+        mask = segment_image(model, volume, h.infected)
+    finally:
+        handle.remove()
+    assert mask[..., 1].sum() == 0
+    torch.testing.assert_close(mask[..., 2], segment_image(model, volume[..., 2], h.infected))
+    assert sum(calls) == 2 * len(model.cfg.backbone.timesteps)  # two slices, one pass per noise step
+
+
 def test_a_dx_file_with_only_pixel_spacing_gets_its_mask_at_that_spacing(tmp_path, h, make_model):
     """ITK reads a DX file's spacing from ImagerPixelSpacing only; PixelSpacing alone must not become 1 mm."""
     path = h.write_dicom(tmp_path / "dx.dcm", np.zeros((30, 40), np.uint16), spacing=(0.2, 0.3))

@@ -308,7 +308,7 @@ def test_a_volume_whose_mask_is_empty_everywhere_is_refused(h, tmp_path):
                        progress=False)
 
 
-def test_the_dice_that_chooses_a_model_reads_a_volume_on_its_drawn_slices(make_model, tmp_path, monkeypatch):
+def test_a_volume_is_judged_on_its_drawn_slices_when_choosing_a_model_and_whole_when_evaluated(make_model, tmp_path, monkeypatch):
     """A model that finds the structure in every slice is not scored down on the slices nobody drew."""
     import textdiff.training.inference as inference
 
@@ -325,3 +325,7 @@ def test_the_dice_that_chooses_a_model_reads_a_volume_on_its_drawn_slices(make_m
     monkeypatch.setattr(inference, "segment_items", structure_everywhere)
     assert inference.dice_on_cases(model, [case], labeled_only=True) == pytest.approx(1.0)
     assert inference.dice_on_cases(model, [case]) == pytest.approx(2 / 6)  # four undrawn slices count as misses
+    # evaluation judges a volume as a whole (3D Dice), not as the mean over its slices
+    scores = inference.score_cases(model, [case])
+    assert [row["image"] for row in scores["images"]] == ["scan"]
+    assert scores["mean"]["dice"] == pytest.approx(2 * 2 / (6 + 2))

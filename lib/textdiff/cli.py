@@ -228,22 +228,21 @@ def cmd_predict(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for case in tqdm(cases, desc="segment", unit="img"):
         image = read_image(case.image, "image")
-        mask = segment_image(model, image, case.report if args.text is None else args.text)
+        mask = segment_image(model, image, case.report if args.text is None else args.text, progress=True)
         print(save_mask(mask, case.image, out / f"{case.id}{mask_extension(case.image)}"))
         if mask[0].dim() == 2:  # a 2D image: a picture to check at a glance
             overlay_png(image, mask, out / f"{case.id}_overlay.png")
 
 
 def cmd_evaluate(args) -> None:
-    from textdiff.training.inference import score_masks, segment_items
+    from textdiff.training.inference import score_cases
     from textdiff.model.segmenter import load_checkpoint
 
     model = load_checkpoint(args.model, args.device)
     cases = [c for c in _cases_for([args.data]) if c.label is not None]
     if not cases:
         raise DataError(f"no labeled images in {args.data}")
-    items = [item for case in cases for item in model.load_planes(case)]  # a volume's slices count one by one
-    scores = score_masks(segment_items(model, items, progress=True), items, model.cfg.head.num_classes)
+    scores = score_cases(model, cases, progress=True)
     text = json.dumps(scores, indent=1)
     if args.out:
         Path(args.out).write_text(text)

@@ -31,12 +31,33 @@ def grid_logits(model: TextDiffModel, item: dict, cache: FeatureCache) -> torch.
                           lambda windows: predict_logits(model, windows, cache))
 
 
+def is_blank(plane: torch.Tensor) -> bool:
+    """One value throughout (a slice outside the body, an empty frame): nothing to segment, background."""
+    return bool(plane.amax() == plane.amin())
+
+
 def segment_items(model: TextDiffModel, items: list[dict], cache: FeatureCache | None = None,
                   progress: bool = False) -> list[torch.Tensor]:
     """One (1, H, W) label map per item (as `TextDiffModel.load` gives), at the item's original size."""
     cache = cache or FeatureCache(model.extractor, enabled=False)
-    return [to_original_size(grid_logits(model, item, cache), item["original_shape"])
+    return [torch.zeros(1, *item["original_shape"], dtype=torch.uint8) if is_blank(item["original_image"])
+            else to_original_size(grid_logits(model, item, cache), item["original_shape"])
             for item in tqdm(items, desc="segment", unit="img", disable=not progress)]
+
+
+def score_cases(model: TextDiffModel, cases: list[Case], progress: bool = False) -> dict:
+    """Dice and IoU per labeled case: a 2D image as itself, a volume over all its voxels (as a 3D mask is judged,
+    not slice by slice), and their means."""
+    masks, truths = [], []
+    for case in tqdm(cases, desc="evaluate", unit="img", disable=not progress):
+        items = model.load_planes(case)
+        predicted = segment_items(model, items)
+        if len(items) > 1:
+            predicted = [torch.stack(predicted, dim=-1)]
+            items = [{"id": case.id, "original_label": torch.stack([i["original_label"] for i in items], dim=-1)}]
+        masks += predicted
+        truths += items
+    return score_masks(masks, truths, model.cfg.head.num_classes)
 
 
 def score_masks(masks: list[torch.Tensor], items: list[dict], num_classes: int) -> dict:
@@ -86,8 +107,9 @@ def per_slice(image: torch.Tensor, size: int, channels: int, predict, batch_size
 
 
 @torch.no_grad()
-def segment_image(model: TextDiffModel, image: torch.Tensor, report: str) -> torch.Tensor:
-    """Label map (1, *spatial) for a channel-first 2D image or 3D volume (slice by slice), at the image's own size."""
+def segment_image(model: TextDiffModel, image: torch.Tensor, report: str, progress: bool = False) -> torch.Tensor:
+    """Label map (1, *spatial) for a channel-first 2D image or 3D volume (slice by slice, with a progress bar when
+    asked), at the image's own size; a blank slice is background without a backbone pass."""
     spatial = tuple(image.shape[1:])
     if len(spatial) not in (2, 3):
         raise DataError(f"expected a 2D image or 3D volume, got spatial shape {spatial}")
@@ -95,6 +117,12 @@ def segment_image(model: TextDiffModel, image: torch.Tensor, report: str) -> tor
     volume = volume if len(spatial) == 3 else volume[..., None]
     cache = FeatureCache(model.extractor, enabled=False)
     logger.info("%s", describe(tuple(volume.shape[1:3]), model.cfg.backbone))
-    items = [model.plane_item(volume[..., z], f"slice{z}", report) for z in range(volume.shape[-1])]
-    masks = [to_original_size(grid_logits(model, item, cache), item["original_shape"])[0] for item in items]
+    masks = []
+    for z in tqdm(range(volume.shape[-1]), desc="slices", unit="slice", disable=not progress or volume.shape[-1] == 1):
+        plane = volume[..., z]
+        if is_blank(plane):
+            masks.append(torch.zeros(plane.shape[1:], dtype=torch.uint8))
+            continue
+        item = model.plane_item(plane, f"slice{z}", report)
+        masks.append(to_original_size(grid_logits(model, item, cache), item["original_shape"])[0])
     return torch.stack(masks, dim=-1).reshape(1, *spatial)
