@@ -23,6 +23,18 @@ def test_load_unlabeled_images_uses_every_image_and_skips_broken_ones(sample_dir
         load_unlabeled_images([broken], h.tiny_backbone())
 
 
+def test_the_blank_slices_of_a_volume_do_not_pretrain(h, tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    volume = np.random.default_rng(0).uniform(0, 100, (40, 40, 5)).astype(np.float32)
+    volume[..., [0, 4]] = 0  # outside the body
+    folder = tmp_path / "studies"
+    folder.mkdir()
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), folder / "scan.nii.gz")
+    assert load_unlabeled_images([folder], h.tiny_backbone()).shape == (3, 1, h.size, h.size)
+
+
 def test_pretrain_writes_a_loadable_backbone(sample_dir, h, tmp_path):
     out = tmp_path / "backbone"
     cfg = h.tiny_backbone()

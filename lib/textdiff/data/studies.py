@@ -222,6 +222,11 @@ def read_planes(path: Path, what: str) -> list[MetaTensor]:
     raise DataError(f"'{path}' has spatial shape {tuple(data.shape[1:])}: expected a 2D image or a 3D volume")
 
 
+def is_blank(plane: torch.Tensor) -> bool:
+    """One value throughout (a slice outside the body, an empty frame): nothing to learn from or segment."""
+    return bool(plane.amax() == plane.amin())
+
+
 def check_drawn_in_slices(masks: list[torch.Tensor], path: Path) -> None:
     """Refuse a volume's mask drawn in a few planes across another axis (e.g. coronal slices of an axial stack): the
     model reads slices along the last axis, and each of those would hold a line of the drawing and call the rest of

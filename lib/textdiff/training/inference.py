@@ -10,7 +10,7 @@ from monai.metrics import DiceMetric, MeanIoU
 from monai.networks.utils import one_hot
 from tqdm.auto import tqdm
 
-from textdiff.data.studies import Case, DataError, preprocess_image
+from textdiff.data.studies import Case, DataError, is_blank, preprocess_image
 from textdiff.model.features import FeatureCache
 from textdiff.model.segmenter import TextDiffModel
 from textdiff.data.tiling import describe, sliding_logits
@@ -29,11 +29,6 @@ def grid_logits(model: TextDiffModel, item: dict, cache: FeatureCache) -> torch.
     """(classes, *grid) logits on an item's working grid: its one window, or sliding windows blended."""
     return sliding_logits(item, model.image_size, model.cfg.backbone.window_overlap,
                           lambda windows: predict_logits(model, windows, cache))
-
-
-def is_blank(plane: torch.Tensor) -> bool:
-    """One value throughout (a slice outside the body, an empty frame): nothing to segment, background."""
-    return bool(plane.amax() == plane.amin())
 
 
 def segment_items(model: TextDiffModel, items: list[dict], cache: FeatureCache | None = None,

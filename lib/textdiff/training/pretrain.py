@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from textdiff.model.backbone import build_scheduler, build_unet, load_diffusion, save_diffusion
 from textdiff.config import BackboneConfig
-from textdiff.data.studies import DataError, is_colour, preprocess_image, read_planes, read_studies
+from textdiff.data.studies import DataError, is_blank, is_colour, preprocess_image, read_planes, read_studies
 from textdiff.data.tiling import PAD_VALUE, TILING_FILE, describe, resolve_tiling, tiling_record, to_working_grid
 
 logger = logging.getLogger(__name__)
@@ -61,6 +61,8 @@ def load_unlabeled_images(folders: list[str | Path], cfg: BackboneConfig) -> tor
         for case in read_studies(folder):
             try:
                 for plane in read_planes(case.image, "image"):  # a volume gives each of its slices
+                    if is_blank(plane):  # a slice outside the body teaches nothing
+                        continue
                     scaled = preprocess_image(plane, tuple(plane.shape[1:]), channels, f"image '{case.image}'")
                     images.append(to_working_grid(scaled, cfg))
                     shapes.add(tuple(plane.shape[1:]))
