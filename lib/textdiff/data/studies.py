@@ -282,7 +282,10 @@ def to_channels(image: torch.Tensor, channels: int, what: str = "the image") -> 
 def preprocess_image(image: torch.Tensor, size: int | tuple[int, int], channels: int, what: str = "the image") -> torch.Tensor:
     """Channel-first 2D image -> (channels, *size) in [-1, 1] (robust percentile scaling, as DDPMs expect)."""
     image = to_channels(torch.as_tensor(image).float(), channels, what)
-    image = ScaleIntensityRangePercentiles(lower=0.5, upper=99.5, b_min=-1.0, b_max=1.0, clip=True)(image)
+    if is_blank(image):  # what the scaling gives a blank image, without its divide-by-zero warning
+        image = torch.full_like(image, -1.0)
+    else:
+        image = ScaleIntensityRangePercentiles(lower=0.5, upper=99.5, b_min=-1.0, b_max=1.0, clip=True)(image)
     shape = (size, size) if isinstance(size, int) else tuple(size)
     if tuple(image.shape[1:]) == shape:
         return torch.as_tensor(image)
