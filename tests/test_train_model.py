@@ -279,11 +279,20 @@ def _sparsely_labeled_volume(tmp_path, labeled=(1, 4), depth=6):
     return Case("scan", tmp_path / "scan.nii.gz", tmp_path / "scan-mask.nii.gz", "Axial MRI.")
 
 
-@pytest.mark.parametrize("volume_slices, expected", [("labeled", ["scan#z1", "scan#z4"]),
-                                                      ("all", [f"scan#z{z}" for z in range(6)])])
-def test_a_volume_trains_on_its_drawn_slices_unless_told_every_slice_is_drawn(volume_slices, expected, h, tmp_path,
-                                                                               monkeypatch):
-    """Slices left empty in a few-slice labeling are not drawn, not background; `all` trains them as background."""
+EVERY_SLICE = [f"scan#z{z}" for z in range(6)]
+
+
+@pytest.mark.parametrize("volume_slices, drawn, expected", [
+    ("auto", (1, 4), ["scan#z1", "scan#z4"]),
+    ("labeled", (1, 4), ["scan#z1", "scan#z4"]),
+    ("all", (1, 4), EVERY_SLICE),
+    ("auto", (0, 1, 2, 3, 4), EVERY_SLICE),  # five adjacent drawn slices: drawn whole, z5 is background
+    ("labeled", (0, 1, 2, 3, 4), EVERY_SLICE[:5]),
+])
+def test_a_volume_trains_on_its_drawn_slices_unless_drawn_whole(volume_slices, drawn, expected, h, tmp_path,
+                                                                 monkeypatch):
+    """Slices left empty in a few-slice labeling are not drawn, not background; a volume drawn whole (`auto` sees a
+    run of adjacent drawn slices, or `all`) trains every slice, the empty ones as background."""
     import textdiff.training.train as train_module
 
     seen = {}
@@ -295,7 +304,7 @@ def test_a_volume_trains_on_its_drawn_slices_unless_told_every_slice_is_drawn(vo
     monkeypatch.setattr(train_module, "train_head", spy)
     cfg = h.tiny_config()
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, volume_slices=volume_slices))
-    train_module.train_on_cases([_sparsely_labeled_volume(tmp_path)], cfg, tmp_path / "m.pt", progress=False)
+    train_module.train_on_cases([_sparsely_labeled_volume(tmp_path, drawn)], cfg, tmp_path / "m.pt", progress=False)
     assert seen["ids"] == expected
 
 
@@ -314,7 +323,7 @@ def test_a_volume_is_judged_on_its_drawn_slices_when_choosing_a_model_and_whole_
 
     model = make_model()
     case = _sparsely_labeled_volume(tmp_path)
-    assert len(model.load_planes(case)) == 6 and len(model.load_planes(case, labeled_only=True)) == 2
+    assert len(model.load_planes(case)) == 6 and len(model.load_planes(case, "auto")) == 2
 
     def structure_everywhere(model, items, **kwargs):
         masks = [torch.zeros(1, *item["original_shape"], dtype=torch.uint8) for item in items]
@@ -323,7 +332,7 @@ def test_a_volume_is_judged_on_its_drawn_slices_when_choosing_a_model_and_whole_
         return masks
 
     monkeypatch.setattr(inference, "segment_items", structure_everywhere)
-    assert inference.dice_on_cases(model, [case], labeled_only=True) == pytest.approx(1.0)
+    assert inference.dice_on_cases(model, [case], "auto") == pytest.approx(1.0)
     assert inference.dice_on_cases(model, [case]) == pytest.approx(2 / 6)  # four undrawn slices count as misses
     # evaluation judges a volume as a whole (3D Dice), not as the mean over its slices
     scores = inference.score_cases(model, [case])

@@ -103,7 +103,7 @@ class HeadConfig:
 
 
 # What a volume's mask slices without any label mean (TrainConfig.volume_slices).
-VOLUME_SLICES = ("labeled", "all")
+VOLUME_SLICES = ("auto", "labeled", "all")
 
 
 @dataclass
@@ -149,8 +149,10 @@ class TrainConfig:
     report_top_k: int = 16
     # A volume's mask slices without any label: "labeled" leaves them out of training and of choosing the model (a
     # few slices drawn in a viewer leave the others empty, which means "not drawn", not "background"); "all" trains
-    # them as background, for volumes drawn whole.
-    volume_slices: str = "labeled"
+    # them as background, for volumes drawn whole; "auto" decides per volume: drawn whole when its labeled slices
+    # include a run of textdiff.data.studies.WHOLE_RUN adjacent slices (nobody drawing "a few slices" draws that
+    # many side by side), else drawn in a few slices (docs/results/mri.md).
+    volume_slices: str = "auto"
 
     def __post_init__(self):
         if self.volume_slices not in VOLUME_SLICES:
@@ -169,10 +171,6 @@ class TrainConfig:
         if self.synthetic_ratio < 0 or not 0 <= self.merge_alpha <= 1 or self.merge_patch < 1:
             raise ValueError(f"need train.synthetic_ratio >= 0, 0 <= train.merge_alpha <= 1 and train.merge_patch >= 1,"
                              f" got {self.synthetic_ratio}, {self.merge_alpha}, {self.merge_patch}")
-
-    @property
-    def labeled_slices_only(self) -> bool:
-        return self.volume_slices == "labeled"
 
 
 @dataclass

@@ -29,9 +29,9 @@ def previous_path(current: Path) -> Path:
 
 
 def current_dice(current: Path, cases: list[Case], device: str, label_names: tuple[str, ...],
-                 labeled_only: bool = False) -> float | None:
-    """The model in service's Dice on `cases` (only the labeled slices of volumes with `labeled_only`); None when
-    there is none, or it cannot segment these labels."""
+                 volume_slices: str = "all") -> float | None:
+    """The model in service's Dice on `cases` (on the slices of volumes `volume_slices` picks); None when there is
+    none, or it cannot segment these labels."""
     if not current.is_file():
         return None
     try:
@@ -41,15 +41,15 @@ def current_dice(current: Path, cases: list[Case], device: str, label_names: tup
         return None
     if model.cfg.head.label_names != label_names:
         return None
-    return dice_on_cases(model, cases, labeled_only)
+    return dice_on_cases(model, cases, volume_slices)
 
 
 def publish_if_better(model: TextDiffModel, current: Path, cases: list[Case], device: str, force: bool) -> dict:
     """Compare the trained `model` (saved at `candidate_path(current)`) with the model in service on `cases` and
     publish it when it is not worse, or when `force`; returns what was decided and both scores."""
-    labeled_only = model.cfg.train.labeled_slices_only  # both models are judged on the same slices
-    new = dice_on_cases(model, cases, labeled_only)
-    old = current_dice(current, cases, device, model.cfg.head.label_names, labeled_only)
+    volume_slices = model.cfg.train.volume_slices  # both models are judged on the slices this run trained on
+    new = dice_on_cases(model, cases, volume_slices)
+    old = current_dice(current, cases, device, model.cfg.head.label_names, volume_slices)
     published = force or old is None or new >= old
     decision = {"published": published, "validation_dice": round(new, 4),
                 "current_validation_dice": None if old is None else round(old, 4),

@@ -227,6 +227,19 @@ def is_blank(plane: torch.Tensor) -> bool:
     return bool(plane.amax() == plane.amin())
 
 
+# Adjacent labeled slices that make a volume's mask "drawn whole" for train.volume_slices="auto".
+WHOLE_RUN = 5
+
+
+def slices_to_train(masks: list[torch.Tensor], volume_slices: str) -> str:
+    """"all" or "labeled": which slices of a volume with these mask slices train (`TrainConfig.volume_slices`)."""
+    if volume_slices != "auto":
+        return volume_slices
+    labeled = np.array([bool(torch.as_tensor(m).any()) for m in masks])
+    runs = _run_lengths(labeled)
+    return "all" if len(runs) and runs.max() >= WHOLE_RUN else "labeled"
+
+
 def check_drawn_in_slices(masks: list[torch.Tensor], path: Path) -> None:
     """Refuse a volume's mask drawn in a few planes across another axis (e.g. coronal slices of an axial stack): the
     model reads slices along the last axis, and each of those would hold a line of the drawing and call the rest of

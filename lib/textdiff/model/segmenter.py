@@ -15,7 +15,7 @@ import torch
 from textdiff.model.backbone import DiffusionFeatureExtractor, architecture, make_extractor
 from textdiff.config import TextDiffConfig
 from textdiff.data.studies import (Case, DataError, check_drawn_in_slices, check_mask, load_case, preprocess_image,
-                                   read_planes, with_mask)
+                                   read_planes, slices_to_train, with_mask)
 from textdiff.model.fusion import TextDiffHead
 from textdiff.model.report_supervision import obey_reports
 from textdiff.model.text import TextEncoder
@@ -45,20 +45,21 @@ class TextDiffModel(torch.nn.Module):
         backbone = self.cfg.backbone
         return load_case(case, backbone.image_size, backbone.in_channels, self.cfg.head.num_classes, backbone)
 
-    def load_planes(self, case: Case, labeled_only: bool = False) -> list[dict]:
-        """A case as items: `load` for a 2D image, one item per slice (with its mask slice) for a volume. With
-        `labeled_only` a volume keeps only the slices its mask labels (`train.volume_slices`)."""
+    def load_planes(self, case: Case, volume_slices: str = "all") -> list[dict]:
+        """A case as items: `load` for a 2D image, one item per slice (with its mask slice) for a volume; which slices
+        of a labeled volume, `volume_slices` says (`train.volume_slices`: "all", "labeled" or "auto")."""
         planes = read_planes(case.image, "image")
         if len(planes) == 1:
             return [self.load(case)]
         masks = read_planes(case.label, "mask") if case.label is not None else [None] * len(planes)
         if len(masks) != len(planes):
             raise DataError(f"mask '{case.label}' has {len(masks)} slices but its image has {len(planes)}")
-        if labeled_only and case.label is not None:
+        if case.label is not None and volume_slices != "all":
             check_drawn_in_slices(masks, case.label)
+            volume_slices = slices_to_train(masks, volume_slices)
         items = []
         for z, (plane, mask) in enumerate(zip(planes, masks)):
-            if labeled_only and mask is not None and not mask.any():
+            if volume_slices == "labeled" and mask is not None and not mask.any():
                 continue  # an empty slice of a volume drawn in a few slices: not drawn, not background
             item = {**self.plane_item(plane, f"{case.id}#z{z}", case.report), "original_image": plane,
                     "label": None, "original_label": None}
@@ -66,9 +67,9 @@ class TextDiffModel(torch.nn.Module):
                 mask = check_mask(mask, tuple(plane.shape[1:]), self.cfg.head.num_classes, case.label)
                 item = with_mask(item, mask, self.cfg.backbone)
             items.append(item)
-        if labeled_only and case.label is not None:
-            logger.info("volume '%s': %d of its %d slices are labeled and the others left out (train.volume_slices=all "
-                        "trains them as background)", case.id, len(items), len(planes))
+        if case.label is not None and volume_slices == "labeled":
+            logger.info("volume '%s' is drawn in a few slices: its %d labeled slices of %d train, the others are left "
+                        "out (train.volume_slices=all trains them as background)", case.id, len(items), len(planes))
         return items
 
     def plane_item(self, plane: torch.Tensor, key: str, report: str) -> dict:

@@ -74,10 +74,10 @@ def score_masks(masks: list[torch.Tensor], items: list[dict], num_classes: int) 
     return {"mean": mean, "images": rows}
 
 
-def dice_on_cases(model: TextDiffModel, cases: list[Case], labeled_only: bool = False) -> float:
-    """Mean foreground Dice of the model's masks on labeled cases, at their own size (a volume's slices count; with
-    `labeled_only`, only those its mask labels)."""
-    items = [item for case in cases for item in model.load_planes(case, labeled_only)]
+def dice_on_cases(model: TextDiffModel, cases: list[Case], volume_slices: str = "all") -> float:
+    """Mean foreground Dice of the model's masks on labeled cases, at their own size (a volume's slices count, those
+    `volume_slices` picks as `TextDiffModel.load_planes` does)."""
+    items = [item for case in cases for item in model.load_planes(case, volume_slices)]
     return score_masks(segment_items(model, items), items, model.cfg.head.num_classes)["mean"]["dice"]
 
 

@@ -356,7 +356,7 @@ def _training_data(model: TextDiffModel, cases: list[Case], pseudo_cases: list[C
                    synthetic: dict[str, list[Case]] | None, unlabeled: list[Case]) -> _TrainingData:
     """Load every case once and split the real ones (a volume's slices stay on one side of the split)."""
     cfg = model.cfg
-    groups = [group for c in cases if (group := model.load_planes(c, cfg.train.labeled_slices_only))]
+    groups = [group for c in cases if (group := model.load_planes(c, cfg.train.volume_slices))]
     if cases and not groups:
         raise DataError("every mask is empty: draw at least one region to segment")
     train_groups, val_groups = split_train_val(groups, cfg.train)
