@@ -204,6 +204,15 @@ def test_training_publishes_a_new_model_that_infer_uses_without_restart(client, 
     assert info["textdiff_uncertainty_model"] == checkpoint.stat().st_mtime_ns
 
 
+def test_intensity_copies_are_a_train_param(client):
+    from monailabel.interfaces.utils.app import app_instance
+
+    trainer = app_instance()._trainers["textdiff"]
+    assert trainer.check_params({"intensity_copies": "3"}) == {"intensity_copies": 3}
+    assert trainer.run_config({"intensity_copies": 3}, backbone="some/backbone").train.intensity_copies == 3
+    assert trainer.run_config({}, backbone="some/backbone").train.intensity_copies == 0  # off unless asked
+
+
 def test_a_volume_is_segmented_slice_by_slice_onto_its_own_grid(client, tmp_path):
     volume = itk.image_from_array(np.random.default_rng(0).random((3, 40, 48)).astype(np.float32))
     volume.SetSpacing([0.7, 0.9, 2.5])

@@ -79,7 +79,7 @@ class StatsTrainTask(TrainTask):
 CLIENT_KEYS = {"client_id", "model", "name", "pretrained", "val_batch_size", "multi_gpu", "gpus"}
 # Bounds of numeric train params: (smallest, largest); others are whole numbers or finite numbers >= 0.
 BOUNDS = {"max_epochs": (1, 100_000), "train_batch_size": (1, 4096), "val_split": (0.0, 0.9),
-          "learning_rate": (1e-9, 10.0), "embedding_learning_rate": (1e-9, 10.0)}
+          "learning_rate": (1e-9, 10.0), "embedding_learning_rate": (1e-9, 10.0), "intensity_copies": (0, 16)}
 # Text params that take one of a few values.
 CHOICES = {"volume_slices": VOLUME_SLICES}
 TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")

@@ -76,8 +76,8 @@ class TextDiffTrain(StatsTrainTask):
              "train_batch_size": cfg.train.batch_size, "learning_rate": cfg.train.lr,
              "pseudo_labels": settings.pseudo_labels, "synthetic_ratio": settings.synthetic_ratio,
              "healthy_label": settings.healthy_label, "report_weight": settings.report_weight,
-             "obey_report": settings.obey_report, "volume_slices": cfg.train.volume_slices, "compare_without": True,
-             "force": False},
+             "obey_report": settings.obey_report, "volume_slices": cfg.train.volume_slices,
+             "intensity_copies": cfg.train.intensity_copies, "compare_without": True, "force": False},
             self.model_dir / "train_stats.json", settings.train_threads,
         )
         self.settings = settings
@@ -157,6 +157,7 @@ class TextDiffTrain(StatsTrainTask):
             healthy_label=request.get("healthy_label") or None,
             report_weight=report_weight(request.get("report_weight", 0)),
             volume_slices=request.get("volume_slices", base.train.volume_slices),
+            intensity_copies=_count(request.get("intensity_copies", base.train.intensity_copies), "intensity_copies"),
         )
         head = dataclasses.replace(base.head, obey_report=_flag(request.get("obey_report", False)))
         read = dataclasses.replace(base.backbone, pretrained=backbone)
