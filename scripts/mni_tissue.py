@@ -11,7 +11,8 @@ outline; grey matter (the cortical ribbon and deep nuclei) is a few pixels thick
 smooth average brain look more like one scan: MONAI's Rician noise and bias field, seeded per slice, written as
 16-bit PNGs as a scanner's export would be. `--drawn Z ...` also writes `<out>/volume`: the whole T1 as one NIfTI
 volume whose mask is drawn on those axial slices only, as a user who labels a few slices in 3D Slicer saves it, and
-`<out>/volume-whole`: the same volume drawn on every slice, to evaluate against.
+`<out>/volume-whole`: the same volume drawn on every slice, to evaluate against. `--canvas 256` centres every slice
+on a 256x256 field of view, as a scanner's 256² axial slices frame the head.
 """
 
 from __future__ import annotations
@@ -72,6 +73,16 @@ def write_volume(out: Path, t1: np.ndarray, tissue: np.ndarray, drawn: list[int]
     write_reports(out, {"mni": ("Axial T1-weighted MRI.", None)}, {"mni": "mni.nii.gz"})
 
 
+def on_canvas(volume: np.ndarray, size: int) -> np.ndarray:
+    """The volume's axial slices centred on a size x size field of view (zeros around), or as they are for 0."""
+    if not size:
+        return volume
+    if size < max(volume.shape[:2]):
+        raise SystemExit(f"--canvas {size} is smaller than the {volume.shape[0]}x{volume.shape[1]} slices")
+    pad = [((size - n) // 2, size - n - (size - n) // 2) for n in volume.shape[:2]]
+    return np.pad(volume, pad + [(0, 0)])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--templates", required=True, help="folder with the MNI152 T1 and tissue NIfTI files")
@@ -82,12 +93,13 @@ def main() -> None:
     parser.add_argument("--step", type=int, default=4, help="mm between consecutive slices (pool and test alternate)")
     parser.add_argument("--noise", type=float, default=0.0, help="Rician noise sd as a fraction of the 99th percentile")
     parser.add_argument("--bias", type=float, default=0.0, help="range of the bias field's coefficients")
+    parser.add_argument("--canvas", type=int, default=0, help="centre each slice on a field of view this large")
     parser.add_argument("--drawn", type=int, nargs="*", default=[], help="also write <out>/volume, drawn on these slices")
     args = parser.parse_args()
     t1_image = nib.load(Path(args.templates) / T1)
-    t1 = np.asarray(t1_image.dataobj)  # nilearn's copies are 8-bit, the probabilities scaled to 0..255
+    t1 = on_canvas(np.asarray(t1_image.dataobj), args.canvas)  # nilearn's copies are 8-bit, probabilities 0..255
     tissue_map = f"mni_icbm152_{args.tissue}_tal_nlin_sym_09a_converted.nii.gz"
-    tissue = np.asarray(nib.load(Path(args.templates) / tissue_map).dataobj) / 255.0
+    tissue = on_canvas(np.asarray(nib.load(Path(args.templates) / tissue_map).dataobj) / 255.0, args.canvas)
     z0 = int(round(np.linalg.inv(t1_image.affine)[2] @ [0, 0, 0, 1]))  # the slice through MNI z = 0
     slices = list(range(args.first, args.last + 1, args.step))
     for split, chosen in (("train", slices[0::2]), ("test", slices[1::2])):

@@ -204,6 +204,28 @@ def test_training_publishes_a_new_model_that_infer_uses_without_restart(client, 
     assert info["textdiff_uncertainty_model"] == checkpoint.stat().st_mtime_ns
 
 
+def test_a_retrain_starts_from_the_head_in_service_unless_asked_not_to(client, deployment):
+    """A few steps at a tiny learning rate move a head little: the published head stays near the one it started
+    from, which is the head in service when the run continues it and a new one otherwise."""
+    import torch
+
+    model_dir = deployment["model_dir"]
+
+    def retrain(**params) -> tuple[dict, float]:
+        response = client.post("/train/textdiff?run_sync=true", json={"max_epochs": 0, "max_steps": 2,
+                                                                      "learning_rate": 1e-9, "force": True, **params})
+        assert response.status_code == 200, response.text
+        heads = [torch.load(model_dir / name, weights_only=True)["head"] for name in ("textdiff.prev.pt", "textdiff.pt")]
+        change = max((heads[1][k].float() - v.float()).abs().max().item() for k, v in heads[0].items()
+                     if k.endswith("weight"))
+        return client.get("/info/").json()["train_stats"]["textdiff"], change
+
+    stats, change = retrain()
+    assert stats["continued_from_current"] is True and stats["steps"] == 2 and change < 1e-3
+    stats, change = retrain(continue_from_current=False)
+    assert stats["continued_from_current"] is False and change > 1e-2
+
+
 def test_intensity_copies_are_a_train_param(client):
     from monailabel.interfaces.utils.app import app_instance
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -60,7 +61,7 @@ def test_slicer_flow_next_sample_infer_label_train_infer_again(server, tmp_path)
     before = checkpoint.stat().st_mtime_ns
     client.train_start("textdiff", {"max_epochs": 30, "learning_rate": 0.01})
     status = _finished_training(client)
-    assert any("epoch 30/30" in line for line in status["details"]), status["details"]  # progress is logged
+    assert any("round 30/30" in line for line in status["details"]), status["details"]  # progress is logged
     assert checkpoint.stat().st_mtime_ns != before
     stats = client.info()["train_stats"]["textdiff"]
     assert stats["labeled_images"] == 5
@@ -146,6 +147,18 @@ def test_background_scoring_stores_an_uncertainty_for_every_unlabeled_image(serv
     assert all(0.0 <= info["textdiff_uncertainty"] <= 1.0 for info in infos), infos
     picked = requests.post(f"{url}/activelearning/uncertainty", timeout=60).json()
     assert picked["id"] in unlabeled
+
+
+def test_pretraining_in_the_background_shows_its_epoch_loss_and_time_left(server, tmp_path):
+    from monailabel.client import MONAILabelClient
+
+    client = MONAILabelClient(server["url"], tmpdir=str(tmp_path))
+    client.train_start("diffusion_pretrain", {"max_epochs": 2, "max_minutes": 30, "retrain_head": False})
+    status = _finished_training(client)
+    progress = [line for line in status["details"] if "epoch 2/2: denoising loss" in line]
+    assert progress and re.search(r"\d+\.\d of 30 min left", progress[0]), status["details"]
+    stats = client.info()["train_stats"]["diffusion_pretrain"]
+    assert stats["epochs"] == 2 and stats["stopped"] == "all epochs done"
 
 
 def test_cdm_trains_in_the_background_and_pre_annotates_for_slicer(server, tmp_path):

@@ -81,3 +81,25 @@ def test_continuing_uses_the_size_of_the_model_it_continues(sample_dir, h, tmp_p
              PretrainSettings(epochs=1, batch_size=8), init=str(out), progress=False)
     unet, _ = load_diffusion(str(tmp_path / "more"))
     assert unet.config.sample_size == 32
+
+
+@pytest.mark.parametrize("settings, reason, epochs", [
+    (PretrainSettings(epochs=3, batch_size=4), "epochs", 3),
+    (PretrainSettings(epochs=50, batch_size=4, max_minutes=1e-6), "budget", 1),  # stops after its first batch
+    # no epoch can lower the loss by 99 %: the plateau ends the run once `patience` epochs have passed
+    (PretrainSettings(epochs=50, batch_size=4, patience=2, min_improvement=0.99), "converged", 3),
+])
+def test_pretraining_ends_at_its_epochs_its_time_budget_or_a_loss_plateau_and_says_which(sample_dir, h, tmp_path,
+                                                                                         settings, reason, epochs):
+    out = tmp_path / "backbone"
+    history = pretrain([sample_dir / "train"], out, h.tiny_backbone(), settings, progress=False)
+    assert len(history) == epochs
+    assert history[-1]["stopped"] == reason and all("stopped" not in row for row in history[:-1])
+    assert json.loads((out / "history.json").read_text()) == history  # saved when it stopped
+
+
+def test_pretrain_settings_refuse_an_impossible_budget():
+    with pytest.raises(ValueError, match="max_minutes"):
+        PretrainSettings(max_minutes=0)
+    with pytest.raises(ValueError, match="patience"):
+        PretrainSettings(patience=0)

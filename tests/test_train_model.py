@@ -9,7 +9,7 @@ from textdiff.config import TrainConfig
 from textdiff.model.features import FeatureCache
 from textdiff.model.segmenter import load_checkpoint, save_checkpoint
 from textdiff.training.train import (CheckpointChoice, dice_per_image, predict_logits, selection_items, split_train_val,
-                            train_head)
+                                     train_head, training_rounds, validation_windows)
 
 
 def _snapshot(module):
@@ -338,3 +338,42 @@ def test_a_volume_is_judged_on_its_drawn_slices_when_choosing_a_model_and_whole_
     scores = inference.score_cases(model, [case])
     assert [row["image"] for row in scores["images"]] == ["scan"]
     assert scores["mean"]["dice"] == pytest.approx(2 * 2 / (6 + 2))
+
+
+def test_a_step_budget_trains_that_many_steps_in_rounds_each_ended_by_validation(make_model, labeled_items):
+    model = make_model()
+    cfg = dataclasses.replace(model.cfg.train, epochs=None, steps=5, val_every=2, batch_size=2)
+    result = train_head(model, labeled_items[:4], labeled_items[4:5], cfg, progress=False)
+    assert [row["step"] for row in result.history] == [2, 4, 5]
+    assert [row["epoch"] for row in result.history] == [1, 2, 3]
+    assert result.best_dice == max(row["val_dice"] for row in result.history)
+
+
+def test_training_rounds_are_steps_or_passes_over_the_windows():
+    assert training_rounds(45, TrainConfig(steps=100, val_every=20)) == [20] * 5
+    assert training_rounds(45, TrainConfig(steps=45, val_every=20)) == [20, 20, 5]
+    assert training_rounds(10, TrainConfig(epochs=3, batch_size=4)) == [3, 3, 3]  # ceil(10 / 4) steps a pass
+    with pytest.raises(ValueError, match="train.steps"):
+        TrainConfig(steps=0)
+
+
+def test_validation_reads_a_seeded_subset_of_the_held_out_windows_unless_training_by_epochs():
+    windows = [{"id": str(i)} for i in range(10)]
+    chosen = validation_windows(windows, TrainConfig(val_windows=3))
+    assert len(chosen) == 3 and chosen == sorted(chosen, key=lambda w: int(w["id"]))  # in their order
+    assert chosen == validation_windows(windows, TrainConfig(val_windows=3))
+    assert chosen != validation_windows(windows, TrainConfig(val_windows=3, seed=1))
+    assert validation_windows(windows, TrainConfig(val_windows=None)) == windows
+    assert validation_windows(windows, TrainConfig(val_windows=3, epochs=2)) == windows
+
+
+def test_a_short_run_computes_features_only_for_the_windows_it_draws(make_model, labeled_items, h):
+    """With a step budget smaller than the data, the backbone reads the drawn windows and the validation ones only."""
+    model = make_model()
+    cfg = dataclasses.replace(model.cfg.train, epochs=None, steps=1, val_every=1, batch_size=2)
+    calls, handle = h.count_calls(model.extractor.unet)
+    try:
+        train_head(model, labeled_items[:6], labeled_items[6:7], cfg, progress=False)
+    finally:
+        handle.remove()
+    assert sum(calls) == (2 + 1) * len(h.timesteps)  # one batch of two windows, one validation image

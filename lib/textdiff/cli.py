@@ -42,6 +42,8 @@ def _config(args) -> TextDiffConfig:
         overrides["text.encoder"] = args.text_encoder
     if getattr(args, "epochs", None) is not None:
         overrides["train.epochs"] = args.epochs
+    if getattr(args, "head_steps", None) is not None:
+        overrides["train.steps"] = args.head_steps
     if getattr(args, "healthy_label", None) is not None:
         overrides.setdefault("train.healthy_label", args.healthy_label or None)
     return with_overrides(TextDiffConfig(), overrides)
@@ -77,16 +79,17 @@ def cmd_import_lvit(args) -> None:
 
 
 def cmd_pretrain(args) -> None:
-    from textdiff.training.pretrain import PretrainSettings, pretrain
+    from textdiff.training.pretrain import STOP_REASONS, PretrainSettings, pretrain
 
     cfg = _config(args)
     history = []
     if args.init and (Path(args.init) / "history.json").exists():
         history = json.loads((Path(args.init) / "history.json").read_text())
     settings = PretrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                                history=history, save_half=args.half)
+                                history=history, save_half=args.half, max_minutes=args.minutes, patience=args.patience)
     result = pretrain(args.data, args.out, cfg.backbone, settings, init=args.init)
-    print(f"backbone written to {args.out} (last loss {result[-1]['loss']:.4f} after {len(result)} epochs)")
+    print(f"backbone written to {args.out} (last loss {result[-1]['loss']:.4f} after {len(result)} epochs; "
+          f"{STOP_REASONS[result[-1]['stopped']]})")
 
 
 def _section_overrides(args, section: str, only: bool = True) -> dict:
@@ -168,7 +171,9 @@ def cmd_train(args) -> None:
     if result.gate:
         print(f"kept the run {result.gate['kept']} (validation Dice {result.gate['dice_with']:.4f} with them, "
               f"{result.gate['dice_without']:.4f} without)")
-    print(f"best validation Dice {result.best_dice:.4f} at epoch {result.best_epoch}; model {args.out}; curves {plot}")
+    best = result.history[result.best_epoch - 1]
+    print(f"best validation Dice {result.best_dice:.4f} after {best['step']} steps (round {result.best_epoch}); "
+          f"model {args.out}; curves {plot}")
 
 
 def cmd_synth_train(args) -> None:
@@ -256,6 +261,27 @@ def cmd_benchmark(args) -> None:
                                  methods=tuple(args.methods), synthetic=args.synthetic,
                                  synthetic_ratio=args.synthetic_ratio, timing=not args.skip_timing)
     run_benchmark(Path(args.data), args.backbone, Path(args.out), settings, _config(args))
+
+
+def cmd_profile(args) -> None:
+    from textdiff.research.profile import run_profile
+
+    run_profile(Path(args.data), _config(args), args.labels, args.pretrain_epochs, args.pretrain_batch_size,
+                Path(args.out) if args.out else None)
+
+
+def cmd_time_to_model(args) -> None:
+    from textdiff.research.time_to_model import TimeToModelSettings, run_time_to_model
+
+    pretrained = {}
+    for item in args.pretrained or []:
+        minutes, sep, folder = item.partition("=")
+        if not sep:
+            raise ValueError(f"--pretrained takes MINUTES=FOLDER, got '{item}'")
+        pretrained[float(minutes)] = folder
+    settings = TimeToModelSettings(labels=args.labels, seeds=tuple(args.seeds), head_steps=tuple(args.head_steps),
+                                   unet_steps=tuple(args.unet_steps), pretrained=pretrained)
+    run_time_to_model(Path(args.data), args.backbone, Path(args.out), settings, _config(args))
 
 
 def cmd_benchmark_compare(args) -> None:
@@ -391,13 +417,17 @@ def _training_commands(command) -> None:
                 [_parent(_denoiser_training)])
     p.add_argument("--init", help="continue from this diffusers folder")
     p.add_argument("--half", action="store_true", help="store the weights in float16 (half the size; loaded as float32)")
+    p.add_argument("--minutes", type=float, help="stop after this much wall-clock time (the model is saved then)")
+    p.add_argument("--patience", type=int, help="stop once the denoising loss has not improved by 1%% in this many "
+                   "epochs")
     _set_option(p, "SECTION", "backbone.image_size=64")
 
     p = command("train", cmd_train, "train the cross-attention and head on the labeled images of a studies folder",
                 [_parent(_model)])
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True, help="checkpoint file (.pt)")
-    p.add_argument("--epochs", type=int)
+    p.add_argument("--steps", dest="head_steps", type=int, help="optimizer steps (default: train.steps, 100)")
+    p.add_argument("--epochs", type=int, help="passes over every training window instead of --steps")
     p.add_argument("--limit", type=int, help="use only the first N labeled images")
     p.add_argument("--healthy-label", default="normal", help="images with this image-level label (reports.csv) and no "
                    "mask also train, with an empty mask, as the app does by default (\"\": off)")
@@ -472,10 +502,33 @@ def _benchmark_commands(command) -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--methods", nargs="+", default=["textdiff", "empty_text", "no_cross_attention", "unet", "random_backbone"],
                    help="also textdiff_synthetic and unet_synthetic (these need --synthetic)")
-    p.add_argument("--steps", type=int, default=400, help="optimizer steps per run, the same for every method")
+    p.add_argument("--steps", type=int, help="optimizer steps per run, the same for every method, in whole passes "
+                   "over the training windows, each ended by validation (the results pages' recipe); default: TextDiff "
+                   "trains as the product does (train.steps) and the UNet 400 steps")
     p.add_argument("--synthetic", help="synthetic pairs of the training pool (textdiff synthesize --masks <data>/train-groundtruth)")
     p.add_argument("--synthetic-ratio", type=int, default=4, help="synthetic copies used per real image")
     p.add_argument("--skip-timing", action="store_true", help="skip timing the feature cache, latency and memory")
+
+    p = command("profile", cmd_profile, "where the seconds of head training and of pretraining go on this machine: "
+                "a table per phase (feature extraction, cache reads, fusion, head, loss, validation, ...); the head trains as "
+                "train.* says (--set train.steps=20 for a shorter run)", [model])
+    p.add_argument("--data", required=True, help="studies folder with labeled images")
+    p.add_argument("--labels", type=int, default=5, help="labeled images the head trains on (a seeded draw)")
+    p.add_argument("--pretrain-epochs", type=int, default=2, help="pretraining epochs of a fresh backbone (0: skip)")
+    p.add_argument("--pretrain-batch-size", type=int, default=8)
+    p.add_argument("--out", help="JSON file for both tables")
+
+    p = command("time-to-model", cmd_time_to_model, "test Dice against the minutes of training, on this machine: "
+                "TextDiff's head (and pretraining + head) and a MONAI UNet from scratch at a few budgets each",
+                [model])
+    p.add_argument("--data", required=True, help="folder with train/ (the labeled pool) and test/")
+    p.add_argument("--out", required=True)
+    p.add_argument("--labels", type=int, default=5, help="labeled images per run (a seeded draw, as in benchmark)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--head-steps", nargs="+", type=int, default=[25, 50, 100, 200])
+    p.add_argument("--unet-steps", nargs="+", type=int, default=[100, 200, 400, 800])
+    p.add_argument("--pretrained", nargs="*", metavar="MINUTES=FOLDER",
+                   help="backbones pretrained for that many minutes on this machine (textdiff pretrain --minutes)")
 
     p = command("cdm-benchmark", cmd_cdm_benchmark, "CDM vs Grad-CAM vs reconstruction masks, and CDM pseudo-labels",
                 [model])

@@ -110,7 +110,15 @@ VOLUME_SLICES = ("auto", "labeled", "all")
 class TrainConfig:
     """How fusion and head are trained on a handful of masks."""
 
-    epochs: int = 40
+    # How long the head trains: `steps` optimizer steps, in rounds of `val_every` steps each ended by validation, with
+    # validation on at most `val_windows` windows of the held-out images (seeded; None: all), so that neither grows
+    # with the number of labeled images and a retrain after one more label takes as long as the last. With `epochs`
+    # set, that many passes over every training window instead, each ended by validation on every held-out window
+    # (the recipe of the results that give `--epochs` or `textdiff benchmark --steps`).
+    steps: int = 100
+    val_every: int = 20
+    val_windows: int | None = 32
+    epochs: int | None = None
     batch_size: int = 4
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -155,6 +163,11 @@ class TrainConfig:
     volume_slices: str = "auto"
 
     def __post_init__(self):
+        if self.steps < 1 or self.val_every < 1 or (self.epochs is not None and self.epochs < 1) or \
+                (self.val_windows is not None and self.val_windows < 1):
+            raise ValueError(f"need train.steps, train.val_every, train.epochs and train.val_windows of at least 1 (or "
+                             f"epochs, val_windows None), got {self.steps}, {self.val_every}, {self.epochs}, "
+                             f"{self.val_windows}")
         if self.volume_slices not in VOLUME_SLICES:
             raise ValueError(f"train.volume_slices must be one of {list(VOLUME_SLICES)}, got {self.volume_slices!r}")
         if not 0 <= self.report_weight < float("inf") or self.report_top_k < 1:
@@ -281,7 +294,7 @@ def _build(kind: type, values: dict[str, Any]):
 
 
 def with_overrides(config: TextDiffConfig, overrides: dict[str, Any]) -> TextDiffConfig:
-    """Apply dotted overrides such as {"train.epochs": 10, "backbone.timesteps": [50, 150]}."""
+    """Apply dotted overrides such as {"train.steps": 200, "backbone.timesteps": [50, 150]}."""
     data = config.to_dict()
     for key, value in overrides.items():
         section, _, name = key.partition(".")

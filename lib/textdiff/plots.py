@@ -12,14 +12,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def plot_training(history: list[dict], path: str | Path) -> Path:
-    """Training loss and validation Dice per epoch."""
-    epochs = [h["epoch"] for h in history]
+    """Training loss and validation Dice per round of optimizer steps."""
+    steps = [h["step"] for h in history]
     fig, loss_ax = plt.subplots(figsize=(6, 3.5))
-    loss_ax.plot(epochs, [h["loss"] for h in history], color="tab:red", label="train loss")
-    loss_ax.set_xlabel("epoch")
+    loss_ax.plot(steps, [h["loss"] for h in history], color="tab:red", label="train loss")
+    loss_ax.set_xlabel("optimizer step")
     loss_ax.set_ylabel("DiceCE loss", color="tab:red")
     dice_ax = loss_ax.twinx()
-    dice_ax.plot(epochs, [h["val_dice"] for h in history], color="tab:blue", label="val Dice")
+    dice_ax.plot(steps, [h["val_dice"] for h in history], color="tab:blue", label="val Dice")
     dice_ax.set_ylabel("validation Dice", color="tab:blue")
     dice_ax.set_ylim(0, 1)
     fig.tight_layout()
@@ -44,6 +44,25 @@ def plot_curves(curves: dict[str, dict[int, tuple[float, float]]], path: str | P
     ax.set_xlabel(xlabel)
     ax.set_ylabel("mean Dice (test split)")
     ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_timelines(curves: dict[str, list[dict]], path: str | Path, title: str) -> Path:
+    """Dice against minutes: one line per method through its budgets (mean minutes, mean Dice, a band of one sd)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, points in curves.items():
+        points = sorted(points, key=lambda p: p["minutes"])
+        xs, means, sds = ([p[k] for p in points] for k in ("minutes", "dice", "sd"))
+        ax.plot(xs, means, marker="o", label=name)
+        ax.fill_between(xs, [m - s for m, s in zip(means, sds)], [m + s for m, s in zip(means, sds)], alpha=0.15)
+    ax.set_xlabel("minutes of training (wall clock)")
+    ax.set_ylabel("mean Dice (test split)")
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

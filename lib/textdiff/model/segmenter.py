@@ -138,6 +138,11 @@ def load_checkpoint_config(path: str | Path) -> TextDiffConfig:
     return _read_checkpoint(path)[1]
 
 
+def read_head_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The trained head's weights of a checkpoint (to start another run from them)."""
+    return _read_checkpoint(path)[0]["head"]
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> TextDiffModel:
     """Rebuild the whole model from a head checkpoint (the backbone path may be relative to the checkpoint)."""
     state, cfg = _read_checkpoint(path)

@@ -59,8 +59,11 @@ class BenchmarkSettings:
     label_counts: tuple[int, ...] = (5, 10, 20)
     seeds: tuple[int, ...] = (0,)
     # Optimizer steps per run, the same for every method and label count (an epoch budget would give the runs with
-    # few labels only a handful of steps).
-    steps: int = 400
+    # few labels only a handful of steps), rounded up to whole passes over the training windows, each ended by
+    # validation (TrainConfig.epochs). None: TextDiff trains as the product does (train.steps, train.val_every) and
+    # the UNet `unet_steps`.
+    steps: int | None = 400
+    unet_steps: int = 400
     methods: tuple[str, ...] = DEFAULT_METHODS
     synthetic: str | None = None  # folder of synthetic pairs of the training pool (the "+ synthetic" methods)
     synthetic_ratio: int = 4  # the merging mask is cfg.train's (merge_alpha, merge_patch)
@@ -197,12 +200,13 @@ class _Split:
     train: list[dict]
     val: list[dict]
     unlabeled: list[dict]
-    epochs: int
+    epochs: int | None  # TextDiff's passes over the training windows; None: its step budget (train.steps)
+    unet_epochs: int
     copies: dict[str, list[dict]] | None
 
 
-def _split(pool: list[dict], healthy: set[str], count: int, seed: int, cfg: TextDiffConfig, steps: int,
-           synthetic: dict[str, list[dict]]) -> _Split:
+def _split(pool: list[dict], healthy: set[str], count: int, seed: int, cfg: TextDiffConfig,
+           settings: BenchmarkSettings, synthetic: dict[str, list[dict]]) -> _Split:
     """The labeled subset of `count` images for `seed`, split for model selection; the pool's healthy images join
     training with an empty mask (cfg.train.healthy_label), the rest of the pool trains through its reports alone
     (cfg.train.report_weight)."""
@@ -213,7 +217,9 @@ def _split(pool: list[dict], healthy: set[str], count: int, seed: int, cfg: Text
     unlabeled = [{**it, "label": None} for it in pool if it["id"] not in drawn and it["id"] not in healthy]
     windows = training_window_count(train, cfg.backbone.image_size, cfg.train)
     copies = {it["id"]: synthetic.get(it["id"], []) for it in train} if synthetic else None
-    return _Split(train, val, unlabeled, epochs_for(steps, windows, cfg.train.batch_size), copies)
+    epochs = None if settings.steps is None else epochs_for(settings.steps, windows, cfg.train.batch_size)
+    unet_epochs = epochs_for(settings.steps or settings.unet_steps, windows, cfg.train.batch_size)
+    return _Split(train, val, unlabeled, epochs, unet_epochs, copies)
 
 
 def _masks(method: str, split: _Split, test: list[dict], models: _Models, settings: BenchmarkSettings,
@@ -223,7 +229,7 @@ def _masks(method: str, split: _Split, test: list[dict], models: _Models, settin
     train_cfg = dataclasses.replace(cfg.train, epochs=split.epochs, seed=seed)
     if method in ("unet", "unet_synthetic"):
         copies = split.copies if method == "unet_synthetic" else None
-        net = _train_unet(training_windows(split.train, window, train_cfg), windows_of(split.val, window), split.epochs,
+        net = _train_unet(training_windows(split.train, window, train_cfg), windows_of(split.val, window), split.unet_epochs,
                           train_cfg, models.device, cfg.head.num_classes, copies,
                           (cfg.train.merge_alpha, cfg.train.merge_patch))
         return _unet_masks(net, test, models.device, window, cfg.backbone.window_overlap)
@@ -262,7 +268,7 @@ def run_benchmark(data: Path, backbone: str | None, out: Path, settings: Benchma
     rows, about = [], {"settings": dataclasses.asdict(settings), "backbone": backbone, "device": str(device)}
     for count in settings.label_counts:
         for seed in settings.seeds:
-            split = _split(pool, healthy, count, seed, models.cfg, settings.steps, synthetic)
+            split = _split(pool, healthy, count, seed, models.cfg, settings, synthetic)
             for method in settings.methods:
                 start = time.perf_counter()
                 masks = _masks(method, split, test, models, settings, seed)

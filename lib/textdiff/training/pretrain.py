@@ -48,7 +48,19 @@ class PretrainSettings:
     # Store the weights in float16: half the size of a backbone that is shipped or copied around (training stays
     # in float32).
     save_half: bool = False
+    # A run ends after `epochs`, or earlier at `max_minutes` of wall-clock time (None: no limit), or once the
+    # denoising loss has not improved on its best by `min_improvement` (relative) for `patience` epochs (None:
+    # never); the last history entry says which ("stopped").
+    max_minutes: float | None = None
+    patience: int | None = None
+    min_improvement: float = 0.01
     history: list[dict] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.epochs < 1 or (self.max_minutes is not None and not self.max_minutes > 0) or \
+                (self.patience is not None and self.patience < 1):
+            raise ValueError(f"need at least one epoch, max_minutes above 0 and patience of at least 1 epoch, got "
+                             f"{self.epochs}, {self.max_minutes}, {self.patience}")
 
 
 def load_unlabeled_images(folders: list[str | Path], cfg: BackboneConfig) -> torch.Tensor | Dataset:
@@ -163,7 +175,7 @@ def fit_denoiser(
     optimizer = torch.optim.AdamW(_parameter_groups(unet, settings), lr=settings.lr, weight_decay=1e-4)
     amp_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
     grad_scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and amp_dtype == torch.float16)
-    history = list(settings.history)
+    history, stop = list(settings.history), _Stop(settings, len(settings.history), device)
     # one tick per batch: with large images an epoch takes minutes, and a bar by epochs would sit at 0 % that long
     bar = tqdm(total=settings.epochs * len(loader), desc="denoiser", disable=not progress or rank > 0, unit="batch")
     for epoch in range(settings.epochs):
@@ -188,16 +200,64 @@ def fit_denoiser(
             ema.step(unet.parameters())
             total, count = total + loss.item() * batch.shape[0], count + batch.shape[0]
             bar.update()
+            if stop.out_of_time():
+                break
         history.append({"epoch": len(history) + 1, "loss": total / count, "seconds": time.perf_counter() - start})
+        reason = stop.reason(history, last=epoch + 1 == settings.epochs)
         bar.set_postfix(epoch=f"{epoch + 1}/{settings.epochs}", loss=f"{total / count:.4f}")
-        logger.info("epoch %d/%d: denoising loss %.4f", epoch + 1, settings.epochs, total / count)
-        last = epoch + 1 == settings.epochs
-        if rank == 0 and (last or (epoch + 1) % settings.save_every == 0):
+        logger.info("epoch %d/%d: denoising loss %.4f%s", epoch + 1, settings.epochs, total / count, stop.time_left())
+        if reason:
+            history[-1]["stopped"] = reason
+            logger.info("pretraining stopped after %d epochs: %s", epoch + 1, STOP_REASONS[reason])
+        if rank == 0 and (reason or (epoch + 1) % settings.save_every == 0):
             _save(unet, ema, scheduler, out, history, extra_files, settings.save_half, on_save)
+        if reason:
+            break
     bar.close()
     if world > 1:
         dist.barrier()
     return history
+
+
+STOP_REASONS = {"epochs": "all epochs done", "budget": "the time budget is spent",
+                "converged": "the denoising loss stopped improving"}
+
+
+class _Stop:
+    """When a denoiser's training run ends (`PretrainSettings`): its epochs, its time budget or a loss plateau.
+    Under torch DDP every process follows rank 0's clock and losses, so all stop at the same batch."""
+
+    def __init__(self, settings: PretrainSettings, earlier_epochs: int, device: torch.device):
+        self.settings, self.start, self.first, self.device = settings, time.monotonic(), earlier_epochs, device
+
+    def _rank0(self, value: int) -> int:
+        if not dist.is_initialized():
+            return value
+        shared = torch.tensor([value], device=self.device)
+        dist.broadcast(shared, src=0)
+        return int(shared.item())
+
+    def out_of_time(self) -> bool:
+        minutes = self.settings.max_minutes
+        return minutes is not None and bool(self._rank0(int(time.monotonic() - self.start >= 60 * minutes)))
+
+    def time_left(self) -> str:
+        """For the log: how much of the time budget is left ("" without one)."""
+        if self.settings.max_minutes is None:
+            return ""
+        left = max(0.0, 60 * self.settings.max_minutes - (time.monotonic() - self.start))
+        return f", {left / 60:.1f} of {self.settings.max_minutes:g} min left"
+
+    def reason(self, history: list[dict], last: bool) -> str | None:
+        """Why the run ends after this epoch, or None while it goes on."""
+        if self.out_of_time():
+            return "budget"
+        patience, losses = self.settings.patience, [h["loss"] for h in history[self.first:]]
+        plateau = bool(patience) and len(losses) > patience and \
+            min(losses[-patience:]) > min(losses[:-patience]) * (1 - self.settings.min_improvement)
+        if self._rank0(int(plateau)):
+            return "converged"
+        return "epochs" if last else None
 
 
 def _parameter_groups(unet, settings: PretrainSettings) -> list[dict]:

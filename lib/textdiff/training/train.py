@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import random
 import time
@@ -167,6 +168,9 @@ def train_head(
 ) -> TrainResult:
     """Train fusion + head; keeps (in `model` and in `checkpoint`) the weights with the best validation Dice.
 
+    Training runs in rounds (`training_rounds`), each ended by validation on the held-out windows (`validation_windows`)
+    and a step of the cosine learning-rate schedule. A training window's features are computed the first time it is
+    drawn, so a short run over many windows pays only for those it reads.
     Items whose working grid is larger than one window train and validate as their windows (`tiling.window_items`).
     `synthetic` maps an image id to its synthetic copies (EMIT-Diff); with `cfg.synthetic_ratio` > 0 each training
     image is paired with one of its first `synthetic_ratio` copies and the loss sees, per patch of a random merging
@@ -186,33 +190,65 @@ def train_head(
         _refuse_windows(train_items + val_items + extra, model.image_size)
     if loop.weak:
         logger.info("report supervision: %d images without a mask, weight %g", len(loop.weak), cfg.report_weight)
-    train_items, val_items = training_windows(train_items, model.image_size, cfg), windows_of(val_items, model.image_size)
-    loop.cache.fill(train_items + val_items + extra, progress=progress)
-    selection = selection_items(val_items, train_items)
+    train_items = training_windows(train_items, model.image_size, cfg)
+    selection = validation_windows(selection_items(windows_of(val_items, model.image_size), train_items), cfg)
+    loop.cache.fill(selection + extra, progress=progress)
+    rounds = training_rounds(len(train_items), cfg)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=len(rounds))
+    batches = _shuffled_batches(train_items, cfg.batch_size, loop.rng)
     history, best = [], TrainResult([], -1.0, 0)
-    best_state, choice = None, CheckpointChoice(cfg.selection_window)
-    bar = tqdm(range(1, cfg.epochs + 1), desc="train", unit="epoch", disable=not progress)
-    for epoch in bar:
+    best_state, choice, done = None, CheckpointChoice(cfg.selection_window), 0
+    bar = tqdm(total=sum(rounds), desc="train", unit="step", disable=not progress)
+    for number, steps in enumerate(rounds, start=1):
         start = time.perf_counter()
-        loss = loop.epoch(train_items, optimizer)
+        loss = loop.train(batches, steps, optimizer)
         scheduler.step()
-        seconds = time.perf_counter() - start
+        seconds, done = time.perf_counter() - start, done + steps
         dice = dice_per_image(predict_logits(model, selection, loop.cache),
                               torch.stack([it["label"] for it in selection]), model.cfg.head.num_classes).mean().item()
-        history.append({"epoch": epoch, "loss": loss, "val_dice": dice, "seconds": seconds})
+        history.append({"epoch": number, "step": done, "loss": loss, "val_dice": dice, "seconds": seconds})
+        bar.update(steps)
         bar.set_postfix(loss=f"{loss:.3f}", val_dice=f"{dice:.3f}")
-        # one line per epoch for logs (server jobs, -v), where a progress bar does not show
-        logger.info("epoch %d/%d: loss %.4f, validation Dice %.4f", epoch, cfg.epochs, loss, dice)
+        # one line per round for logs (server jobs, -v), where a progress bar does not show
+        logger.info("round %d/%d (step %d/%d): loss %.4f, validation Dice %.4f", number, len(rounds), done,
+                    sum(rounds), loss, dice)
         if choice.is_best(dice):
-            best = TrainResult(history, dice, epoch)
+            best = TrainResult(history, dice, number)
             best_state = {k: v.detach().clone() for k, v in model.head.state_dict().items()}
             if checkpoint:
-                save_checkpoint(model, checkpoint, extra={"best_val_dice": dice, "epoch": epoch})
+                save_checkpoint(model, checkpoint, extra={"best_val_dice": dice, "epoch": number, "step": done})
+    bar.close()
     model.head.load_state_dict(best_state)
     model.eval()
     return TrainResult(history, best.best_dice, best.best_epoch, len(loop.weak))
+
+
+def training_rounds(windows: int, cfg: TrainConfig) -> list[int]:
+    """Optimizer steps of each round of a run (a round ends with validation): `cfg.steps` in rounds of
+    `cfg.val_every`, or with `cfg.epochs` set, one pass over the `windows` training windows per round."""
+    if cfg.epochs:
+        return [math.ceil(windows / cfg.batch_size)] * cfg.epochs
+    full, rest = divmod(cfg.steps, cfg.val_every)
+    return [cfg.val_every] * full + [rest] * bool(rest)
+
+
+def validation_windows(windows: list[dict], cfg: TrainConfig) -> list[dict]:
+    """The windows a run validates on: at most `cfg.val_windows` of them, a seeded draw in their order (all of them
+    with `cfg.epochs` set, as that recipe did)."""
+    if cfg.epochs or cfg.val_windows is None or len(windows) <= cfg.val_windows:
+        return windows
+    return [windows[i] for i in sorted(random.Random(cfg.seed).sample(range(len(windows)), cfg.val_windows))]
+
+
+def _shuffled_batches(items: list[dict], batch_size: int, rng: random.Random):
+    """Batches of `items` for as long as asked: one seeded random order per pass, drawn when the pass begins (its last
+    batch may be smaller)."""
+    while True:
+        order = list(range(len(items)))
+        rng.shuffle(order)
+        for begin in range(0, len(order), batch_size):
+            yield [items[i] for i in order[begin : begin + batch_size]]
 
 
 def _check_training_items(model: TextDiffModel, train_items: list[dict], val_items: list[dict], cfg: TrainConfig,
@@ -220,8 +256,6 @@ def _check_training_items(model: TextDiffModel, train_items: list[dict], val_ite
     """Refuse a run that cannot train: no image, no epoch, a missing or empty mask, lung rules without lung reports."""
     if not train_items:
         raise ValueError("no labeled image to train on: save at least one mask under labels/final")
-    if cfg.epochs < 1:
-        raise ValueError(f"train.epochs must be at least 1, got {cfg.epochs}")
     without_mask = [item["id"] for item in train_items + val_items if item["label"] is None]
     if without_mask:
         raise ValueError(f"training items without a mask: {without_mask[:5]}")
@@ -247,19 +281,18 @@ class _Loop:
     merge_generator: torch.Generator
     device: torch.device
 
-    def epoch(self, items: list[dict], optimizer: torch.optim.Optimizer) -> float:
-        """One pass over the training windows in a seeded random order; returns the mean loss."""
+    def train(self, batches, steps: int, optimizer: torch.optim.Optimizer) -> float:
+        """`steps` optimizer steps on the next batches; returns the mean loss per window."""
         self.model.train()
-        order, total = list(range(len(items))), 0.0
-        self.rng.shuffle(order)
-        for begin in range(0, len(order), self.cfg.batch_size):
-            chunk = [items[i] for i in order[begin : begin + self.cfg.batch_size]]
+        total, count = 0.0, 0
+        for _ in range(steps):
+            chunk = next(batches)
             loss = self.loss(chunk)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += loss.item() * len(chunk)
-        return total / len(items)
+            total, count = total + loss.item() * len(chunk), count + len(chunk)
+        return total / count
 
     def loss(self, chunk: list[dict]) -> torch.Tensor:
         """DiceCE of a batch (real and synthetic predictions merged patch by patch when there are copies), plus the
@@ -301,7 +334,8 @@ def train_on_cases(cases: list[Case], cfg: TextDiffConfig, checkpoint: str | Pat
                    progress: bool = True, cache_folder: str | Path | None = None,
                    pseudo_cases: list[Case] = (), healthy: list[Case] = (),
                    synthetic: dict[str, list[Case]] | None = None,
-                   unlabeled: list[Case] = (), compare_without: bool = False) -> tuple[TextDiffModel, TrainResult]:
+                   unlabeled: list[Case] = (), compare_without: bool = False,
+                   initial_head: dict[str, torch.Tensor] | None = None) -> tuple[TextDiffModel, TrainResult]:
     """Build the model of `cfg`, load the labeled cases, split off validation images, train and checkpoint.
 
     `pseudo_cases` carry masks nobody drew (e.g. CDM pre-annotations); they join the training split only, so the
@@ -311,6 +345,7 @@ def train_on_cases(cases: list[Case], cfg: TextDiffConfig, checkpoint: str | Pat
     `unlabeled` cases train through their reports alone when `cfg.train.report_weight` > 0 (`unlabeled_cases`).
     With `compare_without`, a run that uses pseudo-labels or synthetic copies also trains without them on the same
     split, and keeps the one with the higher validation Dice (`TrainResult.gate` says which, and both scores).
+    `initial_head` (a head's weights, e.g. of the model in service) is where training starts instead of a new head.
     """
     cases = [c for c in cases if c.label is not None]
     real = {c.id for c in cases}
@@ -320,6 +355,8 @@ def train_on_cases(cases: list[Case], cfg: TextDiffConfig, checkpoint: str | Pat
         raise DataError("no labeled image: save at least one mask (labels/final) before training")
     torch.manual_seed(cfg.train.seed)  # the head's initial weights: the same run gives the same model
     model = TextDiffModel(cfg).to(device)
+    if initial_head is not None:
+        model.head.load_state_dict(initial_head)
     data = _training_data(model, cases, pseudo_cases, healthy, synthetic, unlabeled)
     cache = FeatureCache(model.extractor, enabled=cfg.train.cache_features, folder=cache_folder)
     initial = {k: v.detach().clone() for k, v in model.head.state_dict().items()}  # for a run without the extras

@@ -17,8 +17,16 @@ class AppSettings:
     text_encoder: str = ""  # transformers folder or hf:<hub id>; default: the packaged all-MiniLM-L6-v2
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     demo_weights: bool = True  # start from the shipped sample-data weights when the model folder is empty
-    epochs: int = 100  # head training epochs (the `max_epochs` a client can change per run)
-    pretrain_epochs: int = 100
+    # Head training: `steps` optimizer steps whatever the number of labels (the `max_steps` a client can change per
+    # run); `epochs` above 0 trains that many passes over every training window instead (the `max_epochs` param)
+    steps: int = 100
+    epochs: int = 0
+    # Pretraining stops after `pretrain_minutes` (the `max_minutes` train param), when the denoising loss has not
+    # improved by 1 % in `pretrain_patience` epochs, or after `pretrain_epochs`, whichever comes first; each run
+    # continues the current backbone, so running it again adds to it
+    pretrain_minutes: float = 10.0
+    pretrain_patience: int = 20
+    pretrain_epochs: int = 1000
     pretrain_batch_size: int = 8
     cdm_epochs: int = 100
     # textdiff training also uses CDM pre-annotations (`original` labels made by the cdm model) of images that have

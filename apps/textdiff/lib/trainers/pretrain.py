@@ -14,7 +14,7 @@ from pathlib import Path
 
 from monailabel.interfaces.datastore import Datastore
 from textdiff.config import BackboneConfig
-from textdiff.training.pretrain import PretrainSettings, pretrain
+from textdiff.training.pretrain import STOP_REASONS, PretrainSettings, pretrain
 
 from ..configs.settings import AppSettings
 from .base import StatsTrainTask
@@ -28,7 +28,8 @@ class DiffusionPretrain(StatsTrainTask):
         self.model_dir = Path(settings.model_dir)
         super().__init__(
             description,
-            {"max_epochs": settings.pretrain_epochs, "train_batch_size": settings.pretrain_batch_size,
+            {"max_minutes": settings.pretrain_minutes, "max_epochs": settings.pretrain_epochs,
+             "patience": settings.pretrain_patience, "train_batch_size": settings.pretrain_batch_size,
              "learning_rate": 2e-4, "continue_from_current": True, "retrain_head": True},
             self.model_dir / "pretrain_stats.json", settings.train_threads,
         )
@@ -48,15 +49,18 @@ class DiffusionPretrain(StatsTrainTask):
         start = time.time()
         out = self.model_dir / "backbones" / request["run_id"]
         current = self.head_trainer.backbone_for_training() if request.get("continue_from_current", True) else None
-        settings = PretrainSettings(epochs=int(request["max_epochs"]), batch_size=int(request["train_batch_size"]),
-                                    lr=float(request["learning_rate"]))
+        settings = PretrainSettings(epochs=max(1, int(request["max_epochs"])),
+                                    batch_size=int(request["train_batch_size"]), lr=float(request["learning_rate"]),
+                                    max_minutes=float(request["max_minutes"]),
+                                    patience=int(request["patience"]) or None)
         cfg = dataclasses.replace(self.backbone, image_size=self.settings.image_size,
                                   patch_scale=self.settings.patch_scale or None, max_windows=self.settings.max_windows)
-        logger.info("pretraining the diffusion backbone on %s for %d epochs -> %s (from %s)",
-                    data["studies"], settings.epochs, out, current or "random init")
+        logger.info("pretraining the diffusion backbone on %s for at most %g min (%d epochs) -> %s (from %s)",
+                    data["studies"], settings.max_minutes, settings.epochs, out, current or "random init")
         history = pretrain([data["studies"]], out, cfg, settings, init=current, progress=False)
-        stats = {"total_time": round(time.time() - start, 1), "epochs": settings.epochs, "backbone": str(out),
-                 "final_loss": history[-1]["loss"], "history": history}
+        stats = {"total_time": round(time.time() - start, 1), "epochs": len(history), "backbone": str(out),
+                 "stopped": STOP_REASONS[history[-1]["stopped"]], "final_loss": history[-1]["loss"],
+                 "history": history}
         if data["labeled"] and request.get("retrain_head", True):
             head_request = {**self.head_trainer.config(), "device": request["device"]}
             base = None if current else dataclasses.replace(self.head_trainer.cfg, backbone=cfg)  # a fresh architecture

@@ -10,7 +10,7 @@ from pathlib import Path
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from textdiff.config import TextDiffConfig
 from textdiff.data.studies import SYNTHETIC_MARKER, Case, DataError, image_id
-from textdiff.model.segmenter import load_checkpoint_config
+from textdiff.model.segmenter import load_checkpoint_config, read_head_weights
 from textdiff.synthesis.synthetic import read_synthetic
 from textdiff.training.train import selection_cases, train_on_cases
 
@@ -72,7 +72,8 @@ class TextDiffTrain(StatsTrainTask):
         self.model_dir = Path(settings.model_dir)
         super().__init__(
             description,
-            {"max_epochs": settings.epochs, "val_split": cfg.train.val_fraction,
+            {"max_steps": settings.steps, "max_epochs": settings.epochs, "continue_from_current": True,
+             "val_split": cfg.train.val_fraction,
              "train_batch_size": cfg.train.batch_size, "learning_rate": cfg.train.lr,
              "pseudo_labels": settings.pseudo_labels, "synthetic_ratio": settings.synthetic_ratio,
              "healthy_label": settings.healthy_label, "report_weight": settings.report_weight,
@@ -122,23 +123,40 @@ class TextDiffTrain(StatsTrainTask):
         """
         cfg = self.run_config(request, backbone, base)
         start = time.time()
-        logger.info("training TextDiff on %d labeled, %d pseudo-labeled and %d healthy images, backbone %s",
-                    len(data["labeled"]), len(data["pseudo"]), len(data["healthy"]), cfg.backbone.pretrained)
+        initial = self.head_in_service(cfg) if _flag(request.get("continue_from_current", True)) else None
+        logger.info("training TextDiff on %d labeled, %d pseudo-labeled and %d healthy images, backbone %s, %s",
+                    len(data["labeled"]), len(data["pseudo"]), len(data["healthy"]), cfg.backbone.pretrained,
+                    "from the head in service" if initial else "from a new head")
         model, result = train_on_cases(data["labeled"], cfg, candidate_path(self.checkpoint), request["device"],
                                        progress=False, cache_folder=self.model_dir / "feature-cache",
                                        pseudo_cases=data["pseudo"], healthy=data["healthy"],
                                        synthetic=data["synthetic"], unlabeled=data["unlabeled"],
-                                       compare_without=_flag(request.get("compare_without", True)))
-        logger.info("best validation Dice %.4f at epoch %d", result.best_dice, result.best_epoch)
+                                       compare_without=_flag(request.get("compare_without", True)),
+                                       initial_head=initial)
+        best = result.history[result.best_epoch - 1]
+        logger.info("best validation Dice %.4f after %d steps", result.best_dice, best["step"])
         decision = publish_if_better(model, self.checkpoint, selection_cases(data["labeled"], cfg.train),
                                      request["device"], _flag(request.get("force")))
-        return {**decision, "total_time": round(time.time() - start, 1), "epochs": cfg.train.epochs,
-                "best_metric": result.best_dice, "best_epoch": result.best_epoch, "labeled_images": len(data["labeled"]),
+        return {**decision, "total_time": round(time.time() - start, 1), "steps": result.history[-1]["step"],
+                "epochs": cfg.train.epochs, "continued_from_current": initial is not None,
+                "best_metric": result.best_dice, "best_step": best["step"], "labeled_images": len(data["labeled"]),
                 "pseudo_labeled_images": len(data["pseudo"]), "healthy_images": len(data["healthy"]),
                 "synthetic_ratio": cfg.train.synthetic_ratio, "report_weight": cfg.train.report_weight,
                 "report_images": result.report_images, "obey_report": cfg.head.obey_report,
                 "images_with_synthetic_copies": len({c.id for c in data["labeled"]} & set(data["synthetic"])),
                 "kept": result.gate, "backbone": cfg.backbone.pretrained, "history": result.history}
+
+    def head_in_service(self, cfg: TextDiffConfig) -> dict | None:
+        """The weights of the head in service, when a run of `cfg` can start from them: the same classes, backbone and
+        head architecture (a new backbone or label set starts from a new head); None otherwise."""
+        if not self.checkpoint.is_file():
+            return None
+        current = load_checkpoint_config(self.checkpoint)
+        same_head = dataclasses.replace(current.head, obey_report=cfg.head.obey_report) == cfg.head
+        if not same_source(current.backbone.pretrained, cfg.backbone.pretrained) or not same_head:
+            logger.info("the model in service has another backbone or head: training a new head")
+            return None
+        return read_head_weights(self.checkpoint)
 
     def run_config(self, request: dict, backbone: str | None = None, base: TextDiffConfig | None = None) -> TextDiffConfig:
         """The library config for one run: the base config, the client's epochs / split / batch / lr, the backbone."""
@@ -149,7 +167,8 @@ class TextDiffTrain(StatsTrainTask):
         if base is None:
             base = load_checkpoint_config(self.checkpoint) if self.checkpoint.is_file() else self.cfg
         train = dataclasses.replace(
-            base.train, epochs=int(request.get("max_epochs", self.settings.epochs)),
+            base.train, steps=int(request.get("max_steps", self.settings.steps)),
+            epochs=int(request.get("max_epochs", self.settings.epochs)) or None,
             val_fraction=float(request.get("val_split", base.train.val_fraction)),
             batch_size=int(request.get("train_batch_size", base.train.batch_size)),
             lr=float(request.get("learning_rate", base.train.lr)),
@@ -164,6 +183,13 @@ class TextDiffTrain(StatsTrainTask):
         if backbone != base.backbone.pretrained:  # a new backbone reads images at the scale it learned (its tiling.json)
             read = dataclasses.replace(read, patch_scale=None, max_windows=None)
         return dataclasses.replace(base, train=train, head=head, backbone=read)
+
+
+def same_source(first: str | None, second: str | None) -> bool:
+    """Whether two backbone sources (folders, however written, or hf: ids) name the same model."""
+    if not first or not second or first.startswith("hf:") or second.startswith("hf:"):
+        return first == second
+    return Path(first).resolve() == Path(second).resolve()
 
 
 def _count(value, name: str) -> int:
