@@ -6,7 +6,8 @@ Copies <data>/train (images, final masks, reports) into a fresh studies folder, 
 127.0.0.1, pretrains the backbone over REST when no --backbone is given (POST /train/diffusion_pretrain), trains the
 head (POST /train/textdiff), uploads and segments every image of <data>/test with its report (POST /infer/textdiff),
 scores Dice and IoU against the test masks, and scores the model the server published with `textdiff evaluate`.
-Both go to <out>/rest_loop.json: the same weights must give the same Dice either way.
+Both go to <out>/rest_loop.json: the same weights must give the same Dice either way. With --add-label, one more
+mask is submitted after the first training and the head trained again (the retrain after a new label).
 """
 
 from __future__ import annotations
@@ -58,8 +59,22 @@ def train(url: str, model: str, params: dict) -> dict:
     start = time.perf_counter()
     response = requests.post(f"{url}/train/{model}?run_sync=true", json=params, timeout=24 * 3600)
     response.raise_for_status()
-    print(f"POST /train/{model} {params}: {time.perf_counter() - start:.0f} s", flush=True)
-    return requests.get(f"{url}/info/", timeout=60).json()["train_stats"][model]
+    seconds = time.perf_counter() - start
+    print(f"POST /train/{model} {params}: {seconds:.0f} s", flush=True)
+    return {**requests.get(f"{url}/info/", timeout=60).json()["train_stats"][model], "request_seconds": seconds}
+
+
+def submit_label(url: str, mask: Path) -> None:
+    """Save `mask` as the final label of the image with its name, as Slicer's Submit Label does."""
+    with open(mask, "rb") as handle:
+        response = requests.put(f"{url}/datastore/label?image={mask.name.split('.')[0]}&tag=final",
+                                files={"label": (mask.name, handle)}, timeout=600)
+    response.raise_for_status()
+
+
+def given(**params) -> dict:
+    """The train params set on the command line (the others keep the app's defaults)."""
+    return {name: value for name, value in params.items() if value is not None}
 
 
 def segment_over_rest(url: str, test: Path) -> tuple[list[torch.Tensor], list[dict], float]:
@@ -85,8 +100,14 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="folder with train/ and test/ studies folders")
     parser.add_argument("--labels", default="nucleus", help="--conf labels of the app")
     parser.add_argument("--backbone", help="a pretrained backbone folder (default: pretrain one over REST)")
-    parser.add_argument("--pretrain-epochs", type=int, default=60)
-    parser.add_argument("--epochs", type=int, default=40, help="head training epochs")
+    parser.add_argument("--pretrain-minutes", type=float, help="pretraining budget (default: the app's)")
+    parser.add_argument("--pretrain-epochs", type=int, help="at most this many pretraining epochs (default: the app's)")
+    parser.add_argument("--steps", type=int, help="head optimizer steps of POST /train/textdiff (default: the app's)")
+    parser.add_argument("--epochs", type=int, help="head epochs of POST /train/textdiff instead of steps")
+    parser.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                        help="another --conf of the server, e.g. --conf epochs 100")
+    parser.add_argument("--add-label", type=Path, help="a mask file (its name: the image id) submitted after the first "
+                        "training, then POST /train/textdiff again: the retrain after one more label")
     parser.add_argument("--port", type=int, default=8011)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -95,7 +116,7 @@ def main() -> None:
     shutil.rmtree(studies, ignore_errors=True)
     shutil.rmtree(model_dir, ignore_errors=True)
     shutil.copytree(args.data / "train", studies)
-    conf = {"demo_weights": "false", "labels": args.labels, "healthy_label": ""}
+    conf = {"demo_weights": "false", "labels": args.labels, "healthy_label": "", **dict(args.conf)}
     if args.backbone:
         conf["backbone"] = str(Path(args.backbone).resolve())
     server = start_server(studies, model_dir, args.port, conf, args.out / "server.log")
@@ -103,8 +124,12 @@ def main() -> None:
     try:
         result = {"labels": args.labels, "backbone": args.backbone}
         if not args.backbone:
-            result["pretrain"] = train(url, "diffusion_pretrain", {"max_epochs": args.pretrain_epochs})
-        result["train"] = train(url, "textdiff", {"max_epochs": args.epochs})
+            result["pretrain"] = train(url, "diffusion_pretrain", given(max_epochs=args.pretrain_epochs,
+                                                                        max_minutes=args.pretrain_minutes))
+        result["train"] = train(url, "textdiff", given(max_steps=args.steps, max_epochs=args.epochs))
+        if args.add_label:
+            submit_label(url, args.add_label)
+            result["retrain"] = train(url, "textdiff", given(max_steps=args.steps, max_epochs=args.epochs))
         masks, items, seconds = segment_over_rest(url, args.data / "test")
     finally:
         server.terminate()
@@ -113,7 +138,7 @@ def main() -> None:
     cli = subprocess.run([sys.executable, "-m", "textdiff.cli", "evaluate", "--model", str(model_dir / "textdiff.pt"),
                           "--data", str(args.data / "test"), "--device", "cpu"], capture_output=True, text=True, check=True)
     result["cli"] = json.loads(cli.stdout.strip().splitlines()[-1])
-    for part in ("train", "pretrain"):
+    for part in ("train", "pretrain", "retrain"):
         result.get(part, {}).pop("history", None)
     (args.out / "rest_loop.json").write_text(json.dumps(result, indent=1))
     print(json.dumps({"rest": result["rest"], "cli": result["cli"]}, indent=1))

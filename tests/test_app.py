@@ -262,6 +262,8 @@ def test_pretraining_writes_a_new_backbone_and_retrains_the_head_on_it(client, d
     from textdiff.model.segmenter import load_checkpoint_config
 
     assert load_checkpoint_config(deployment["model_dir"] / "textdiff.pt").backbone.pretrained == backbone
+    assert stats["head"]["continued_from_current"] is False  # a new backbone gets a new head
+    assert stats["stopped"] == "all epochs done" and stats["epochs"] == 1
     assert _infer(client, "case_0002", result_extension=".nrrd").status_code == 200
 
 

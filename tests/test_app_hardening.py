@@ -314,8 +314,8 @@ def test_a_worse_run_is_not_published_a_better_one_is_and_one_request_rolls_back
     assert good.status_code == 200, good.text
     assert good.json()["published"] and checkpoint.read_bytes() != original, good.json()
     trained = checkpoint.read_bytes()
-    bad = requests.post(f"{url}/train/textdiff?run_sync=true", json={"max_epochs": 1, "learning_rate": 1e-9},
-                        timeout=600)
+    bad = requests.post(f"{url}/train/textdiff?run_sync=true", timeout=600,
+                        json={"max_epochs": 1, "learning_rate": 1e-9, "continue_from_current": False})
     assert bad.status_code == 200, bad.text
     stats = bad.json()
     assert stats["validation_dice"] < stats["current_validation_dice"], stats

@@ -96,6 +96,16 @@ def test_repeated_set_options_add_up():
         assert cli._parse_set(args.set) == {"train.epochs": 3, "head.gated_text": True, "train.lr": 0.01}
 
 
+def test_each_command_turns_its_own_options_into_a_config():
+    """A command's options never land in another's setting (time-to-model's --head-steps is not train's --steps)."""
+    parse = cli.build_parser().parse_args
+    assert cli._config(parse(["train", "--data", "d", "--out", "o", "--steps", "7"])).train.steps == 7
+    assert cli._config(parse(["train", "--data", "d", "--out", "o", "--epochs", "2"])).train.epochs == 2
+    for argv in (["time-to-model", "--data", "d", "--out", "o", "--head-steps", "10", "20"], ["profile", "--data", "d"],
+                 ["benchmark", "--steps", "50"]):
+        assert cli._config(parse(argv)).train == cli.TextDiffConfig().train, argv
+
+
 def test_end_to_end_pretrain_train_predict_evaluate(sample_dir, tmp_path, capsys):
     backbone = tmp_path / "backbone"
     assert main(["pretrain", "--data", str(sample_dir / "train"), "--out", str(backbone), "--epochs", "1",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 from textdiff.model.backbone import build_scheduler, build_unet, save_diffusion
 from textdiff.research.profile import profile_pretraining, run_profile
@@ -41,6 +42,8 @@ def test_time_to_model_puts_every_method_and_budget_on_one_time_axis(sample_dir,
     result = run_time_to_model(sample_dir, str(backbone), tmp_path / "out", settings, cfg)
     budgets = {(row["method"], row["budget"]) for row in result["rows"]}
     assert budgets == {("TextDiff head", "1 steps"), ("TextDiff head", "2 steps"),
+                       ("TextDiff head, continued after a label", "1 steps"),
+                       ("TextDiff head, continued after a label", "2 steps"),
                        ("TextDiff, pretraining + head", "0.5 min"), ("MONAI UNet", "1 steps"),
                        ("MONAI UNet, flips", "1 steps")}
     assert all(0 <= row["dice"] <= 1 and row["minutes"] > 0 for row in result["rows"])
@@ -48,3 +51,36 @@ def test_time_to_model_puts_every_method_and_budget_on_one_time_axis(sample_dir,
     assert pretrained["minutes"] > 0.5 and pretrained["steps"] == cfg.train.steps  # the head at its default budget
     assert "cores" in result["hardware"] and (tmp_path / "out" / "dice_vs_minutes.png").is_file()
     assert "| TextDiff head | 2 steps |" in capsys.readouterr().out
+
+
+def test_the_mri_stand_in_centres_its_slices_on_a_scanner_field_of_view(tmp_path):
+    """scripts/mni_tissue.py --canvas: the 256² slices of the speed page, from templates in the MNI files' layout."""
+    import subprocess
+    import sys
+
+    import nibabel as nib
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    t1 = rng.integers(0, 255, (20, 24, 30)).astype(np.uint8)
+    for name, volume in (("t1", t1), ("wm", (t1 > 128).astype(np.uint8) * 255)):
+        nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / f"mni_icbm152_{name}_tal_nlin_sym_09a_converted.nii.gz")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "mni_tissue.py"
+    subprocess.run([sys.executable, str(script), "--templates", str(tmp_path), "--out", str(tmp_path / "out"),
+                    "--canvas", "32", "--first", "5", "--last", "13", "--step", "2"], check=True, capture_output=True)
+    image = np.asarray(Image.open(tmp_path / "out" / "train" / "mni-z005.png"))
+    mask = np.asarray(Image.open(tmp_path / "out" / "train" / "labels" / "final" / "mni-z005.png"))
+    assert image.shape == mask.shape == (32, 32)
+    assert image[:4].max() == 0 and image[:, :6].max() == 0  # the field of view around the 24x20 slice is empty
+    assert np.array_equal(image[4:28, 6:26], np.rot90(t1[:, :, 5]))
+    assert sorted(p.name for p in (tmp_path / "out" / "test").glob("*.png")) == ["mni-z007.png", "mni-z011.png"]
+
+
+def test_the_rest_loop_script_states_its_options():
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "rest_loop.py"
+    done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, check=True)
+    assert "--add-label" in done.stdout and "--pretrain-minutes" in done.stdout

@@ -42,11 +42,22 @@ def _config(args) -> TextDiffConfig:
         overrides["text.encoder"] = args.text_encoder
     if getattr(args, "epochs", None) is not None:
         overrides["train.epochs"] = args.epochs
-    if getattr(args, "head_steps", None) is not None:
-        overrides["train.steps"] = args.head_steps
+    if getattr(args, "train_steps", None) is not None:
+        overrides["train.steps"] = args.train_steps
     if getattr(args, "healthy_label", None) is not None:
         overrides.setdefault("train.healthy_label", args.healthy_label or None)
     return with_overrides(TextDiffConfig(), overrides)
+
+
+def _pairs(items: list[str] | None, usage: str, last: bool = False) -> list[tuple[str, str]]:
+    """`A=B` options as (A, B), split at the first "=" (at the last with `last`: names that hold one)."""
+    pairs = []
+    for item in items or []:
+        key, sep, value = item.rpartition("=") if last else item.partition("=")
+        if not sep:
+            raise ValueError(f"{usage.split()[0]} takes {usage.split()[1]}, got '{item}'")
+        pairs.append((key, value))
+    return pairs
 
 
 def cmd_make_sample_data(args) -> None:
@@ -273,12 +284,7 @@ def cmd_profile(args) -> None:
 def cmd_time_to_model(args) -> None:
     from textdiff.research.time_to_model import TimeToModelSettings, run_time_to_model
 
-    pretrained = {}
-    for item in args.pretrained or []:
-        minutes, sep, folder = item.partition("=")
-        if not sep:
-            raise ValueError(f"--pretrained takes MINUTES=FOLDER, got '{item}'")
-        pretrained[float(minutes)] = folder
+    pretrained = {float(minutes): folder for minutes, folder in _pairs(args.pretrained, "--pretrained MINUTES=FOLDER")}
     settings = TimeToModelSettings(labels=args.labels, seeds=tuple(args.seeds), head_steps=tuple(args.head_steps),
                                    unet_steps=tuple(args.unet_steps), pretrained=pretrained)
     run_time_to_model(Path(args.data), args.backbone, Path(args.out), settings, _config(args))
@@ -293,12 +299,7 @@ def cmd_benchmark_compare(args) -> None:
 def cmd_benchmark_summary(args) -> None:
     from textdiff.research.benchmark import merge_runs
 
-    references = {}
-    for item in args.reference or []:
-        name, sep, value = item.rpartition("=")
-        if not sep:
-            raise ValueError(f"--reference takes NAME=VALUE, got '{item}'")
-        references[name] = float(value)
+    references = {name: float(value) for name, value in _pairs(args.reference, "--reference NAME=VALUE", last=True)}
     merge_runs(args.results, Path(args.out), args.title, references)
 
 
@@ -426,7 +427,7 @@ def _training_commands(command) -> None:
                 [_parent(_model)])
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True, help="checkpoint file (.pt)")
-    p.add_argument("--steps", dest="head_steps", type=int, help="optimizer steps (default: train.steps, 100)")
+    p.add_argument("--steps", dest="train_steps", type=int, help="optimizer steps (default: train.steps, 100)")
     p.add_argument("--epochs", type=int, help="passes over every training window instead of --steps")
     p.add_argument("--limit", type=int, help="use only the first N labeled images")
     p.add_argument("--healthy-label", default="normal", help="images with this image-level label (reports.csv) and no "

@@ -35,34 +35,29 @@ def plot_curves(curves: dict[str, dict[int, tuple[float, float]]], path: str | P
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for index, (name, value) in enumerate((references or {}).items()):
         ax.axhline(value, linestyle="--", linewidth=1, color=f"C{7 + index % 3}", label=f"{name}: {value:.3f}")
-    for name, points in curves.items():
-        xs = sorted(points)
-        means = [points[x][0] for x in xs]
-        stds = [points[x][1] for x in xs]
-        ax.plot(xs, means, marker="o", label=name)
-        ax.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)], alpha=0.15)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("mean Dice (test split)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    _mean_lines(ax, {name: [(x, *points[x]) for x in sorted(points)] for name, points in curves.items()})
+    return _save_lines(fig, ax, path, xlabel, title)
 
 
 def plot_timelines(curves: dict[str, list[dict]], path: str | Path, title: str) -> Path:
     """Dice against minutes: one line per method through its budgets (mean minutes, mean Dice, a band of one sd)."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
+    _mean_lines(ax, {name: sorted((p["minutes"], p["dice"], p["sd"]) for p in points) for name, points in curves.items()})
+    return _save_lines(fig, ax, path, "minutes of training (wall clock)", title, title_size=9)
+
+
+def _mean_lines(ax, curves: dict[str, list[tuple[float, float, float]]]) -> None:
+    """One line per curve through its (x, mean, sd) points, with a band of one sd."""
     for name, points in curves.items():
-        points = sorted(points, key=lambda p: p["minutes"])
-        xs, means, sds = ([p[k] for p in points] for k in ("minutes", "dice", "sd"))
+        xs, means, sds = zip(*points)
         ax.plot(xs, means, marker="o", label=name)
         ax.fill_between(xs, [m - s for m, s in zip(means, sds)], [m + s for m, s in zip(means, sds)], alpha=0.15)
-    ax.set_xlabel("minutes of training (wall clock)")
+
+
+def _save_lines(fig, ax, path: str | Path, xlabel: str, title: str, title_size: float | None = None) -> Path:
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("mean Dice (test split)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=title_size)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

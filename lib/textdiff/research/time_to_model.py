@@ -3,6 +3,8 @@
 For each seed's labeled subset (drawn as `textdiff benchmark` draws it) every method trains at a few budgets, and
 each run gives one point: (minutes of training, Dice on the test split). Methods:
 - "TextDiff head": the head on the pretrained backbone at each of `head_steps` (train.steps);
+- "TextDiff head, continued after a label": the same budgets, starting from the head trained (at the default budget)
+  on the subset with one label fewer, as the app retrains after a new label (`continue_from_current`);
 - "TextDiff, pretraining + head": for each backbone pretrained for a known time (`pretrained`: minutes -> folder),
   the head at the default budget, its point placed at the pretraining minutes plus the head's;
 - "MONAI UNet" from scratch at each of `unet_steps`, without and with flips (the same loss, windows and checkpoint
@@ -47,6 +49,9 @@ class TimeToModelSettings:
     pretrained: dict[float, str] = field(default_factory=dict)  # pretraining minutes -> backbone folder
 
 
+CONTINUED = "TextDiff head, continued after a label"
+
+
 def hardware() -> str:
     """What the minutes were measured on, for titles and tables: the CPU (or GPU) and the threads torch uses."""
     if torch.cuda.is_available():
@@ -78,18 +83,22 @@ class _Backbones:
         return self._loaded[folder]
 
 
-def _head_point(backbones: _Backbones, folder: str, labels: int, seed: int, steps: int | None) -> dict:
-    """Train the head on a fresh feature cache (`steps` None: the default budget); its minutes and test Dice."""
+def _head_point(backbones: _Backbones, folder: str, labels: int, seed: int, steps: int | None,
+                initial: dict | None = None) -> dict:
+    """Train the head on a fresh feature cache (`steps` None: the default budget), from `initial` weights when given;
+    its minutes, test Dice and trained weights ("head")."""
     cfg, extractor, pool, test, test_cache = backbones.get(folder)
     train_cfg = dataclasses.replace(cfg.train, seed=seed, epochs=None, steps=steps or cfg.train.steps)
     train, val = split_train_val(_subset(pool, labels, seed), train_cfg, seed)
     start = time.perf_counter()
     torch.manual_seed(seed)
     model = TextDiffModel(cfg, extractor, backbones.text_encoder).to(backbones.device)
+    if initial is not None:
+        model.head.load_state_dict(initial)
     train_head(model, train, val, train_cfg, cache=FeatureCache(extractor), progress=False)
     minutes = (time.perf_counter() - start) / 60
     dice = score_masks(segment_items(model, test, test_cache), test, cfg.head.num_classes)["mean"]["dice"]
-    return {"steps": train_cfg.steps, "minutes": minutes, "dice": dice}
+    return {"steps": train_cfg.steps, "minutes": minutes, "dice": dice, "head": model.head.state_dict()}
 
 
 def _unet_point(backbones: _Backbones, folder: str, labels: int, seed: int, steps: int, augment: str) -> dict:
@@ -114,6 +123,7 @@ def run_time_to_model(data: Path, backbone: str, out: Path, settings: TimeToMode
     backbones, rows = _Backbones(cfg, data, device), []
 
     def record(method: str, seed: int, point: dict, extra_minutes: float = 0.0) -> None:
+        point = {k: v for k, v in point.items() if k != "head"}
         rows.append({"method": method, "seed": seed, "budget": f"{point['steps']} steps", **point,
                      "minutes": point["minutes"] + extra_minutes})
         print(f"{method:<30} seed={seed} budget={rows[-1]['budget']:<10} minutes={rows[-1]['minutes']:.2f} "
@@ -123,6 +133,10 @@ def run_time_to_model(data: Path, backbone: str, out: Path, settings: TimeToMode
     for seed in settings.seeds:
         for steps in settings.head_steps:
             record("TextDiff head", seed, _head_point(backbones, backbone, settings.labels, seed, steps))
+        if settings.labels > 1:  # a retrain after one more label, from the head trained before it
+            before = _head_point(backbones, backbone, settings.labels - 1, seed, None)["head"]
+            for steps in settings.head_steps:
+                record(CONTINUED, seed, _head_point(backbones, backbone, settings.labels, seed, steps, before))
         for minutes, folder in sorted(settings.pretrained.items()):
             point = _head_point(backbones, folder, settings.labels, seed, None)
             record("TextDiff, pretraining + head", seed, {**point, "budget": f"{minutes:g} min"}, minutes)

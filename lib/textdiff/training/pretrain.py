@@ -172,12 +172,10 @@ def fit_denoiser(
     dataset = TensorDataset(images, *(conditions or {}).values()) if torch.is_tensor(images) else images
     sampler = DistributedSampler(dataset, shuffle=True, seed=settings.seed) if world > 1 else None
     loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=sampler is None, sampler=sampler, drop_last=len(dataset) > settings.batch_size)
-    optimizer = torch.optim.AdamW(_parameter_groups(unet, settings), lr=settings.lr, weight_decay=1e-4)
-    amp_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
-    grad_scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and amp_dtype == torch.float16)
+    step = _DenoisingStep(model, unet, scheduler, torch.optim.AdamW(_parameter_groups(unet, settings), lr=settings.lr,
+                                                                    weight_decay=1e-4), device)
     history, stop = list(settings.history), _Stop(settings, len(settings.history), device)
-    # one tick per batch: with large images an epoch takes minutes, and a bar by epochs would sit at 0 % that long
-    bar = tqdm(total=settings.epochs * len(loader), desc="denoiser", disable=not progress or rank > 0, unit="batch")
+    bar = stop.progress_bar(settings.epochs * len(loader), disable=not progress or rank > 0)
     for epoch in range(settings.epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
@@ -185,21 +183,10 @@ def fit_denoiser(
         for batch, *values in loader:
             batch = batch.to(device)
             given = {name: value.to(device) for name, value in zip(names, values)}
-            noise = torch.randn_like(batch)
-            steps = torch.randint(0, scheduler.config.num_train_timesteps, (batch.shape[0],), device=device)
-            noisy = scheduler.add_noise(batch, noise, steps)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=device.type == "cuda"):
-                predicted = model(noisy, steps, **given)
-                loss = F.mse_loss(getattr(predicted, "sample", predicted).float(), noise)
-            optimizer.zero_grad(set_to_none=True)
-            grad_scaler.scale(loss).backward()
-            grad_scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-            grad_scaler.step(optimizer)
-            grad_scaler.update()
+            loss = step(batch, given)
             ema.step(unet.parameters())
-            total, count = total + loss.item() * batch.shape[0], count + batch.shape[0]
-            bar.update()
+            total, count = total + loss * batch.shape[0], count + batch.shape[0]
+            stop.tick(bar)
             if stop.out_of_time():
                 break
         history.append({"epoch": len(history) + 1, "loss": total / count, "seconds": time.perf_counter() - start})
@@ -217,6 +204,32 @@ def fit_denoiser(
     if world > 1:
         dist.barrier()
     return history
+
+
+class _DenoisingStep:
+    """One optimizer step of noise prediction on a batch: random timesteps, mixed precision on a GPU, clipped
+    gradients; returns the batch's mean squared error."""
+
+    def __init__(self, model, unet, scheduler, optimizer, device: torch.device):
+        self.model, self.unet, self.scheduler, self.optimizer, self.device = model, unet, scheduler, optimizer, device
+        cuda = device.type == "cuda"
+        self.amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+        self.grad_scaler = torch.amp.GradScaler("cuda", enabled=cuda and self.amp_dtype == torch.float16)
+
+    def __call__(self, batch: torch.Tensor, given: dict[str, torch.Tensor]) -> float:
+        noise = torch.randn_like(batch)
+        steps = torch.randint(0, self.scheduler.config.num_train_timesteps, (batch.shape[0],), device=self.device)
+        noisy = self.scheduler.add_noise(batch, noise, steps)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.device.type == "cuda"):
+            predicted = self.model(noisy, steps, **given)
+            loss = F.mse_loss(getattr(predicted, "sample", predicted).float(), noise)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.grad_scaler.scale(loss).backward()
+        self.grad_scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.unet.parameters(), 1.0)
+        self.grad_scaler.step(self.optimizer)
+        self.grad_scaler.update()
+        return loss.item()
 
 
 STOP_REASONS = {"epochs": "all epochs done", "budget": "the time budget is spent",
@@ -240,6 +253,20 @@ class _Stop:
     def out_of_time(self) -> bool:
         minutes = self.settings.max_minutes
         return minutes is not None and bool(self._rank0(int(time.monotonic() - self.start >= 60 * minutes)))
+
+    def progress_bar(self, batches: int, disable: bool) -> tqdm:
+        """A bar over the time budget (in seconds) when there is one, else over the batches: with large images an
+        epoch takes minutes, and a bar by epochs would sit at 0 % that long."""
+        if self.settings.max_minutes is None:
+            return tqdm(total=batches, desc="denoiser", unit="batch", disable=disable)
+        return tqdm(total=round(60 * self.settings.max_minutes), desc="denoiser", unit="s", disable=disable)
+
+    def tick(self, bar: tqdm) -> None:
+        """One batch done."""
+        if self.settings.max_minutes is None:
+            bar.update()
+        else:
+            bar.update(min(bar.total, round(time.monotonic() - self.start)) - bar.n)
 
     def time_left(self) -> str:
         """For the log: how much of the time budget is left ("" without one)."""

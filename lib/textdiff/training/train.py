@@ -193,17 +193,28 @@ def train_head(
     train_items = training_windows(train_items, model.image_size, cfg)
     selection = validation_windows(selection_items(windows_of(val_items, model.image_size), train_items), cfg)
     loop.cache.fill(selection + extra, progress=progress)
+    return _fit(model, loop, train_items, selection, checkpoint, progress)
+
+
+def _fit(model: TextDiffModel, loop: "_Loop", train_items: list[dict], selection: list[dict],
+         checkpoint: str | Path | None, progress: bool) -> TrainResult:
+    """A run's rounds: optimizer steps, then validation on `selection` and the checkpoint choice; `model` ends with the
+    best round's weights."""
+    cfg = loop.cfg
     rounds = training_rounds(len(train_items), cfg)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=len(rounds))
+    # the learning rate follows a cosine down the run's steps (down its epochs when training by epochs, that recipe)
+    per_step = cfg.epochs is None
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=sum(rounds) if per_step else len(rounds))
     batches = _shuffled_batches(train_items, cfg.batch_size, loop.rng)
     history, best = [], TrainResult([], -1.0, 0)
     best_state, choice, done = None, CheckpointChoice(cfg.selection_window), 0
     bar = tqdm(total=sum(rounds), desc="train", unit="step", disable=not progress)
     for number, steps in enumerate(rounds, start=1):
         start = time.perf_counter()
-        loss = loop.train(batches, steps, optimizer)
-        scheduler.step()
+        loss = loop.train(batches, steps, optimizer, scheduler if per_step else None)
+        if not per_step:
+            scheduler.step()
         seconds, done = time.perf_counter() - start, done + steps
         dice = dice_per_image(predict_logits(model, selection, loop.cache),
                               torch.stack([it["label"] for it in selection]), model.cfg.head.num_classes).mean().item()
@@ -281,8 +292,9 @@ class _Loop:
     merge_generator: torch.Generator
     device: torch.device
 
-    def train(self, batches, steps: int, optimizer: torch.optim.Optimizer) -> float:
-        """`steps` optimizer steps on the next batches; returns the mean loss per window."""
+    def train(self, batches, steps: int, optimizer: torch.optim.Optimizer, scheduler=None) -> float:
+        """`steps` optimizer steps on the next batches (each followed by a `scheduler` step when given); returns the
+        mean loss per window."""
         self.model.train()
         total, count = 0.0, 0
         for _ in range(steps):
@@ -291,6 +303,8 @@ class _Loop:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             total, count = total + loss.item() * len(chunk), count + len(chunk)
         return total / count
 
