@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 
 def plot_training(history: list[dict], path: str | Path) -> Path:
@@ -40,10 +41,13 @@ def plot_curves(curves: dict[str, dict[int, tuple[float, float]]], path: str | P
 
 
 def plot_timelines(curves: dict[str, list[dict]], path: str | Path, title: str) -> Path:
-    """Dice against minutes: one line per method through its budgets (mean minutes, mean Dice, a band of one sd)."""
+    """Dice against minutes: one line per method through its budgets (mean minutes, mean Dice, a band of one sd).
+    Minutes on a log axis, so that seconds of head training and half an hour of pretraining both read."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
     _mean_lines(ax, {name: sorted((p["minutes"], p["dice"], p["sd"]) for p in points) for name, points in curves.items()})
-    return _save_lines(fig, ax, path, "minutes of training (wall clock)", title, title_size=9)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+    return _save_lines(fig, ax, path, "minutes of training (wall clock, log scale)", title, title_size=9)
 
 
 def _mean_lines(ax, curves: dict[str, list[tuple[float, float, float]]]) -> None:
