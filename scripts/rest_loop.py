@@ -7,7 +7,9 @@ Copies <data>/train (images, final masks, reports) into a fresh studies folder, 
 head (POST /train/textdiff), uploads and segments every image of <data>/test with its report (POST /infer/textdiff),
 scores Dice and IoU against the test masks, and scores the model the server published with `textdiff evaluate`.
 Both go to <out>/rest_loop.json: the same weights must give the same Dice either way. With --add-label, one more
-mask is submitted after the first training and the head trained again (the retrain after a new label).
+mask is submitted after the first training and the head trained again (the retrain after a new label). With
+--busy-infer, one test image is also segmented over and over while the server is idle, while a background head
+training runs and while a background scoring job runs: the seconds each request took go to rest_loop.json.
 """
 
 from __future__ import annotations
@@ -95,6 +97,36 @@ def segment_over_rest(url: str, test: Path) -> tuple[list[torch.Tensor], list[di
     return masks, items, time.perf_counter() - start
 
 
+def infer_seconds(url: str, image: Path) -> float:
+    """Seconds of one POST /infer/textdiff of `image` (its mask returned as a PNG)."""
+    start = time.perf_counter()
+    with open(image, "rb") as handle:
+        response = requests.post(f"{url}/infer/textdiff?output=image", files={"file": (image.name, handle)},
+                                 data={"params": json.dumps({"result_extension": ".png"})}, timeout=3600)
+    response.raise_for_status()
+    return time.perf_counter() - start
+
+
+def busy_infer(url: str, image: Path, repeats: int = 10, pause: float = 2.0) -> dict:
+    """Seconds per POST /infer/textdiff of one image, `pause` seconds apart (a person looks at each mask): idle,
+    while a background head training runs (as Slicer's Train button starts it) and while a background scoring job
+    runs, each until its job ends; and how long each job took."""
+    result = {"idle": [infer_seconds(url, image) for _ in range(repeats)]}
+    for job, path in (("train", "train/textdiff"), ("scoring", "scoring/textdiff_uncertainty")):
+        start = time.perf_counter()
+        requests.post(f"{url}/{path}", json={}, timeout=60).raise_for_status()
+        time.sleep(5)  # the job's process has started and is loading
+        seconds = []
+        while requests.get(f"{url}/{path.split('/')[0]}/?check_if_running=true", timeout=60).ok:
+            seconds.append(infer_seconds(url, image))
+            time.sleep(pause)
+        result[f"during {job}"] = seconds
+        result[f"{job} seconds"] = time.perf_counter() - start
+        print(f"infer during {job} ({result[f'{job} seconds']:.0f} s): {len(seconds)} requests, median "
+              f"{np.median(seconds or [0]):.2f} s, max {max(seconds or [0]):.2f} s", flush=True)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="folder with train/ and test/ studies folders")
@@ -108,6 +140,8 @@ def main() -> None:
                         help="another --conf of the server, e.g. --conf epochs 100")
     parser.add_argument("--add-label", type=Path, help="a mask file (its name: the image id) submitted after the first "
                         "training, then POST /train/textdiff again: the retrain after one more label")
+    parser.add_argument("--busy-infer", action="store_true", help="also time POST /infer/textdiff of one test image "
+                        "idle and while a background training and a scoring job run")
     parser.add_argument("--port", type=int, default=8011)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -131,6 +165,9 @@ def main() -> None:
             submit_label(url, args.add_label)
             result["retrain"] = train(url, "textdiff", given(max_steps=args.steps, max_epochs=args.epochs))
         masks, items, seconds = segment_over_rest(url, args.data / "test")
+        if args.busy_infer:
+            cases = read_studies(args.data / "test")
+            result["busy_infer"] = busy_infer(url, cases[len(cases) // 2].image)
     finally:
         server.terminate()
         server.wait(60)

@@ -154,6 +154,30 @@ def test_a_wrong_label_is_refused_and_the_saved_one_kept(client, deployment):
     assert final.read_bytes() == before
 
 
+def test_clients_on_other_machines_are_refused_without_a_login(client):
+    """The bare `monailabel start_server` listens on every interface: the app answers only this machine's clients."""
+    from fastapi.testclient import TestClient
+    from monailabel.app import app
+
+    from lib.endpoints.local_only import is_local
+
+    remote = TestClient(app, client=("203.0.113.5", 40000))
+    refused = remote.get("/info/")
+    assert refused.status_code == 403 and "--conf trusted_networks" in refused.json()["detail"]
+    assert remote.post("/infer/textdiff?image=case_0001").status_code == 403
+    assert client.get("/info/").status_code == 200
+    assert all(map(is_local, ("127.0.0.1", "127.3.2.1", "::1", "::ffff:127.0.0.1", "localhost", None)))
+    assert not any(map(is_local, ("10.0.0.2", "::ffff:10.0.0.2", "fe80::1", "example.org")))
+
+
+def test_gpu_logs_say_there_is_no_gpu_instead_of_failing(client, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    response = client.get("/logs/gpu")
+    assert response.status_code == 404 and "no NVIDIA GPU" in response.json()["detail"]
+
+
 def test_a_corrupt_or_unsupported_upload_is_refused(client, deployment):
     response = client.put("/datastore/image?image=broken", files={"file": ("broken.png", b"not a png", "image/png")})
     assert response.status_code == 422 and "corrupt" in response.json()["detail"]
@@ -184,6 +208,18 @@ def test_active_learning_strategies_return_unlabeled_images(client, deployment):
     # diverse remembers what it handed out: two clicks give the two different unlabeled images, then nothing
     picks = [client.post("/activelearning/diverse").json().get("id") for _ in range(3)]
     assert set(picks[:2]) == unlabeled and picks[2] is None
+
+
+def test_an_image_known_to_be_normal_is_never_asked_for(client):
+    """Its mask is known to be empty (training uses it so): uncertainty passes over it, however unsure the model."""
+    unlabeled = {"case_0004", "case_0005"}
+    normal = client.post("/activelearning/uncertainty").json()["id"]
+    response = client.put(f"/datastore/image/info?image={normal}", data={"info": json.dumps({"image_label": "normal"})})
+    assert response.status_code == 200, response.text
+    try:
+        assert client.post("/activelearning/uncertainty").json()["id"] == (unlabeled - {normal}).pop()
+    finally:
+        client.put(f"/datastore/image/info?image={normal}", data={"info": json.dumps({"image_label": ""})})
 
 
 def test_training_publishes_a_new_model_that_infer_uses_without_restart(client, deployment):

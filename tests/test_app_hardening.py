@@ -182,6 +182,12 @@ def test_cors_answers_only_configured_origins(server):
     assert "access-control-allow-origin" not in {k.lower() for k in response.headers}
 
 
+def test_a_real_server_answers_loopback_and_says_whom_it_answers(server):
+    assert requests.get(f"{server['url']}/info/", timeout=30).status_code == 200
+    logs = "".join(path.read_text(errors="replace") for path in server["root"].glob("server-*.log"))
+    assert "answering clients on this machine only" in logs
+
+
 def test_reports_stay_out_of_the_log(server):
     secret = "Patchy opacity in the left lower lobe of Jane Doe."
     assert requests.post(f"{server['url']}/infer/textdiff?image=case_0001&output=json", timeout=60,

@@ -134,6 +134,7 @@ def test_background_scoring_stores_an_uncertainty_for_every_unlabeled_image(serv
             break
         time.sleep(2)
     assert status["status"] == "DONE", status
+    assert any("background job at CPU priority 19 (nice)" in line for line in status["details"]), status["details"]
     objects = requests.get(f"{url}/datastore/?output=all", timeout=30).json()["objects"]
     unlabeled = [key for key, obj in objects.items() if "final" not in obj.get("labels", {})]
     assert unlabeled

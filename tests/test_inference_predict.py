@@ -228,6 +228,29 @@ def test_a_blank_slice_of_a_volume_is_background_without_a_backbone_pass(make_mo
     assert sum(calls) == 2 * len(model.cfg.backbone.timesteps)  # two slices, one pass per noise step
 
 
+def test_a_volume_logs_its_progress_with_the_blank_slices_it_skipped(make_model, h, caplog):
+    model = make_model()
+    volume = torch.rand(1, 40, 48, 3)
+    volume[..., 0] = 0.0
+    with caplog.at_level("INFO", logger="textdiff.training.inference"):
+        segment_image(model, volume, h.infected)
+    assert any("segmented 3/3 slices (1 blank, skipped)" in line for line in caplog.messages), caplog.messages
+
+
+def test_fast_reading_is_bfloat16_only_where_the_cpu_computes_it(make_model, h, monkeypatch):
+    """On a CPU without native bfloat16 the fast path is float32 exactly; with it, nearly the same mask."""
+    from textdiff.training import inference
+
+    model = make_model()
+    image = torch.rand(1, 40, 48)
+    reference = segment_image(model, image, h.infected, fast=False)
+    monkeypatch.setattr(inference, "native_bfloat16", lambda: False)
+    torch.testing.assert_close(segment_image(model, image, h.infected), reference)
+    monkeypatch.setattr(inference, "native_bfloat16", lambda: True)
+    fast = segment_image(model, image, h.infected)
+    assert fast.shape == reference.shape and (fast != reference).float().mean() < 0.1
+
+
 def test_a_dx_file_with_only_pixel_spacing_gets_its_mask_at_that_spacing(tmp_path, h, make_model):
     """ITK reads a DX file's spacing from ImagerPixelSpacing only; PixelSpacing alone must not become 1 mm."""
     path = h.write_dicom(tmp_path / "dx.dcm", np.zeros((30, 40), np.uint16), spacing=(0.2, 0.3))

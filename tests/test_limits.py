@@ -73,3 +73,21 @@ def test_weights_come_from_a_folder_unless_the_hub_is_asked_for_by_name(tmp_path
     assert sources.resolve("hf:google/ddpm-cifar10-32", "backbone") == ("google/ddpm-cifar10-32", True)
     with pytest.raises(FileNotFoundError, match="no backbone folder 'google/ddpm-cifar10-32'"):
         sources.resolve("google/ddpm-cifar10-32", "backbone")
+
+
+def test_remote_clients_are_answered_from_trusted_networks_or_with_a_login():
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from lib.endpoints.local_only import LocalOnly, trusted_networks
+
+    server = FastAPI()
+    server.get("/ping")(lambda: {"ok": True})
+    trusted = trusted_networks("10.0.0.0/8, 2001:db8::/32")
+    cases = [("10.1.2.3", False, 200), ("::ffff:10.1.2.3", False, 200), ("2001:db8::5", False, 200),
+             ("198.51.100.7", False, 403), ("198.51.100.7", True, 200), ("127.0.0.1", False, 200)]
+    for host, login, status in cases:
+        answer = TestClient(LocalOnly(server, trusted, login), client=(host, 5000)).get("/ping")
+        assert answer.status_code == status, (host, login)
+    with pytest.raises(ValueError, match="'10.0.0.300/8' is not a network"):
+        trusted_networks("10.0.0.0/8,10.0.0.300/8")

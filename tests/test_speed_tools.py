@@ -1,4 +1,4 @@
-"""`textdiff profile` and `textdiff time-to-model`: the speed tools run on tiny models and say what they measured."""
+"""`textdiff profile`, `time-to-model` and `infer-speed`: the speed tools run on tiny models and say what they measured."""
 
 from __future__ import annotations
 
@@ -83,4 +83,23 @@ def test_the_rest_loop_script_states_its_options():
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "rest_loop.py"
     done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, check=True)
-    assert "--add-label" in done.stdout and "--pretrain-minutes" in done.stdout
+    assert all(option in done.stdout for option in ("--add-label", "--pretrain-minutes", "--busy-infer"))
+
+
+def test_infer_speed_times_each_reading_of_images_and_a_volume(make_model, sample_dir, tmp_path, capsys):
+    import nibabel as nib
+    import numpy as np
+
+    from textdiff.cli import main
+    from textdiff.model.segmenter import save_checkpoint
+
+    checkpoint = save_checkpoint(make_model(), tmp_path / "model.pt")
+    volume = tmp_path / "volume.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((30, 36, 4)).astype(np.float32), np.eye(4)), volume)
+    main(["infer-speed", "--model", str(checkpoint), "--data", str(sample_dir / "test"), "--volume", str(volume),
+          "--volume-shape", "40", "48", "3", "--overlaps", "0.25", "0", "--out", str(tmp_path / "speed.json")])
+    rows = json.loads((tmp_path / "speed.json").read_text())["rows"]
+    assert [row["reading"] for row in rows] == ["float32, overlap 0.25", "fast, overlap 0.25",
+                                                "float32, overlap 0", "fast, overlap 0"]
+    assert all(row["seconds_per_image"] > 0 and 0 <= row["dice"] <= 1 and row["volume_seconds"] > 0 for row in rows)
+    assert rows[0]["pixels_changed"] == 0 and "volume 40x48x3" in capsys.readouterr().out

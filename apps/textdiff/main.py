@@ -12,7 +12,7 @@ import logging
 import os
 
 import monailabel
-from lib import endpoints
+from lib import endpoints, jobs
 from lib.endpoints import checks
 from lib.configs.cdm import CDMTaskConfig
 from lib.configs.textdiff import TextDiffTaskConfig
@@ -63,7 +63,8 @@ class MyApp(MONAILabelApp):
         return {MODEL: self.model.trainer(), PRETRAIN: self.model.pretrainer(), CDM: self.cdm.trainer()}
 
     def init_strategies(self):
-        return {"random": Random(), "first": First(), **self.model.strategy()}
+        """`uncertainty` first (the default: docs/results/active-learning.md), as Slicer's and OHIF's lists show it."""
+        return {**self.model.strategy(), "random": Random(), "first": First()}
 
     def init_scoring_methods(self):
         return self.model.scoring_method()
@@ -79,7 +80,8 @@ class MyApp(MONAILabelApp):
             endpoints.install(server, max_upload_bytes=conf.max_upload_mb << 20,
                               infer_workers=max(1, conf.infer_workers), infer_queue=max(0, conf.infer_queue),
                               cors_origins=origins or [str(o) for o in settings.MONAI_LABEL_CORS_ORIGINS],
-                              pacs=self.studies.startswith(("http://", "https://")), viewer_dir=conf.viewer_dir)
+                              pacs=self.studies.startswith(("http://", "https://")), viewer_dir=conf.viewer_dir,
+                              trusted=conf.trusted_networks)
 
     def info(self):
         """MONAI Label's /info, with how good the CDM's masks are where final masks exist: scored at the end of its
@@ -94,18 +96,28 @@ class MyApp(MONAILabelApp):
     def infer(self, request, datastore=None):
         return super().infer(checks.infer_request(self, request), datastore)
 
+    def train(self, request):
+        self._yield_if_background()
+        return super().train(request)
+
     def batch_infer(self, request, datastore=None):
         """`POST /batch/infer/cdm?images=unlabeled` pre-annotates every unlabeled image as an `original` label."""
+        self._yield_if_background()
         return super().batch_infer(checks.batch_infer_request(self, request), datastore)
 
     def next_sample(self, request):
-        strategy = request.get("strategy") or "random"
+        strategy = request.get("strategy") or "uncertainty"
         checks.known("active-learning strategy", strategy, self._strategies)
         return super().next_sample(request)
 
     def scoring(self, request, datastore=None):
         checks.known("scoring method", request.get("method"), self._scoring_methods)
+        self._yield_if_background()
         return super().scoring(request, datastore)
+
+    def _yield_if_background(self):
+        conf = self.model.settings
+        jobs.yield_to_requests(conf.job_nice, conf.train_threads)
 
     def bundle_path(self, model):
         """MONAI Label asks this in the server process just before it starts a background train or scoring job:

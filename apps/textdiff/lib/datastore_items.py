@@ -20,6 +20,13 @@ logger = logging.getLogger(__name__)
 SLICES_PER_VOLUME = 8
 
 
+def to_label(datastore: Datastore, healthy_label: str) -> list[str]:
+    """The unlabeled images a clinician may be asked to draw: those whose image-level label says normal
+    (`healthy_label`) are not, since their mask is known to be empty (training uses them as such)."""
+    normal = {key for key, label in datastore.image_labels().items() if label == healthy_label} if healthy_label else set()
+    return [key for key in datastore.get_unlabeled_images() if key not in normal]
+
+
 def load_items(datastore: Datastore, keys: list[str], model: TextDiffModel) -> tuple[list[dict], list[str]]:
     """(items with their reports and `source` ids, ids of files that could not be read)."""
     items, skipped = [], []

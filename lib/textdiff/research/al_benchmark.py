@@ -1,9 +1,12 @@
-"""`textdiff al-benchmark`: simulate the labeling loop on the sample data and compare how strategies pick images.
+"""`textdiff al-benchmark`: replay the labeling loop on a data set and compare how strategies pick images.
 
-Every strategy starts from the same seeded `start` labeled images, trains TextDiff, scores the test split, then
-"asks the clinician" for `step` more masks (taken from train-groundtruth/) chosen by the strategy, for `rounds`
-rounds. Prints a table of test Dice per round and writes al_results.json and al_dice_per_round.png.
-Seeds can run as separate processes (or machines) and be summarised together afterwards (`textdiff al-summary`).
+Every strategy starts from the same seeded `start` labeled images, trains TextDiff as `textdiff benchmark` does (the
+app's reading of each image and, unless `steps` is given, its step budget), scores the test split, then "asks the
+clinician" for `step` more masks (from train-groundtruth/, else the pool's own masks) chosen by the strategy, for
+`rounds` rounds. Images known to be normal (image-level label `train.healthy_label`) are never asked for: they join
+training with an empty mask, as in the app. Prints a table of test Dice per round and writes al_results.json and
+al_dice_per_round.png. Seeds can run as separate processes (or machines) and be summarised together afterwards
+(`textdiff al-summary`).
 """
 
 from __future__ import annotations
@@ -12,22 +15,21 @@ import dataclasses
 import json
 import random
 import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from textdiff.activelearning import image_embeddings, pick_diverse, uncertainty_scores
-from textdiff.model.backbone import make_extractor
-from textdiff.research.benchmark import _pool, _subset, epochs_for
 from textdiff.config import TextDiffConfig
-from textdiff.data.studies import load_case, read_studies
+from textdiff.data.studies import read_studies
 from textdiff.model.features import FeatureCache
-from textdiff.training.inference import score_masks, segment_items
 from textdiff.model.segmenter import TextDiffModel
 from textdiff.plots import plot_curves
-from textdiff.model.text import TextEncoder
-from textdiff.training.train import split_train_val, train_head
+from textdiff.research.benchmark import BenchmarkSettings, _masks, _Models, _pool, _split, _subset
+from textdiff.training.inference import score_masks
+from textdiff.training.train import healthy_cases
 
 STRATEGIES = ("random", "uncertainty", "diverse")
 
@@ -38,7 +40,9 @@ class LabelingSettings:
     step: int = 5
     rounds: int = 3
     seeds: tuple[int, ...] = (0, 1, 2)
-    steps: int = 200
+    # Optimizer steps per training in passes over the training windows (as `textdiff benchmark --steps`); None: the
+    # app's step budget (train.steps)
+    steps: int | None = None
     strategies: tuple[str, ...] = STRATEGIES
 
 
@@ -61,42 +65,43 @@ def run_labeling_benchmark(data: Path, backbone: str | None, out: Path, settings
                            cfg: TextDiffConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, pretrained=backbone))
-    cache = FeatureCache(make_extractor(cfg.backbone).to(device))
-    text_encoder = TextEncoder(cfg.text)
-    size, channels = cache.extractor.cfg.image_size, cache.extractor.cfg.in_channels
-    pool = [load_case(c, size, channels, 2) for c in _pool(data)]
-    test = [load_case(c, size, channels, 2) for c in read_studies(data / "test")]
-    cache.fill(pool + test, progress=True)  # the slow part, once: every round then reads cached features
+    models = _Models(cfg, backbone, device)
+    probe, cache = models.model("textdiff"), models.cache("textdiff")
+    pool_cases = _pool(data)
+    healthy = {c.id for c in healthy_cases([dataclasses.replace(c, label=None) for c in pool_cases],
+                                           cfg.train.healthy_label)}
+    pool = [probe.load(c) for c in pool_cases]
+    candidates = [item for item in pool if item["id"] not in healthy]  # what a clinician could be asked to draw
+    test = [probe.load(c) for c in read_studies(data / "test")]
+    bench = BenchmarkSettings(steps=settings.steps, methods=("textdiff",), timing=False)
 
-    def train_and_score(labeled: list[dict], seed: int) -> tuple[TextDiffModel, float]:
-        torch.manual_seed(seed)
-        model = TextDiffModel(cfg, cache.extractor, text_encoder).to(device)
-        train, val = split_train_val(labeled, cfg.train, seed)
-        epochs = epochs_for(settings.steps, len(train), cfg.train.batch_size)
-        train_head(model, train, val, dataclasses.replace(cfg.train, epochs=epochs, seed=seed), cache=cache,
-                   progress=False)
-        return model, score_masks(segment_items(model, test, cache=cache), test, 2)["mean"]["dice"]
+    def train_and_score(labeled: list[dict], seed: int) -> tuple[TextDiffModel, float, float]:
+        start = time.perf_counter()
+        split = _split(pool, healthy, labeled, seed, models.cfg, bench, {})
+        masks = _masks("textdiff", split, test, models, bench, seed)
+        dice = score_masks(masks, test, probe.cfg.head.num_classes)["mean"]["dice"]
+        return models.last["textdiff"], dice, time.perf_counter() - start
 
     rows = []
     for seed in settings.seeds:
-        start = _subset(pool, settings.start, seed)
-        start_model, start_dice = train_and_score(start, seed)  # the same first round for every strategy
+        start = _subset(candidates, settings.start, seed)
+        first = train_and_score(start, seed)  # the same first round for every strategy
         for strategy in settings.strategies:
             rng = random.Random(seed)
-            labeled, model, dice = start, start_model, start_dice
+            labeled, (model, dice, seconds) = start, first
             for round_ in range(settings.rounds + 1):
                 if round_ > 0:
-                    model, dice = train_and_score(labeled, seed)
+                    model, dice, seconds = train_and_score(labeled, seed)
                 rows.append({"strategy": strategy, "seed": seed, "round": round_, "labels": len(labeled), "dice": dice,
-                             "picked": [item["id"] for item in labeled]})
-                print(f"{strategy:<12} seed={seed} round={round_} labels={len(labeled):<3} dice={dice:.4f}", flush=True)
+                             "seconds": seconds, "picked": [item["id"] for item in labeled]})
+                print(f"{strategy:<12} seed={seed} round={round_} labels={len(labeled):<3} dice={dice:.4f} "
+                      f"({seconds:.0f} s)", flush=True)
                 if round_ < settings.rounds:
                     taken = {item["id"] for item in labeled}
-                    unlabeled = [item for item in pool if item["id"] not in taken]
+                    unlabeled = [item for item in candidates if item["id"] not in taken]
                     labeled = labeled + choose(strategy, model, cache, labeled, unlabeled, settings.step, rng)
     (out / "al_results.json").write_text(json.dumps({"rows": rows, "settings": dataclasses.asdict(settings),
-                                                      "backbone": backbone}, indent=1))
+                                                      "backbone": backbone, "healthy": sorted(healthy)}, indent=1))
     return summarise_labeling(rows, out)
 
 

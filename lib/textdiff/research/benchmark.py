@@ -205,12 +205,11 @@ class _Split:
     copies: dict[str, list[dict]] | None
 
 
-def _split(pool: list[dict], healthy: set[str], count: int, seed: int, cfg: TextDiffConfig,
+def _split(pool: list[dict], healthy: set[str], labeled: list[dict], seed: int, cfg: TextDiffConfig,
            settings: BenchmarkSettings, synthetic: dict[str, list[dict]]) -> _Split:
-    """The labeled subset of `count` images for `seed`, split for model selection; the pool's healthy images join
-    training with an empty mask (cfg.train.healthy_label), the rest of the pool trains through its reports alone
+    """The `labeled` images of the pool, split for model selection; the pool's healthy images join training with an
+    empty mask (cfg.train.healthy_label), the rest of the pool trains through its reports alone
     (cfg.train.report_weight)."""
-    labeled = _subset(pool, count, seed)
     train, val = split_train_val(labeled, cfg.train, seed)
     drawn = {it["id"] for it in labeled}
     train += [with_empty_mask(it) for it in pool if it["id"] in healthy and it["id"] not in drawn]
@@ -268,7 +267,7 @@ def run_benchmark(data: Path, backbone: str | None, out: Path, settings: Benchma
     rows, about = [], {"settings": dataclasses.asdict(settings), "backbone": backbone, "device": str(device)}
     for count in settings.label_counts:
         for seed in settings.seeds:
-            split = _split(pool, healthy, count, seed, models.cfg, settings, synthetic)
+            split = _split(pool, healthy, _subset(pool, count, seed), seed, models.cfg, settings, synthetic)
             for method in settings.methods:
                 start = time.perf_counter()
                 masks = _masks(method, split, test, models, settings, seed)

@@ -103,9 +103,11 @@ def predict_logits(model: TextDiffModel, items: list[dict], cache: FeatureCache,
     outputs = []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
-        features = [torch.stack(scale).to(device) for scale in zip(*(cache.get(item) for item in chunk))]
+        # float16 as cached, widened before stacking (CPU autocast has no float16 stack)
+        features = [torch.stack([f.float() for f in scale]).to(device)
+                    for scale in zip(*(cache.get(item) for item in chunk))]
         outputs.append(model.logits_from_features(features, [item["report"] for item in chunk],
-                                                  [item.get("box") for item in chunk]).cpu())
+                                                  [item.get("box") for item in chunk]).float().cpu())
     return torch.cat(outputs)
 
 

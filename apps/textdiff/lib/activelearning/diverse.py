@@ -1,7 +1,8 @@
 """Strategy `diverse`: the unlabeled image farthest from the labeled ones in diffusion-feature space.
 
 Images handed out in the last hour that are still unlabeled count as labeled too (as do any ids a client passes in
-`exclude`), so five clicks on "Next Sample" give five different kinds of image, not five near-copies.
+`exclude`), so five clicks on "Next Sample" give five different kinds of image, not five near-copies. Images known
+to be normal are never picked (`to_label`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from monailabel.interfaces.tasks.strategy import Strategy
 from textdiff.activelearning import image_embeddings, pick_diverse
 from textdiff.model.features import FeatureCache
 
-from ..datastore_items import load_items, mean_by_source
+from ..datastore_items import load_items, mean_by_source, to_label
 from ..model_store import ModelStore
 
 logger = logging.getLogger(__name__)
@@ -26,10 +27,11 @@ HANDED_OUT_SECONDS = 3600
 
 
 class Diverse(Strategy):
-    def __init__(self, store: ModelStore, cache_folder: Path):
+    def __init__(self, store: ModelStore, cache_folder: Path, healthy_label: str = ""):
         super().__init__("The unlabeled image least like the labeled ones (diffusion features)")
         self.store = store
         self.cache_folder = cache_folder
+        self.healthy_label = healthy_label
         self._handed_out: dict[str, float] = {}
 
     def __call__(self, request, datastore: Datastore):
@@ -37,7 +39,7 @@ class Diverse(Strategy):
         now = time.time()
         self._handed_out = {k: t for k, t in self._handed_out.items() if now - t < HANDED_OUT_SECONDS}
         pending = set(request.get("exclude", [])) | set(self._handed_out)
-        unlabeled = [k for k in datastore.get_unlabeled_images() if k not in pending]
+        unlabeled = [k for k in to_label(datastore, self.healthy_label) if k not in pending]
         candidates, _ = load_items(datastore, unlabeled, model)
         if not candidates:
             return None

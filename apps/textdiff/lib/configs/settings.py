@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from ..endpoints.local_only import trusted_networks
+
 
 @dataclass
 class AppSettings:
@@ -55,7 +57,13 @@ class AppSettings:
     # max_windows windows per side (1: every image resized into one window, e.g. for whole chest radiographs)
     patch_scale: float = 0.0
     max_windows: float = 4.0
-    train_threads: int = 0  # torch threads for background jobs (0: torch's default)
+    # Infer in bfloat16 on a CPU that computes it natively (AVX512-BF16, AMX): about 1.3x faster, masks the same to a
+    # few pixels in ten thousand; evaluation always reads in float32 (docs/results/speed.md, "Volumes")
+    fast_infer: bool = True
+    # Background jobs (train, scoring, batch infer) run in processes of their own at this CPU priority (nice, 0-19)
+    # and with `train_threads` torch threads (0: torch's default), so a person's infer request gets the cores first
+    job_nice: int = 19
+    train_threads: int = 0
     # The classes to segment, in class order, comma-separated (class 0, the background, is implied): e.g. "nucleus"
     # or "white matter,grey matter,csf". A model trained on other classes is not served under these names.
     labels: str = "infection"
@@ -70,6 +78,10 @@ class AppSettings:
     # Web pages of other origins allowed to call the server from a browser, comma-separated (e.g. an OHIF viewer
     # served elsewhere: "https://viewer.example.org"); empty: MONAI_LABEL_CORS_ORIGINS, else none
     cors_origins: str = ""
+    # Networks whose clients are answered without a login (MONAI_LABEL_AUTH_ENABLE), comma-separated, e.g.
+    # "10.0.0.0/8,192.168.0.0/16"; others get a 403, whatever address MONAI Label listens on. Empty: this machine only
+    # (a reverse proxy on it is answered)
+    trusted_networks: str = ""
     viewer_dir: str = ""  # the OHIF viewer served at /viewer/ with a PACS; default: <app>/viewer (install_ohif.py)
 
     @property
@@ -96,6 +108,7 @@ class AppSettings:
             except ValueError as err:
                 raise ValueError(f"--conf {f.name} {raw!r}: expected {kind.__name__}") from err
         settings = cls(**values)
+        trusted_networks(settings.trusted_networks)  # a network that does not parse stops the start, named
         if not settings.model_dir:
             settings.model_dir = str(Path(app_dir) / "model")
         if not settings.viewer_dir:

@@ -54,7 +54,7 @@ class TextDiffTaskConfig(TaskConfig):
                              "labels, or with another model_dir for a new model")
         self.labels = {name: index for index, name in enumerate(self.cfg.head.label_names) if index > 0}
         self.store = ModelStore(checkpoint, self.settings.device)
-        self.scoring = MaskUncertainty(self.store, self.model_dir / "feature-cache")
+        self.scoring = MaskUncertainty(self.store, self.model_dir / "feature-cache", self.settings.healthy_label)
         self.head_trainer = TextDiffTrain(self.settings, self.cfg, self.backbone_for_training,
                                           "Train the cross-attention and pixel head on the labeled images")
 
@@ -68,7 +68,8 @@ class TextDiffTaskConfig(TaskConfig):
         return str(pretrained[-1].parent) if pretrained else None
 
     def infer(self):
-        return {self.name: TextDiffInfer(self.store, self.labels, "TextDiff: diffusion features + report -> mask")}
+        return {self.name: TextDiffInfer(self.store, self.labels, "TextDiff: diffusion features + report -> mask",
+                                         self.settings.fast_infer)}
 
     def trainer(self):
         return self.head_trainer
@@ -79,7 +80,7 @@ class TextDiffTaskConfig(TaskConfig):
 
     def strategy(self):
         return {"uncertainty": Uncertainty(self.scoring),
-                "diverse": Diverse(self.store, self.model_dir / "feature-cache")}
+                "diverse": Diverse(self.store, self.model_dir / "feature-cache", self.settings.healthy_label)}
 
     def scoring_method(self):
         return {"textdiff_uncertainty": self.scoring}

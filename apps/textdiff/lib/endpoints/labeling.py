@@ -68,7 +68,7 @@ async def propose(request: Request, image: str, model: str = "", user=ANNOTATOR)
 
 
 @router.post("/labeling/next", summary="Pre-annotate the image active learning picks next and open it")
-async def propose_next(request: Request, strategy: str = "diverse", model: str = "", user=ANNOTATOR):
+async def propose_next(request: Request, strategy: str = "uncertainty", model: str = "", user=ANNOTATOR):
     _same_origin(request)
     _pacs()
     chosen = app().next_sample({"strategy": strategy})  # unknown strategies are refused there

@@ -23,8 +23,9 @@ class TextDiffInfer(StoreInferTask):
     puts it in the request as `report`), else empty. `text` is in the config so Slicer's options panel shows it.
     """
 
-    def __init__(self, store: ModelStore, labels: dict[str, int], description: str):
+    def __init__(self, store: ModelStore, labels: dict[str, int], description: str, fast: bool = True):
         super().__init__(store, labels, description, config={"text": ""})
+        self.fast = fast  # bfloat16 where the CPU computes it natively (`segment_image`)
 
     def run_inferer(self, data: dict, convert_to_batch=True, device="cpu") -> dict:
         """The model comes from the ModelStore (head checkpoint + frozen parts), not from a TorchScript `path`."""
@@ -34,7 +35,7 @@ class TextDiffInfer(StoreInferTask):
             text, source = data.get("report") or "", "datastore" if data.get("report") else "none"
         with client_errors():
             data["text_used"] = check_report(text, "the 'text' param")
-            data["pred"] = segment_image(self.store.get(), data["image"], data["text_used"])
+            data["pred"] = segment_image(self.store.get(), data["image"], data["text_used"], fast=self.fast)
         data["text_source"] = source
         return data
 

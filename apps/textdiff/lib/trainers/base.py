@@ -27,11 +27,10 @@ logger = logging.getLogger(__name__)
 
 
 class StatsTrainTask(TrainTask):
-    def __init__(self, description: str, config: dict, stats_path: Path, threads: int = 0):
+    def __init__(self, description: str, config: dict, stats_path: Path):
         super().__init__(description)
         self._config = {"device": "cuda" if torch.cuda.is_available() else "cpu", **config}
         self.stats_path = Path(stats_path)
-        self.threads = threads
 
     def config(self) -> dict:
         return self._config
@@ -62,8 +61,6 @@ class StatsTrainTask(TrainTask):
         request = {**copy.deepcopy(self._config), **copy.deepcopy(request)}
         request["run_id"] = datetime.now().strftime("%Y%m%d_%H%M%S")
         request["device"] = name_to_device(request.get("device"))
-        if self.threads:
-            torch.set_num_threads(self.threads)
         logger.info("train request: %s", request)
         with client_errors():  # nothing to train on, bad params or data the run refuses: a 422 for a synchronous run
             data = self.pre_process(request, datastore)

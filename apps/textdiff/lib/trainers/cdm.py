@@ -37,7 +37,7 @@ class CDMTrain(StatsTrainTask):
             description,
             {"max_epochs": settings.cdm_epochs, "train_batch_size": settings.pretrain_batch_size,
              "learning_rate": 3e-4, "embedding_learning_rate": 3e-3, "start_from_backbone": True},
-            Path(settings.model_dir) / "cdm_stats.json", settings.train_threads,
+            Path(settings.model_dir) / "cdm_stats.json",
         )
         self.cfg = cfg
         self.arch = arch

@@ -31,7 +31,7 @@ class DiffusionPretrain(StatsTrainTask):
             {"max_minutes": settings.pretrain_minutes, "max_epochs": settings.pretrain_epochs,
              "patience": settings.pretrain_patience, "train_batch_size": settings.pretrain_batch_size,
              "learning_rate": 2e-4, "continue_from_current": True, "retrain_head": True},
-            self.model_dir / "pretrain_stats.json", settings.train_threads,
+            self.model_dir / "pretrain_stats.json",
         )
         self.settings = settings
         self.backbone = backbone

@@ -79,7 +79,7 @@ class TextDiffTrain(StatsTrainTask):
              "healthy_label": settings.healthy_label, "report_weight": settings.report_weight,
              "obey_report": settings.obey_report, "volume_slices": cfg.train.volume_slices,
              "intensity_copies": cfg.train.intensity_copies, "compare_without": True, "force": False},
-            self.model_dir / "train_stats.json", settings.train_threads,
+            self.model_dir / "train_stats.json",
         )
         self.settings = settings
         self.cfg = cfg
