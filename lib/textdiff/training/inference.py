@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
@@ -104,6 +105,7 @@ def per_slice(image: torch.Tensor, size: int, channels: int, predict, batch_size
     return torch.stack(outputs, dim=-1).reshape(1, *spatial)
 
 
+@functools.cache
 def native_bfloat16() -> bool:
     """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX); elsewhere bfloat16 is emulated and slow."""
     try:
