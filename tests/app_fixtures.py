@@ -111,3 +111,17 @@ def in_process_client(deployment: dict):
     with TestClient(app) as test_client:
         yield test_client
     clear_cache()
+
+
+def serve_a_mask_through(backbone: Path, root: Path) -> dict:
+    """A new deployment on `--conf backbone` (a guided-diffusion file, a pipeline or a bundle folder): the head
+    trained once over REST on 3 labeled sample images, then one image segmented; the infer response's JSON."""
+    make_sample_data(root / "data", n_train=4, n_test=1, n_labeled=3, size=64)
+    conf = {"model_dir": str(root / "model"), "demo_weights": "false", "backbone": str(backbone),
+            "labels": "infection", "epochs": "1"}
+    with in_process_client({"studies": root / "data" / "train", "conf": conf}) as client:
+        trained = client.post("/train/textdiff?run_sync=true", json={"max_epochs": 1})
+        assert trained.status_code == 200, trained.text
+        response = client.post("/infer/textdiff?image=case_0003&output=json")
+        assert response.status_code == 200, response.text
+        return response.json()

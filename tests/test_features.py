@@ -204,3 +204,20 @@ def test_disk_cache_holds_plain_tensors_for_loaded_images(extractor, labeled_ite
     for item in items:
         features = reloaded.get(item)
         assert all(type(f) is torch.Tensor for f in features)
+
+
+def test_cache_past_its_memory_limit_keeps_features_on_disk_or_refuses(extractor, h, tmp_path, caplog):
+    """A large backbone's features must not exhaust memory: on disk only with a folder, a clear refusal without."""
+    items = _items(h, n=3, seed=6)
+    per_window_gb = sum(2 * c * h * w for c, h, w in extractor.feature_shapes) / 2**30
+    with pytest.raises(MemoryError, match="3 windows take .* over the feature cache's limit.*max_feature_cache_gb"):
+        FeatureCache(extractor, max_memory_gb=2.5 * per_window_gb).fill(items, progress=False)
+    spilled = FeatureCache(extractor, folder=tmp_path, max_memory_gb=2.5 * per_window_gb)
+    with caplog.at_level("WARNING"):
+        spilled.fill(items, progress=False)
+    assert "kept on disk" in caplog.text and not spilled._memory
+    reference = FeatureCache(extractor)
+    reference.fill(items, progress=False)
+    for item in items:
+        assert all(torch.equal(a, b) for a, b in zip(spilled.get(item), reference.get(item)))
+    assert not spilled._memory  # read back from disk, not kept

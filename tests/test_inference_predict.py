@@ -251,6 +251,21 @@ def test_fast_reading_is_bfloat16_only_where_the_cpu_computes_it(make_model, h, 
     assert fast.shape == reference.shape and (fast != reference).float().mean() < 0.1
 
 
+def test_fast_reading_reads_a_volumes_slices_in_windows_side_by_side(make_model, h, monkeypatch):
+    """A volume served fast: windows side by side (half the passes of a 256² slice); a 2D image, and every image in
+    the float32 reading, keeps the model's overlap."""
+    from textdiff.training import inference
+
+    model, overlaps, real = make_model(), [], inference.sliding_logits
+    monkeypatch.setattr(inference, "sliding_logits",
+                        lambda item, window, overlap, read: overlaps.append(overlap) or real(item, window, overlap, read))
+    segment_image(model, torch.rand(1, 40, 48, 2), h.infected)
+    segment_image(model, torch.rand(1, 40, 48), h.infected)
+    segment_image(model, torch.rand(1, 40, 48, 2), h.infected, fast=False)
+    own = model.cfg.backbone.window_overlap
+    assert own > 0 and overlaps == [0.0, 0.0, own, own, own]
+
+
 def test_a_dx_file_with_only_pixel_spacing_gets_its_mask_at_that_spacing(tmp_path, h, make_model):
     """ITK reads a DX file's spacing from ImagerPixelSpacing only; PixelSpacing alone must not become 1 mm."""
     path = h.write_dicom(tmp_path / "dx.dcm", np.zeros((30, 40), np.uint16), spacing=(0.2, 0.3))

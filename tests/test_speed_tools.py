@@ -103,3 +103,16 @@ def test_infer_speed_times_each_reading_of_images_and_a_volume(make_model, sampl
                                                 "float32, overlap 0", "fast, overlap 0"]
     assert all(row["seconds_per_image"] > 0 and 0 <= row["dice"] <= 1 and row["volume_seconds"] > 0 for row in rows)
     assert rows[0]["pixels_changed"] == 0 and "volume 40x48x3" in capsys.readouterr().out
+
+
+def test_backbone_speed_says_what_each_backbone_costs(h, tmp_path, capsys):
+    from textdiff import cli
+
+    folder = save_diffusion(build_unet(h.tiny_backbone()), build_scheduler(h.tiny_backbone()), tmp_path / "tiny")
+    assert cli.main(["backbone-speed", "--backbone", str(folder), "random:default", "--repeats", "1",
+                     "--out", str(tmp_path / "speed.json")]) == 0
+    rows = json.loads((tmp_path / "speed.json").read_text())["rows"]
+    assert [row["backbone"] for row in rows] == [str(folder), "random:default"]
+    assert rows[1]["parameters_m"] > rows[0]["parameters_m"] and all(row["seconds_per_image"] > 0 for row in rows)
+    assert rows[1]["windows_per_image"] == 9  # a 256² image in 128² windows overlapping by a quarter
+    assert "s of features a 256² image on cpu" in capsys.readouterr().out

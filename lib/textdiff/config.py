@@ -140,6 +140,9 @@ class TrainConfig:
     selection_window: int = 1
     seed: int = 0
     cache_features: bool = True
+    # Diffusion features kept in memory at most (GB); past it, on disk only (with a cache folder, as the app has) or
+    # refused with a message. A large backbone's features take about 140 MB a window (docs/backbones.md).
+    max_feature_cache_gb: float = 8.0
     # EMIT-Diff augmentation: synthetic copies used per real training image (0: off), and the random merging mask
     # that picks per patch whether the loss sees the real or the synthetic prediction: a patch is real with
     # probability merge_alpha (paper code: 0.6); merge_patch is in model pixels (32 at 128² = the paper's 64 px at 256²).

@@ -8,6 +8,8 @@ An image with no report gets the empty text: it still gets a mask.
 from __future__ import annotations
 
 import csv
+import functools
+import logging
 import threading
 import warnings
 from dataclasses import dataclass
@@ -25,6 +27,8 @@ from monai.transforms import LoadImage, Resize, ScaleIntensityRangePercentiles
 from textdiff.config import BackboneConfig
 from textdiff.errors import DataError, ImageTooLarge  # noqa: F401 - part of this module's interface
 from textdiff.data.tiling import to_working_grid
+
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm")
 REPORTS_FILE = "reports.csv"
@@ -275,6 +279,12 @@ def is_colour(image: torch.Tensor) -> bool:
     return image.shape[0] >= 3 and not (torch.equal(image[0], image[1]) and torch.equal(image[0], image[2]))
 
 
+@functools.cache
+def _say_grey_repeated(channels: int) -> None:
+    logger.info("grey images go into a %d-channel backbone with their one channel repeated (as an RGB model sees a "
+                "grey photograph)", channels)
+
+
 def to_channels(image: torch.Tensor, channels: int, what: str = "the image") -> torch.Tensor:
     """Match the backbone's input channels: an alpha channel is dropped, a grey image stored as RGB becomes grey, a
     grey image is repeated for a colour backbone; a colour image for a grey backbone is refused (its colour is what a
@@ -285,6 +295,7 @@ def to_channels(image: torch.Tensor, channels: int, what: str = "the image") -> 
     if channels == 1 and not is_colour(image):
         return image[:1]
     if image.shape[0] == 1:
+        _say_grey_repeated(channels)
         return image.repeat(channels, 1, 1)
     if channels == 1:
         raise DataError(f"{what} is in colour but the backbone reads grey images (1 channel): pretrain a colour "

@@ -62,12 +62,18 @@ def working_shape(shape: tuple[int, ...], cfg: BackboneConfig) -> tuple[int, int
     return tuple(max(1, round(n * scale)) for n in shape)
 
 
+def window_counts(shape: tuple[int, ...], cfg: BackboneConfig) -> tuple[int, int]:
+    """How many windows, along each axis, an image of this shape is read in."""
+    size = cfg.image_size
+    return tuple(len(window_starts(n, size, _stride(size, cfg.window_overlap))) for n in working_shape(shape, cfg))
+
+
 def describe(shape: tuple[int, ...], cfg: BackboneConfig) -> str:
     """One line for the log: how an image of this shape is read."""
     grid, size = working_shape(shape, cfg), cfg.image_size
     if max(grid) <= size:
         return f"{shape[0]}x{shape[1]} resized to {grid[0]}x{grid[1]}: one {size}x{size} window"
-    counts = [len(window_starts(n, size, _stride(size, cfg.window_overlap))) for n in grid]
+    counts = window_counts(shape, cfg)
     return (f"{shape[0]}x{shape[1]} read as patches at scale {working_scale(shape, cfg):.3g}: a {grid[0]}x{grid[1]} "
             f"grid, {counts[0]}x{counts[1]} windows of {size}x{size} (overlap {cfg.window_overlap:g})")
 

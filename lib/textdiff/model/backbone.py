@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import json
+import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -18,6 +22,12 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from textdiff import sources
 from textdiff.config import BackboneConfig
+from textdiff.data.tiling import resolve_tiling, window_counts
+from textdiff.model import latent
+from textdiff.model.guided_diffusion import load_guided_diffusion
+from textdiff.model.latent import LatentBackbone, decoder_read_out
+
+logger = logging.getLogger(__name__)
 
 
 def build_unet(cfg: BackboneConfig) -> UNet2DModel:
@@ -50,18 +60,28 @@ def architecture(unet: UNet2DModel) -> dict:
 
 
 def default_feature_layers(unet: UNet2DModel) -> tuple[str, ...]:
-    """The last resnet of every decoder block: features from coarse to fine, as DDPM-Seg reads them, down to the
-    window's own resolution, where fine boundaries are (docs/results/mri.md)."""
+    """The decoder blocks the papers read in a model converted from their checkpoints (`paper_feature_layers`);
+    otherwise the last resnet of every decoder block: features from coarse to fine, as DDPM-Seg reads them, down to
+    the window's own resolution, where fine boundaries are (docs/results/mri.md)."""
+    if getattr(unet, "paper_feature_layers", None):
+        return unet.paper_feature_layers
     return tuple(f"up_blocks.{i}.resnets.{len(block.resnets) - 1}" for i, block in enumerate(unet.up_blocks))
 
 
 def load_diffusion(source: str) -> tuple[UNet2DModel, DDPMScheduler]:
-    """Load a UNet2DModel and its scheduler from a diffusers folder or hub id (pipeline layout or bare unet).
+    """Load a UNet2DModel and its scheduler from a diffusers folder or hub id (pipeline layout or bare unet), or
+    from a guided-diffusion `.pt` file (path, or `hf:<org>/<name>/<file>.pt`), converted.
 
     A pipeline folder has `unet/` and `scheduler/`; a bare model folder has config.json and the scheduler config
     beside it (as in google/ddpm-* checkpoints). Weights stored in half precision (as shipped, to halve the download)
     are upcast to float32: half-precision convolutions are slow or missing on CPUs.
     """
+    if sources.is_checkpoint_file(source):
+        return load_guided_diffusion(sources.resolve_file(source, "guided-diffusion checkpoint"))
+    if is_latent_source(source):
+        raise ValueError(f"'{source}' is a latent diffusion model: it gives features, but pretraining, the CDM and "
+                         "EMIT-Diff continue pixel-space UNets only (a folder written by `textdiff pretrain`, a "
+                         "diffusers UNet2DModel or a guided-diffusion checkpoint)")
     source, hub = sources.resolve(source, "diffusion backbone")
     folder = {"subfolder": "unet"} if Path(source, "unet").is_dir() else {}
     try:
@@ -76,6 +96,72 @@ def load_diffusion(source: str) -> tuple[UNet2DModel, DDPMScheduler]:
             "Pass a folder written by `textdiff pretrain` or a diffusers checkpoint (folder, or hf:<hub id>)."
         ) from err
     return unet, scheduler
+
+
+def is_latent_source(source: str) -> bool:
+    """A Stable Diffusion-family pipeline or a MONAI bundle (a hub id is asked for its model_index.json)."""
+    if sources.is_checkpoint_file(source):
+        return False
+    folder, hub = sources.resolve(source, "diffusion backbone")
+    if hub:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        try:
+            return "vae" in json.loads(Path(hf_hub_download(folder, "model_index.json")).read_text())
+        except EntryNotFoundError:
+            return False
+    return latent.is_pipeline_folder(Path(folder)) or latent.is_bundle_folder(Path(folder))
+
+
+def find_latent(source: str) -> LatentBackbone | None:
+    if not is_latent_source(source):
+        return None
+    folder, hub = sources.resolve(source, "diffusion backbone")
+    return latent.load_latent(folder, hub)
+
+
+def check_backbone(source: str, what: str = "backbone", device: str = "cpu") -> None:
+    """Stop early, with the reason, on a backbone that cannot be read (a missing folder or file, a weights file that
+    is not a guided-diffusion checkpoint), and say in the log what it will cost. A hub id is left to its first use:
+    checking it would download it."""
+    if source.startswith(sources.HUB_PREFIX):
+        return
+    if not sources.is_checkpoint_file(source):
+        sources.resolve(source, what)
+    extractor = make_extractor(resolve_tiling(BackboneConfig(), source), weights=source).to(device)
+    logger.info("%s %s: %s", what, source, describe_cost(measure_cost(extractor)))
+
+
+def measure_cost(extractor: DiffusionFeatureExtractor, image_size: int = 256, repeats: int = 1) -> dict:
+    """Parameters, feature channels per scale and the seconds of features (every noise step) for one backbone pass
+    and for an `image_size`² image read in its windows, on the extractor's device (after one warm-up pass)."""
+    cfg = extractor.cfg
+    window = torch.zeros(1, cfg.in_channels, cfg.image_size, cfg.image_size,
+                         device=extractor.noise.device)
+    extractor(window)  # warm-up: first-call allocations are not the backbone's
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        extractor(window)
+        if window.is_cuda:
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    rows, cols = window_counts((image_size, image_size), cfg)
+    every_part = extractor.latent if extractor.latent is not None else extractor.unet  # autoencoder, text encoder
+    return {"parameters_m": sum(p.numel() for p in every_part.parameters()) / 1e6, "window": cfg.image_size,
+            "timesteps": list(cfg.timesteps), "feature_channels": extractor.feature_channels,
+            "cached_mb_per_window": sum(2 * c * h * w for c, h, w in extractor.feature_shapes) / 2**20,
+            "windows_per_image": rows * cols,
+            "seconds_per_window": min(seconds), "seconds_per_image": min(seconds) * rows * cols,
+            "device": str(window.device), "threads": torch.get_num_threads()}
+
+
+def describe_cost(cost: dict) -> str:
+    return (f"{cost['parameters_m']:.1f} M parameters, {cost['window']}² windows ({cost['windows_per_image']} for a "
+            f"256² image), feature channels per scale {cost['feature_channels']} ({len(cost['timesteps'])} noise "
+            f"steps, {cost['cached_mb_per_window']:.0f} MB a window in the feature cache), "
+            f"{cost['seconds_per_image']:.2f} s of features a 256² image on {cost['device']}")
 
 
 def save_diffusion(unet: UNet2DModel, scheduler: DDPMScheduler, target: str | Path,
@@ -111,19 +197,27 @@ class DiffusionFeatureExtractor(torch.nn.Module):
     arithmetic depends on the batch size, so batching images together would make an image's features depend (in the
     last bits, enough to change a checkpoint choice) on which images it was batched with. For a batch of B images, the
     output is one tensor per hooked layer of shape (B, len(timesteps) * C_layer, h_layer, w_layer).
+
+    A `latent` backbone (`textdiff.model.latent`) encodes the image first and noises its latents; a text-conditioned
+    one reads each image's report as the UNet's condition, so its features depend on the report too.
     """
 
-    def __init__(self, unet: UNet2DModel, scheduler: DDPMScheduler, cfg: BackboneConfig):
+    def __init__(self, unet: torch.nn.Module, scheduler: DDPMScheduler, cfg: BackboneConfig,
+                 latent: LatentBackbone | None = None):
         super().__init__()
         self.unet = unet.eval().requires_grad_(False)
-        cfg = dataclasses.replace(cfg, **architecture(unet),
-                                  feature_layers=tuple(cfg.feature_layers or default_feature_layers(unet)))
+        self.latent = latent
+        self.architecture = architecture(unet) if latent is None else {
+            "image_size": latent.image_size, "in_channels": latent.image_channels}
+        layers = cfg.feature_layers or (decoder_read_out(unet) if latent else default_feature_layers(unet))
+        cfg = dataclasses.replace(cfg, **self.architecture, feature_layers=tuple(layers))
         self.cfg = cfg
         self.timesteps = torch.tensor(cfg.timesteps, dtype=torch.long)
         self.scheduler = scheduler
-        size = cfg.image_size
+        noise_shape = ((latent.latent_channels, latent.latent_size, latent.latent_size) if latent else
+                       (cfg.in_channels, cfg.image_size, cfg.image_size))
         generator = torch.Generator().manual_seed(cfg.noise_seed)
-        self.register_buffer("noise", torch.randn(1, unet.config.in_channels, size, size, generator=generator))
+        self.register_buffer("noise", torch.randn(1, *noise_shape, generator=generator))
         modules = dict(unet.named_modules())
         missing = [name for name in cfg.feature_layers if name not in modules]
         if missing:
@@ -147,37 +241,51 @@ class DiffusionFeatureExtractor(torch.nn.Module):
         return super().train(False)
 
     @property
-    def feature_channels(self) -> list[int]:
-        """Channels per returned feature map (timesteps concatenated), found by one dry run."""
+    def text_conditioned(self) -> bool:
+        """Whether an image's features depend on its report (a text-conditioned latent UNet)."""
+        return self.latent is not None and self.latent.conditioned
+
+    @functools.cached_property
+    def feature_shapes(self) -> list[tuple[int, int, int]]:
+        """(channels, h, w) per returned feature map (timesteps concatenated), found by one dry run."""
         with torch.no_grad():
-            dummy = torch.zeros(1, self.unet.config.in_channels, self.cfg.image_size, self.cfg.image_size)
-            return [f.shape[1] for f in self(dummy.to(self.noise.device))]
+            dummy = torch.zeros(1, self.cfg.in_channels, self.cfg.image_size, self.cfg.image_size)
+            return [tuple(f.shape[1:]) for f in self(dummy.to(self.noise.device))]
+
+    @property
+    def feature_channels(self) -> list[int]:
+        return [shape[0] for shape in self.feature_shapes]
 
     def noised(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q_sample every image at every timestep with the shared fixed noise: (B*T, C, H, W) and the steps."""
-        batch, steps = images.shape[0], len(self.timesteps)
-        x = images.repeat_interleave(steps, dim=0)  # image-major: (image 0, t0), (image 0, t1), ...
+        """q_sample every image (its latents, for a latent backbone) at every timestep with the shared fixed noise:
+        (B*T, C, h, w) and the steps."""
+        x = self.latent.encode(images) if self.latent is not None else images
+        batch, steps = x.shape[0], len(self.timesteps)
+        x = x.repeat_interleave(steps, dim=0)  # image-major: (image 0, t0), (image 0, t1), ...
         t = self.timesteps.to(images.device).repeat(batch)
         return self.scheduler.add_noise(x, self.noise.expand_as(x), t), t
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        if images.shape[-2:] != self.noise.shape[-2:] or images.shape[1] != self.noise.shape[1]:
-            raise ValueError(
-                f"backbone expects images of shape (B, {self.noise.shape[1]}, {self.cfg.image_size}, "
-                f"{self.cfg.image_size}), got {tuple(images.shape)}"
-            )
-        per_image = [self._image_features(image[None]) for image in images]
+    def forward(self, images: torch.Tensor, reports: list[str] | None = None) -> list[torch.Tensor]:
+        size = self.cfg.image_size
+        if images.shape[-2:] != (size, size) or images.shape[1] != self.cfg.in_channels:
+            raise ValueError(f"backbone expects images of shape (B, {self.cfg.in_channels}, {size}, {size}), "
+                             f"got {tuple(images.shape)}")
+        reports = reports if reports is not None else [""] * len(images)
+        per_image = [self._image_features(image[None], report) for image, report in zip(images, reports)]
         return [torch.cat(layer) for layer in zip(*per_image)]
 
-    def _image_features(self, image: torch.Tensor) -> list[torch.Tensor]:
+    def _image_features(self, image: torch.Tensor, report: str) -> list[torch.Tensor]:
         """The hooked features of one (1, C, H, W) image, all its timesteps in one forward."""
-        noisy, t = self.noised(image)
         self._store = {}
         autocast = torch.autocast("cuda", dtype=torch.float16, enabled=image.is_cuda)
         try:
             with autocast:
-                self.unet(noisy.to(self.noise.dtype), t)
+                noisy, t = self.noised(image)
+                if self.latent is None:
+                    self.unet(noisy.to(self.noise.dtype), t)
+                else:
+                    self.latent.denoise(noisy, t, self.latent.context([report]) if self.text_conditioned else None)
         except _Captured:
             pass
         features = [self._store[name].float() for name in self._order]
@@ -188,6 +296,9 @@ class DiffusionFeatureExtractor(torch.nn.Module):
 def make_extractor(cfg: BackboneConfig, weights: str | None = None) -> DiffusionFeatureExtractor:
     """Extractor over pretrained weights (folder/hub id in `weights` or cfg.pretrained) or a random-init UNet."""
     source = weights or cfg.pretrained
+    latent = find_latent(source) if source else None
+    if latent is not None:
+        return DiffusionFeatureExtractor(latent.unet, latent.scheduler, cfg, latent)
     if source:
         unet, scheduler = load_diffusion(source)
     else:
@@ -200,8 +311,11 @@ def make_random_extractor(cfg: BackboneConfig) -> DiffusionFeatureExtractor:
     weights from `cfg.init_seed`, so it differs from the pretrained backbone only by its training."""
     if not cfg.pretrained:
         return make_extractor(cfg)
+    if is_latent_source(cfg.pretrained):
+        raise ValueError("the random-backbone ablation reads pixel-space UNets, not latent models")
     trained, scheduler = load_diffusion(cfg.pretrained)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.init_seed)
         unet = UNet2DModel.from_config(trained.config)
+    unet.paper_feature_layers = getattr(trained, "paper_feature_layers", None)
     return DiffusionFeatureExtractor(unet, scheduler, cfg)

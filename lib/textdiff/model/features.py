@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -19,6 +20,8 @@ from monai.transforms import Compose, Flipd, RandFlipd, RandomizableTransform, R
 from tqdm.auto import tqdm
 
 from textdiff.model.backbone import DiffusionFeatureExtractor
+
+logger = logging.getLogger(__name__)
 
 AUGMENTATIONS = ("none", "mirror", "flip", "rot90_flip")
 # Images are loaded (C, X, Y): the first spatial axis runs across the patient, from one side to the other.
@@ -79,35 +82,50 @@ def feature_augmentation(mode: str, count: int, seed: int) -> Compose:
 def backbone_fingerprint(extractor: DiffusionFeatureExtractor) -> str:
     """Hash of the backbone weights and read-out settings: disk-cached features are reused only if it matches."""
     digest = hashlib.sha1(json.dumps([extractor.cfg.timesteps, extractor.cfg.feature_layers, extractor.cfg.noise_seed]).encode())
-    for name, tensor in sorted(extractor.unet.state_dict().items()):
+    weights = extractor.latent if extractor.latent is not None else extractor.unet  # a latent model: all its parts
+    for name, tensor in sorted(weights.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
 class FeatureCache:
-    """id -> per-scale fp16 feature maps; `enabled=False` recomputes every time (for timing the cache's worth)."""
+    """id -> per-scale fp16 feature maps; `enabled=False` recomputes every time (for timing the cache's worth).
+
+    Memory is bounded by `max_memory_gb`: a large backbone's features (about 140 MB a window for the 256x256
+    ImageNet model) would otherwise exhaust it. Past the bound, features are kept on disk only (with a `folder`) and
+    read back at each use, or refused with a message that says what to change (without one).
+    """
 
     def __init__(self, extractor: DiffusionFeatureExtractor, enabled: bool = True, folder: str | Path | None = None,
-                 batch_size: int = 8):
+                 batch_size: int = 8, max_memory_gb: float = 8.0):
         self.extractor = extractor
         self.enabled = enabled
         self.batch_size = batch_size
         self.folder = Path(folder) if folder else None
+        self.max_memory_gb = max_memory_gb
+        self.in_memory = True
         self._memory: dict[str, list[torch.Tensor]] = {}
         self._fingerprint = backbone_fingerprint(extractor) if self.folder else ""
 
     def _disk_path(self, key: str) -> Path:
         return self.folder / self._fingerprint / f"{key}.pt"
 
-    def _compute(self, images: torch.Tensor) -> list[list[torch.Tensor]]:
+    def _key(self, item: dict) -> str:
+        """An image's id; with its report's hash when the backbone reads the report (the features depend on it)."""
+        if not self.extractor.text_conditioned:
+            return item["id"]
+        return f"{item['id']}~{hashlib.sha1(item.get('report', '').encode()).hexdigest()[:12]}"
+
+    def _compute(self, images: torch.Tensor, reports: list[str]) -> list[list[torch.Tensor]]:
         device = self.extractor.noise.device
         # Plain tensors: MONAI's MetaTensor would ride along into the cache and not load back with weights_only.
-        features = self.extractor(images.as_subclass(torch.Tensor).to(device))
+        features = self.extractor(images.as_subclass(torch.Tensor).to(device), reports)
         return [[f[i].half().cpu() for f in features] for i in range(images.shape[0])]
 
     def _store(self, key: str, features: list[torch.Tensor]) -> None:
-        self._memory[key] = features
+        if self.in_memory:
+            self._memory[key] = features
         if self.folder:
             path = self._disk_path(key)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -119,27 +137,48 @@ class FeatureCache:
         if key in self._memory:
             return self._memory[key]
         if self.folder and self._disk_path(key).exists():
-            self._memory[key] = torch.load(self._disk_path(key), weights_only=True)
-            return self._memory[key]
+            features = torch.load(self._disk_path(key), weights_only=True)
+            if self.in_memory:
+                self._memory[key] = features
+            return features
         return None
+
+    def _check_memory(self, windows: int, window_bytes: int) -> None:
+        """Before caching `windows` windows: keep them in memory within the bound, else on disk, else refuse."""
+        needed = (windows + len(self._memory)) * window_bytes / 2**30
+        if needed <= self.max_memory_gb or not self.in_memory:
+            return
+        if self.folder is None:
+            raise MemoryError(f"the diffusion features of {windows + len(self._memory)} windows take {needed:.1f} GB, "
+                              f"over the feature cache's limit of {self.max_memory_gb:g} GB: raise it "
+                              "(train.max_feature_cache_gb; the app's --conf max_feature_cache_gb) if the memory is "
+                              "there, or train on fewer or smaller images")
+        logger.warning("the diffusion features of %d windows take %.1f GB, over the feature cache's limit of %g GB: "
+                       "kept on disk in %s and read back at each use (slower)", windows + len(self._memory), needed,
+                       self.max_memory_gb, self.folder)
+        self.in_memory = False
+        self._memory.clear()
 
     def fill(self, items: list[dict], progress: bool = True) -> None:
         """Compute the features of all items not cached yet, in batches."""
         if not self.enabled:
             return
-        missing = [item for item in items if self._lookup(item["id"]) is None]
+        missing = [item for item in items if self._lookup(self._key(item)) is None]
         bar = tqdm(total=len(missing), desc="diffusion features", unit="img", disable=not progress or not missing)
         for start in range(0, len(missing), self.batch_size):
             chunk = missing[start : start + self.batch_size]
-            for item, features in zip(chunk, self._compute(torch.stack([it["image"] for it in chunk]))):
-                self._store(item["id"], features)
+            computed = self._compute(torch.stack([it["image"] for it in chunk]), [it.get("report", "") for it in chunk])
+            if start == 0:
+                self._check_memory(len(missing), sum(2 * f.numel() for f in computed[0]))
+            for item, features in zip(chunk, computed):
+                self._store(self._key(item), features)
             bar.update(len(chunk))
         bar.close()
 
     def get(self, item: dict) -> list[torch.Tensor]:
-        cached = self._lookup(item["id"]) if self.enabled else None
+        cached = self._lookup(self._key(item)) if self.enabled else None
         if cached is None:
-            cached = self._compute(item["image"][None])[0]
+            cached = self._compute(item["image"][None], [item.get("report", "")])[0]
             if self.enabled:
-                self._store(item["id"], cached)
+                self._store(self._key(item), cached)
         return cached

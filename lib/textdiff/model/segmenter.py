@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from textdiff.model.backbone import DiffusionFeatureExtractor, architecture, make_extractor
+from textdiff.model.backbone import DiffusionFeatureExtractor, make_extractor
 from textdiff.config import TextDiffConfig
 from textdiff.data.studies import (Case, DataError, check_drawn_in_slices, check_mask, load_case, preprocess_image,
                                    read_planes, slices_to_train, with_mask)
@@ -29,7 +29,7 @@ class TextDiffModel(torch.nn.Module):
                  text_encoder: TextEncoder | None = None):
         super().__init__()
         self.extractor = extractor or make_extractor(cfg.backbone)
-        read = dataclasses.replace(cfg.backbone, **architecture(self.extractor.unet),
+        read = dataclasses.replace(cfg.backbone, **self.extractor.architecture,
                                    feature_layers=self.extractor.cfg.feature_layers)
         backbone = resolve_tiling(read, cfg.backbone.pretrained)
         self.cfg = dataclasses.replace(cfg, backbone=backbone)
@@ -79,8 +79,8 @@ class TextDiffModel(torch.nn.Module):
         return {"id": key, "image": to_working_grid(scaled, backbone), "report": report,
                 "original_shape": tuple(plane.shape[1:])}
 
-    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return self.extractor(images)
+    def features(self, images: torch.Tensor, reports: list[str] | None = None) -> list[torch.Tensor]:
+        return self.extractor(images, reports)
 
     def logits_from_features(self, features: list[torch.Tensor], reports: list[str],
                              boxes: list[torch.Tensor | None] | None = None) -> torch.Tensor:
@@ -101,7 +101,7 @@ class TextDiffModel(torch.nn.Module):
 
     def forward(self, images: torch.Tensor, reports: list[str]) -> torch.Tensor:
         """Logits of whole images already at the backbone's input size (one window each)."""
-        return self.logits_from_features(self.features(images), reports)
+        return self.logits_from_features(self.features(images, reports), reports)
 
     def trainable_parameters(self):
         return self.head.parameters()

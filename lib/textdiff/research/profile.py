@@ -90,9 +90,9 @@ class _TimedCache(FeatureCache):
         super().fill(items, progress)
         self.fill_seconds += time.perf_counter() - start
 
-    def _compute(self, images):
+    def _compute(self, images, reports):
         start = time.perf_counter()
-        features = super()._compute(images)
+        features = super()._compute(images, reports)
         self.extract_seconds += time.perf_counter() - start
         return features
 

@@ -182,7 +182,8 @@ def train_head(
     """
     _check_training_items(model, train_items, val_items, cfg, unlabeled)
     torch.manual_seed(cfg.seed)
-    loop = _Loop(model, cache or FeatureCache(model.extractor, enabled=cfg.cache_features), cfg,
+    loop = _Loop(model, cache or FeatureCache(model.extractor, enabled=cfg.cache_features,
+                                              max_memory_gb=cfg.max_feature_cache_gb), cfg,
                  feature_augmentation(cfg.augment, len(model.extractor.cfg.feature_layers), cfg.seed),
                  random.Random(cfg.seed), synthetic_copies(train_items, synthetic, cfg.synthetic_ratio),
                  report_items(list(unlabeled)) if cfg.report_weight > 0 else [],
@@ -374,7 +375,8 @@ def train_on_cases(cases: list[Case], cfg: TextDiffConfig, checkpoint: str | Pat
     if initial_head is not None:
         model.head.load_state_dict(initial_head)
     data = _training_data(model, cases, pseudo_cases, healthy, synthetic, unlabeled)
-    cache = FeatureCache(model.extractor, enabled=cfg.train.cache_features, folder=cache_folder)
+    cache = FeatureCache(model.extractor, enabled=cfg.train.cache_features, folder=cache_folder,
+                         max_memory_gb=cfg.train.max_feature_cache_gb)
     initial = {k: v.detach().clone() for k, v in model.head.state_dict().items()}  # for a run without the extras
     torch.manual_seed(cfg.train.seed)
     result = train_head(model, data.train + data.pseudo + data.healthy, data.val, cfg.train, checkpoint=checkpoint,

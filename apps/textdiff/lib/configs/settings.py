@@ -14,7 +14,8 @@ from ..endpoints.local_only import trusted_networks
 @dataclass
 class AppSettings:
     model_dir: str = ""  # default: <app>/model
-    # diffusers folder or hf:<hub id>; default: the backbone of the current model, else the newest pretrained
+    # diffusers folder, guided-diffusion .pt file or hf:<hub id> (docs/backbones.md); default: the backbone of the
+    # current model, else the newest pretrained
     backbone: str = ""
     text_encoder: str = ""  # transformers folder or hf:<hub id>; default: the packaged all-MiniLM-L6-v2
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
@@ -58,8 +59,12 @@ class AppSettings:
     patch_scale: float = 0.0
     max_windows: float = 4.0
     # Infer in bfloat16 on a CPU that computes it natively (AVX512-BF16, AMX): about 1.3x faster, masks the same to a
-    # few pixels in ten thousand; evaluation always reads in float32 (docs/results/speed.md, "Volumes")
+    # few pixels in ten thousand; a volume's slices in windows side by side (a 256x256x100 volume in 29 s on 2 cores,
+    # not 90). Evaluation always reads in float32 with the model's overlap (docs/results/speed.md, "Volumes")
     fast_infer: bool = True
+    # Diffusion features a training run keeps in memory (GB); past it they stay on disk in the model folder's feature
+    # cache and are read back at each use: a large backbone (docs/backbones.md) takes about 140 MB a window
+    max_feature_cache_gb: float = 8.0
     # Background jobs (train, scoring, batch infer) run in processes of their own at this CPU priority (nice, 0-19)
     # and with `train_threads` torch threads (0: torch's default), so a person's infer request gets the cores first
     job_nice: int = 19

@@ -9,6 +9,7 @@ from pathlib import Path
 from monailabel.interfaces.config import TaskConfig
 from textdiff import sources
 from textdiff.config import TextDiffConfig
+from textdiff.model.backbone import check_backbone
 from textdiff.model.segmenter import load_checkpoint_config
 
 from ..activelearning.diverse import Diverse
@@ -33,10 +34,11 @@ class TextDiffTaskConfig(TaskConfig):
         self.model_dir = Path(self.settings.model_dir)
         self.model_dir.mkdir(parents=True, exist_ok=True)
         checkpoint = self.model_dir / CHECKPOINT
-        for source, what in ((self.settings.backbone, "--conf backbone"), (self.settings.text_encoder,
-                                                                          "--conf text_encoder")):
-            if source:
-                sources.resolve(source, what)  # a missing folder stops the start here, never a download attempt
+        # a missing or unreadable backbone or text encoder stops the start here, never a download attempt
+        if self.settings.backbone:
+            check_backbone(self.settings.backbone, "--conf backbone", self.settings.device)
+        if self.settings.text_encoder:
+            sources.resolve(self.settings.text_encoder, "--conf text_encoder")
         self.cfg = TextDiffConfig()
         self.cfg.head.label_names = self.settings.label_names
         if self.settings.text_encoder:

@@ -177,6 +177,7 @@ class TextDiffTrain(StatsTrainTask):
             report_weight=report_weight(request.get("report_weight", 0)),
             volume_slices=request.get("volume_slices", base.train.volume_slices),
             intensity_copies=_count(request.get("intensity_copies", base.train.intensity_copies), "intensity_copies"),
+            max_feature_cache_gb=self.settings.max_feature_cache_gb,
         )
         head = dataclasses.replace(base.head, obey_report=_flag(request.get("obey_report", False)))
         read = dataclasses.replace(base.backbone, pretrained=backbone)
