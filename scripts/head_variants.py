@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from textdiff.model.backbone import make_extractor
-from textdiff.research.benchmark import _subset, epochs_for
+from textdiff.research.benchmark import _pool, _subset, epochs_for
 from textdiff.config import TextDiffConfig, with_overrides
 from textdiff.data.studies import read_studies
 from textdiff.model.features import FeatureCache
@@ -35,9 +35,10 @@ def run_variant(cfg: TextDiffConfig, cache: FeatureCache, text: TextEncoder, dat
                 steps: int) -> dict:
     torch.manual_seed(seed)
     model = TextDiffModel(cfg, cache.extractor, text)
-    pool = [model.load(c) for c in read_studies(data / "train")]
+    pool = [model.load(c) for c in _pool(data)]  # as `textdiff benchmark` draws labels
     test = [model.load(c) for c in read_studies(data / "test")]
-    train, val = split_train_val(_subset(pool, labels, seed), cfg.train.val_fraction, seed)
+    held_out = dataclasses.replace(cfg.train, min_val_images=1)  # as measured: a fifth held out, from 4 labels on
+    train, val = split_train_val(_subset(pool, labels, seed), held_out, seed)
     epochs = epochs_for(steps, training_window_count(train, model.image_size, cfg.train), cfg.train.batch_size)
     start = time.perf_counter()
     result = train_head(model, train, val, dataclasses.replace(cfg.train, epochs=epochs, seed=seed), cache=cache,

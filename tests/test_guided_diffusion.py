@@ -136,3 +136,19 @@ def test_train_and_predict_on_a_guided_diffusion_checkpoint(guided_checkpoint, s
 
 def test_the_app_serves_masks_through_a_guided_diffusion_checkpoint(guided_checkpoint, tmp_path):
     assert serve_a_mask_through(guided_checkpoint, tmp_path)["label_names"] == {"infection": 1}
+
+
+def test_a_hub_file_is_downloaded_only_when_asked_with_its_flags(tmp_path, monkeypatch):
+    """`hf:<org>/<name>/<file>.pt` asks the hub for the file and the flags JSON beside it; a plain path never does."""
+    import huggingface_hub
+
+    from textdiff import sources
+
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda repo, filename: asked.append((repo, filename)) or str(tmp_path / filename))
+    assert sources.resolve_file("hf:openai/diffusion/ckpt/uncond.pt", "checkpoint") == tmp_path / "ckpt/uncond.pt"
+    assert asked == [("openai/diffusion", "ckpt/uncond.json"), ("openai/diffusion", "ckpt/uncond.pt")]
+    with pytest.raises(FileNotFoundError, match="no checkpoint file 'models/uncond.pt'"):
+        sources.resolve_file("models/uncond.pt", "checkpoint")
+    assert len(asked) == 2

@@ -1,4 +1,6 @@
-"""The frozen diffusion backbone: a diffusers UNet2DModel + DDPMScheduler, and multi-timestep feature read-out.
+"""The frozen diffusion backbone and its multi-timestep feature read-out: a diffusers UNet2DModel + DDPMScheduler
+(our own pretrained one, a diffusers model, or a converted guided-diffusion checkpoint), or a latent model's UNet
+(`textdiff.model.latent`).
 
 Features are the outputs of chosen decoder modules (forward hooks) after noising the image to a few timesteps with
 one fixed, seeded noise tensor, so an image's features are deterministic and can be cached.
@@ -9,12 +11,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import json
 import logging
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -22,10 +22,8 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from textdiff import sources
 from textdiff.config import BackboneConfig
-from textdiff.data.tiling import resolve_tiling, window_counts
-from textdiff.model import latent
 from textdiff.model.guided_diffusion import load_guided_diffusion
-from textdiff.model.latent import LatentBackbone, decoder_read_out
+from textdiff.model.latent import LatentBackbone, decoder_read_out, find_latent, is_latent_source
 
 logger = logging.getLogger(__name__)
 
@@ -96,72 +94,6 @@ def load_diffusion(source: str) -> tuple[UNet2DModel, DDPMScheduler]:
             "Pass a folder written by `textdiff pretrain` or a diffusers checkpoint (folder, or hf:<hub id>)."
         ) from err
     return unet, scheduler
-
-
-def is_latent_source(source: str) -> bool:
-    """A Stable Diffusion-family pipeline or a MONAI bundle (a hub id is asked for its model_index.json)."""
-    if sources.is_checkpoint_file(source):
-        return False
-    folder, hub = sources.resolve(source, "diffusion backbone")
-    if hub:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
-
-        try:
-            return "vae" in json.loads(Path(hf_hub_download(folder, "model_index.json")).read_text())
-        except EntryNotFoundError:
-            return False
-    return latent.is_pipeline_folder(Path(folder)) or latent.is_bundle_folder(Path(folder))
-
-
-def find_latent(source: str) -> LatentBackbone | None:
-    if not is_latent_source(source):
-        return None
-    folder, hub = sources.resolve(source, "diffusion backbone")
-    return latent.load_latent(folder, hub)
-
-
-def check_backbone(source: str, what: str = "backbone", device: str = "cpu") -> None:
-    """Stop early, with the reason, on a backbone that cannot be read (a missing folder or file, a weights file that
-    is not a guided-diffusion checkpoint), and say in the log what it will cost. A hub id is left to its first use:
-    checking it would download it."""
-    if source.startswith(sources.HUB_PREFIX):
-        return
-    if not sources.is_checkpoint_file(source):
-        sources.resolve(source, what)
-    extractor = make_extractor(resolve_tiling(BackboneConfig(), source), weights=source).to(device)
-    logger.info("%s %s: %s", what, source, describe_cost(measure_cost(extractor)))
-
-
-def measure_cost(extractor: DiffusionFeatureExtractor, image_size: int = 256, repeats: int = 1) -> dict:
-    """Parameters, feature channels per scale and the seconds of features (every noise step) for one backbone pass
-    and for an `image_size`² image read in its windows, on the extractor's device (after one warm-up pass)."""
-    cfg = extractor.cfg
-    window = torch.zeros(1, cfg.in_channels, cfg.image_size, cfg.image_size,
-                         device=extractor.noise.device)
-    extractor(window)  # warm-up: first-call allocations are not the backbone's
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        extractor(window)
-        if window.is_cuda:
-            torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - start)
-    rows, cols = window_counts((image_size, image_size), cfg)
-    every_part = extractor.latent if extractor.latent is not None else extractor.unet  # autoencoder, text encoder
-    return {"parameters_m": sum(p.numel() for p in every_part.parameters()) / 1e6, "window": cfg.image_size,
-            "timesteps": list(cfg.timesteps), "feature_channels": extractor.feature_channels,
-            "cached_mb_per_window": sum(2 * c * h * w for c, h, w in extractor.feature_shapes) / 2**20,
-            "windows_per_image": rows * cols,
-            "seconds_per_window": min(seconds), "seconds_per_image": min(seconds) * rows * cols,
-            "device": str(window.device), "threads": torch.get_num_threads()}
-
-
-def describe_cost(cost: dict) -> str:
-    return (f"{cost['parameters_m']:.1f} M parameters, {cost['window']}² windows ({cost['windows_per_image']} for a "
-            f"256² image), feature channels per scale {cost['feature_channels']} ({len(cost['timesteps'])} noise "
-            f"steps, {cost['cached_mb_per_window']:.0f} MB a window in the feature cache), "
-            f"{cost['seconds_per_image']:.2f} s of features a 256² image on {cost['device']}")
 
 
 def save_diffusion(unet: UNet2DModel, scheduler: DDPMScheduler, target: str | Path,
@@ -278,10 +210,10 @@ class DiffusionFeatureExtractor(torch.nn.Module):
     def _image_features(self, image: torch.Tensor, report: str) -> list[torch.Tensor]:
         """The hooked features of one (1, C, H, W) image, all its timesteps in one forward."""
         self._store = {}
+        noisy, t = self.noised(image)  # a latent model's autoencoder in float32: in float16 some overflow
         autocast = torch.autocast("cuda", dtype=torch.float16, enabled=image.is_cuda)
         try:
             with autocast:
-                noisy, t = self.noised(image)
                 if self.latent is None:
                     self.unet(noisy.to(self.noise.dtype), t)
                 else:

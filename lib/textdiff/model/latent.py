@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
+from textdiff import sources
+
 logger = logging.getLogger(__name__)
 
 
@@ -93,8 +95,8 @@ class PipelineBackbone(LatentBackbone):
         return self.vae.encode(images).latent_dist.mean * self.vae.config.scaling_factor
 
     def context(self, reports: list[str]) -> torch.Tensor:
-        tokens = self.tokenizer(reports, padding="max_length", max_length=self.tokenizer.model_max_length,
-                                truncation=True, return_tensors="pt")
+        length = min(self.tokenizer.model_max_length, self.text_encoder.config.max_position_embeddings)
+        tokens = self.tokenizer(reports, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
         return self.text_encoder(tokens.input_ids.to(self.unet.device))[0]
 
     def denoise(self, noisy: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None) -> None:
@@ -224,3 +226,26 @@ def load_latent(source: str, hub: bool = False) -> LatentBackbone:
                 sum(p.numel() for p in backbone.unet.parameters()) / 1e6,
                 "; the report is the UNet's condition" if backbone.conditioned else "")
     return backbone
+
+
+def is_latent_source(source: str) -> bool:
+    """A Stable Diffusion-family pipeline or a MONAI bundle (a hub id is asked for its model_index.json)."""
+    if sources.is_checkpoint_file(source):
+        return False
+    folder, hub = sources.resolve(source, "diffusion backbone")
+    if hub:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        try:
+            return "vae" in json.loads(Path(hf_hub_download(folder, "model_index.json")).read_text())
+        except EntryNotFoundError:
+            return False
+    return is_pipeline_folder(Path(folder)) or is_bundle_folder(Path(folder))
+
+
+def find_latent(source: str) -> LatentBackbone | None:
+    if not is_latent_source(source):
+        return None
+    folder, hub = sources.resolve(source, "diffusion backbone")
+    return load_latent(folder, hub)

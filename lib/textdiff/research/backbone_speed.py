@@ -15,7 +15,8 @@ from diffusers import DDPMScheduler
 from textdiff.config import BackboneConfig
 from textdiff.data.tiling import resolve_tiling
 from textdiff.model import guided_diffusion
-from textdiff.model.backbone import DiffusionFeatureExtractor, build_unet, describe_cost, make_extractor, measure_cost
+from textdiff.model.backbone import DiffusionFeatureExtractor, build_unet, make_extractor
+from textdiff.model.cost import describe_cost, measure_cost
 from textdiff.model.latent import BundleBackbone, PipelineBackbone
 from textdiff.model.text import default_encoder_path
 

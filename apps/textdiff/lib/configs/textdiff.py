@@ -9,7 +9,7 @@ from pathlib import Path
 from monailabel.interfaces.config import TaskConfig
 from textdiff import sources
 from textdiff.config import TextDiffConfig
-from textdiff.model.backbone import check_backbone
+from textdiff.model.cost import check_backbone
 from textdiff.model.segmenter import load_checkpoint_config
 
 from ..activelearning.diverse import Diverse
