@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from textdiff.errors import FeaturesTooLarge
 from textdiff.model.features import (
     LEFT_RIGHT_AXIS, FeatureCache, backbone_fingerprint, feature_augmentation, feature_keys, mirror_report,
 )
@@ -210,7 +211,7 @@ def test_cache_past_its_memory_limit_keeps_features_on_disk_or_refuses(extractor
     """A large backbone's features must not exhaust memory: on disk only with a folder, a clear refusal without."""
     items = _items(h, n=3, seed=6)
     per_window_gb = sum(2 * c * h * w for c, h, w in extractor.feature_shapes) / 2**30
-    with pytest.raises(MemoryError, match="3 windows take .* over the feature cache's limit.*max_feature_cache_gb"):
+    with pytest.raises(FeaturesTooLarge, match="3 windows take .* over the feature cache's limit.*max_feature_cache_gb"):
         FeatureCache(extractor, max_memory_gb=2.5 * per_window_gb).fill(items, progress=False)
     spilled = FeatureCache(extractor, folder=tmp_path, max_memory_gb=2.5 * per_window_gb)
     with caplog.at_level("WARNING"):

@@ -19,6 +19,7 @@ import torch
 from monai.transforms import Compose, Flipd, RandFlipd, RandomizableTransform, RandRotate90d
 from tqdm.auto import tqdm
 
+from textdiff.errors import FeaturesTooLarge
 from textdiff.model.backbone import DiffusionFeatureExtractor
 
 logger = logging.getLogger(__name__)
@@ -149,10 +150,10 @@ class FeatureCache:
         if needed <= self.max_memory_gb or not self.in_memory:
             return
         if self.folder is None:
-            raise MemoryError(f"the diffusion features of {windows + len(self._memory)} windows take {needed:.1f} GB, "
-                              f"over the feature cache's limit of {self.max_memory_gb:g} GB: raise it "
-                              "(train.max_feature_cache_gb; the app's --conf max_feature_cache_gb) if the memory is "
-                              "there, or train on fewer or smaller images")
+            raise FeaturesTooLarge(
+                f"the diffusion features of {windows + len(self._memory)} windows take {needed:.1f} GB, over the "
+                f"feature cache's limit of {self.max_memory_gb:g} GB: raise it (train.max_feature_cache_gb; the app's "
+                "--conf max_feature_cache_gb) if the memory is there, or train on fewer or smaller images")
         logger.warning("the diffusion features of %d windows take %.1f GB, over the feature cache's limit of %g GB: "
                        "kept on disk in %s and read back at each use (slower)", windows + len(self._memory), needed,
                        self.max_memory_gb, self.folder)
