@@ -341,7 +341,7 @@ def cmd_al_summary(args) -> None:
 def cmd_backbone_speed(args) -> None:
     from textdiff.research.backbone_speed import run_backbone_speed
 
-    run_backbone_speed(args.backbone, Path(args.out) if args.out else None, args.repeats)
+    run_backbone_speed(args.backbone, Path(args.out) if args.out else None, args.repeats, args.device)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -563,6 +563,7 @@ def _benchmark_commands(command) -> None:
                 "per 256² image for each backbone (a folder, a file, or random:default / random:guided-imagenet-256)")
     p.add_argument("--backbone", nargs="+", required=True)
     p.add_argument("--repeats", type=int, default=2, help="timed passes per backbone (the fastest is kept)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (float16 there)")
     p.add_argument("--out", help="JSON file for the table")
 
     p = command("cdm-benchmark", cmd_cdm_benchmark, "CDM vs Grad-CAM vs reconstruction masks, and CDM pseudo-labels",

@@ -81,10 +81,11 @@ def load_backbone(source: str, cfg: BackboneConfig) -> DiffusionFeatureExtractor
     return make_extractor(resolve_tiling(cfg, source), weights=source)
 
 
-def run_backbone_speed(sources: list[str], out: Path | None = None, repeats: int = 2) -> list[dict]:
+def run_backbone_speed(sources: list[str], out: Path | None = None, repeats: int = 2, device: str = "cpu") -> list[dict]:
+    """One row per backbone on `device` (on a GPU the UNet runs in float16, as the product runs it there)."""
     rows = []
     for source in sources:
-        cost = measure_cost(load_backbone(source, BackboneConfig()), repeats=repeats)
+        cost = measure_cost(load_backbone(source, BackboneConfig()).to(device), repeats=repeats)
         rows.append({"backbone": source, **cost})
         print(f"{source}: {describe_cost(cost)}", flush=True)
     if out:
