@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 scripts/install_ohif.py || echo "warning: without OHIF the server has no /viewer/ (the rest works)" >&2
 STAMP=.venv/.setup-done
-wanted=$(cat requirements.txt pyproject.toml scripts/setup.sh scripts/system-packages.sh | sha256sum | cut -d' ' -f1)
+wanted=$(cat requirements.txt pyproject.toml benchmarks/pyproject.toml scripts/setup.sh scripts/system-packages.sh | sha256sum | cut -d' ' -f1)
 if [ -x .venv/bin/python ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$wanted" ]; then
   exit 0
 fi
@@ -25,6 +25,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -r requirements.txt
-.venv/bin/python -m pip install --quiet --no-deps -e .
-.venv/bin/python -c "import textdiff, monailabel, monai, diffusers, transformers; print('textdiff environment ready')"
+.venv/bin/python -m pip install --quiet --no-deps -e . -e benchmarks  # the library, and the benchmarks apart from it
+.venv/bin/python -c "import textdiff, textdiff_bench, monailabel, monai, diffusers, transformers; print('textdiff environment ready')"
 echo "$wanted" > "$STAMP"

@@ -5,7 +5,7 @@ import random
 import torch
 
 from textdiff.activelearning import image_embeddings, mask_uncertainty, pick_diverse, uncertainty_scores
-from textdiff.research.al_benchmark import choose
+from textdiff_bench.al_benchmark import choose
 from textdiff.model.features import FeatureCache
 
 
@@ -50,7 +50,7 @@ def test_labeling_simulation_writes_rounds_table_and_plot(tmp_path, h):
     """Tiny end-to-end run: every strategy shares round 0, adds `step` images per round, and writes its outputs."""
     import json
 
-    from textdiff.research.al_benchmark import LabelingSettings, run_labeling_benchmark
+    from textdiff_bench.al_benchmark import LabelingSettings, run_labeling_benchmark
     from textdiff.data.sample_data import make_sample_data
 
     make_sample_data(tmp_path / "data", n_train=8, n_test=2, n_labeled=2, size=64)
@@ -70,7 +70,7 @@ def test_labeling_simulation_writes_rounds_table_and_plot(tmp_path, h):
 def test_al_summary_merges_runs_of_different_seeds(tmp_path, capsys):
     import json
 
-    from textdiff.cli import main
+    from textdiff_bench.cli import main
 
     for seed, dice in ((0, 0.5), (1, 0.7)):
         rows = [{"strategy": "random", "seed": seed, "round": 0, "labels": 5, "dice": dice, "picked": []}]

@@ -1,5 +1,5 @@
-"""`textdiff benchmark`: a run does not depend on what ran before it in the same process (methods or seeds);
-healthy images; `textdiff benchmark-compare`."""
+"""`textdiff-bench benchmark`: a run does not depend on what ran before it in the same process (methods or seeds);
+healthy images; `textdiff-bench benchmark-compare`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import textdiff.research.benchmark as benchmark
+import textdiff_bench.benchmark as benchmark
 
 
 def test_a_runs_initial_head_does_not_depend_on_the_methods_before_it(sample_dir, h, tmp_path, monkeypatch):
@@ -107,7 +107,7 @@ def _results(folder, method: str, dice_by_seed: dict[int, dict[str, float]], ora
 
 
 def test_benchmark_compare_pairs_runs_by_seed_and_groups_test_images(tmp_path, capsys):
-    from textdiff.cli import main
+    from textdiff_bench.cli import main
     from textdiff.data.studies import read_studies
 
     sample_dir = Path(__file__).resolve().parents[1] / "sample-data"  # its test split has normal images
@@ -145,7 +145,7 @@ def test_benchmark_compare_pairs_runs_by_seed_and_groups_test_images(tmp_path, c
 
 
 def test_benchmark_compare_reports_the_headroom_of_the_area_oracle(tmp_path, capsys):
-    from textdiff.cli import main
+    from textdiff_bench.cli import main
 
     from textdiff.data.studies import read_studies
 
@@ -162,7 +162,7 @@ def test_benchmark_compare_reports_the_headroom_of_the_area_oracle(tmp_path, cap
 
 
 def test_benchmark_summary_merges_runs_of_separate_processes(tmp_path, capsys):
-    from textdiff.cli import main
+    from textdiff_bench.cli import main
 
     images = {"a": 1.0, "b": 0.5}
     first = _results(tmp_path / "td-0", "textdiff", {0: images})
@@ -221,7 +221,7 @@ def test_an_imported_colour_set_benchmarks_through_windows(tmp_path, h):
 
 
 def test_benchmark_summary_applies_the_gate_to_runs_with_and_without_synthetic_copies_from_two_processes(tmp_path):
-    from textdiff.cli import main
+    from textdiff_bench.cli import main
 
     plain = _results(tmp_path / "plain", "textdiff", {0: {"a": 0.8}, 1: {"a": 0.6}})
     synthetic = _results(tmp_path / "synthetic", "textdiff_synthetic", {0: {"a": 0.7}, 1: {"a": 0.9}})

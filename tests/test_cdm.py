@@ -169,7 +169,7 @@ def test_train_cdm_needs_healthy_and_abnormal_images(sample_dir, h, tmp_path):
 
 
 def test_gradcam_maps_have_the_image_size_and_unit_range(h):
-    from textdiff.research.gradcam import ClassifierSettings, cam_maps, train_classifier
+    from textdiff_bench.gradcam import ClassifierSettings, cam_maps, train_classifier
 
     images, labels = _images(h, 4), torch.tensor([0, 1, 0, 1])
     net = train_classifier(images, labels, 2, ClassifierSettings(epochs=1, batch_size=2), progress=False)
@@ -179,7 +179,7 @@ def test_gradcam_maps_have_the_image_size_and_unit_range(h):
 
 
 def test_a_corrected_proposal_loses_false_regions_gains_missed_ones_and_keeps_outlines():
-    from textdiff.research.cdm_benchmark import corrected_proposal
+    from textdiff_bench.cdm_benchmark import corrected_proposal
 
     truth, proposal = torch.zeros(1, 12, 12, dtype=torch.long), torch.zeros(1, 12, 12, dtype=torch.long)
     truth[0, 1:4, 1:4] = 1  # found, with another outline
@@ -218,8 +218,8 @@ def test_pseudo_labels_join_training_only_and_never_replace_a_real_mask(sample_d
 
 def test_cdm_benchmark_reports_every_method_and_the_pseudo_label_difference(sample_dir, h, tmp_path, capsys):
     from textdiff.model.backbone import build_scheduler, build_unet, save_diffusion
-    from textdiff.research.cdm_benchmark import CDMBenchmarkSettings, run_cdm_benchmark
-    from textdiff.research.gradcam import ClassifierSettings
+    from textdiff_bench.cdm_benchmark import CDMBenchmarkSettings, run_cdm_benchmark
+    from textdiff_bench.gradcam import ClassifierSettings
 
     cfg = h.tiny_config()
     backbone = save_diffusion(build_unet(cfg.backbone), build_scheduler(cfg.backbone), tmp_path / "backbone")

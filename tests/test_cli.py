@@ -11,6 +11,7 @@ from PIL import Image
 from textdiff import cli
 from textdiff.data import sample_data
 from textdiff.cli import main
+from textdiff_bench import cli as bench_cli
 
 TINY_SET = [
     "backbone.image_size=32", "backbone.block_out_channels=[8,16]",
@@ -84,26 +85,26 @@ def test_import_lvit_command(tmp_path, h, capsys):
 
 
 def test_parse_set_values():
-    assert cli._parse_set(["train.epochs=3", "backbone.timesteps=[1,2]", "text.encoder=some/model", "a.b=x=y"]) == {
+    assert cli.parse_set(["train.epochs=3", "backbone.timesteps=[1,2]", "text.encoder=some/model", "a.b=x=y"]) == {
         "train.epochs": 3, "backbone.timesteps": [1, 2], "text.encoder": "some/model", "a.b": "x=y"}
 
 
 def test_repeated_set_options_add_up():
     """`--set a --set b` keeps both (argparse would otherwise keep only the last)."""
-    for command in ("train", "benchmark", "pretrain"):
-        args = cli.build_parser().parse_args([command, "--data", "d", "--out", "o", "--set", "train.epochs=3",
-                                              "--set", "head.gated_text=true", "train.lr=0.01"])
-        assert cli._parse_set(args.set) == {"train.epochs": 3, "head.gated_text": True, "train.lr": 0.01}
+    for parser, command in ((cli, "train"), (bench_cli, "benchmark"), (cli, "pretrain")):
+        args = parser.build_parser().parse_args([command, "--data", "d", "--out", "o", "--set", "train.epochs=3",
+                                                 "--set", "head.gated_text=true", "train.lr=0.01"])
+        assert cli.parse_set(args.set) == {"train.epochs": 3, "head.gated_text": True, "train.lr": 0.01}
 
 
 def test_each_command_turns_its_own_options_into_a_config():
     """A command's options never land in another's setting (time-to-model's --head-steps is not train's --steps)."""
     parse = cli.build_parser().parse_args
-    assert cli._config(parse(["train", "--data", "d", "--out", "o", "--steps", "7"])).train.steps == 7
-    assert cli._config(parse(["train", "--data", "d", "--out", "o", "--epochs", "2"])).train.epochs == 2
+    assert cli.config_from_args(parse(["train", "--data", "d", "--out", "o", "--steps", "7"])).train.steps == 7
+    assert cli.config_from_args(parse(["train", "--data", "d", "--out", "o", "--epochs", "2"])).train.epochs == 2
     for argv in (["time-to-model", "--data", "d", "--out", "o", "--head-steps", "10", "20"], ["profile", "--data", "d"],
                  ["benchmark", "--steps", "50"]):
-        assert cli._config(parse(argv)).train == cli.TextDiffConfig().train, argv
+        assert cli.config_from_args(bench_cli.build_parser().parse_args(argv)).train == cli.TextDiffConfig().train, argv
 
 
 def test_end_to_end_pretrain_train_predict_evaluate(sample_dir, tmp_path, capsys):
@@ -190,7 +191,7 @@ def _tiny_backbone(tmp_path):
     from textdiff.model.backbone import build_scheduler, build_unet, save_diffusion
     from textdiff.config import with_overrides, TextDiffConfig
 
-    cfg = with_overrides(TextDiffConfig(), cli._parse_set(TINY_SET)).backbone
+    cfg = with_overrides(TextDiffConfig(), cli.parse_set(TINY_SET)).backbone
     return save_diffusion(build_unet(cfg), build_scheduler(cfg), tmp_path / "tiny-backbone")
 
 

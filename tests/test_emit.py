@@ -189,7 +189,7 @@ def test_train_config_refuses_bad_synthetic_settings():
 
 
 def test_benchmark_compares_with_and_without_synthetic_pairs(pairs, sample_dir, h, tmp_path, capsys):
-    from textdiff.research.benchmark import METHODS, BenchmarkSettings, run_benchmark
+    from textdiff_bench.benchmark import METHODS, BenchmarkSettings, run_benchmark
 
     with pytest.raises(ValueError, match="need --synthetic"):
         BenchmarkSettings(methods=("unet_synthetic",))

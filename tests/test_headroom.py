@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from textdiff.research.headroom import area_oracle, fix_whole_areas
+from textdiff_bench.headroom import area_oracle, fix_whole_areas
 
 
 def _square(mask: torch.Tensor, rows: slice, cols: slice, value: int = 1) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """The product never loads the research tooling: importing the model, the training, the CLI and the app leaves
-`textdiff.research` (benchmarks, baselines) unimported."""
+`textdiff_bench` (benchmarks, baselines) unimported."""
 
 from __future__ import annotations
 
@@ -17,11 +17,21 @@ def test_the_model_training_cli_and_app_do_not_import_the_research_package():
         "import textdiff.training.inference, textdiff.training.predict, textdiff.weak.cdm, textdiff.weak.cdm_masks\n"
         "import textdiff.synthesis.emit, textdiff.synthesis.synthetic, textdiff.activelearning, textdiff.cli\n"
         "import main\n"
-        "loaded = sorted(m for m in sys.modules if m.startswith('textdiff.research'))\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith('textdiff_bench'))\n"
         "print(loaded); sys.exit(1 if loaded else 0)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+
+
+def test_no_product_file_names_the_benchmarks():
+    """The benchmarks are a package apart (benchmarks/textdiff_bench): the installed library holds no research code,
+    and no file of the library or the app imports it, even lazily inside a function."""
+    root = APP_DIR.parents[1]
+    assert not (root / "lib" / "textdiff" / "research").exists()
+    files = [*(root / "lib" / "textdiff").rglob("*.py"), *APP_DIR.rglob("*.py")]
+    naming = [str(path) for path in files if "textdiff_bench" in path.read_text() or "textdiff.research" in path.read_text()]
+    assert not naming
 
 
 def test_the_package_declares_every_library_it_imports():

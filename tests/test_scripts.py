@@ -1,5 +1,6 @@
 """Every script a docs page gives as a command still runs: each states its options, and the two experiment scripts
-that reproduce results tables run end to end on a tiny input (a signature change in the library breaks them here)."""
+that reproduce results tables run end to end on a tiny input (a signature change in the library breaks them here).
+scripts/ holds what a user runs (setup, serve, demo, PACS, viewer); benchmarks/scripts the experiments."""
 
 from __future__ import annotations
 
@@ -14,12 +15,15 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO_BACKBONE = ROOT / "apps" / "textdiff" / "demo" / "backbones" / "sample-data"
 
 
+FOLDERS = (ROOT / "scripts", ROOT / "benchmarks" / "scripts")
+SCRIPTS = {p.name: p for folder in FOLDERS for p in folder.glob("*.py")}
+
+
 def _run(script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([sys.executable, str(SCRIPTS[script]), *args], capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "scripts").glob("*.py")))
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_every_script_states_its_options(script):
     done = _run(script, "--help")
     assert done.returncode == 0 and "usage:" in done.stdout, done.stderr[-2000:]
@@ -40,3 +44,14 @@ def test_obey_report_same_weights_runs_on_a_tiny_input(sample_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert len(rows) == 1 and 0 <= rows[0]["as drawn"]["dice"] <= 1
+
+
+def test_every_benchmark_command_states_its_options():
+    from textdiff_bench.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for name in commands:
+        done = subprocess.run([sys.executable, "-m", "textdiff_bench.cli", name, "--help"], capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0 and "usage: textdiff-bench" in done.stdout, (name, done.stderr[-2000:])
+

@@ -6,6 +6,7 @@ import torch
 from textdiff.config import TextConfig
 from textdiff.model.fusion import TextDiffHead
 from textdiff.model.text import TextEncoder
+from textdiff.errors import DataError
 
 
 def test_encoder_output_shapes_and_mask(text_encoder):
@@ -44,8 +45,8 @@ def test_results_do_not_depend_on_batch_companions(text_encoder):
 
 
 @pytest.mark.parametrize("bad", [None, 3, float("nan"), ["nested"]])
-def test_non_text_report_raises_type_error(text_encoder, bad):
-    with pytest.raises(TypeError, match="report must be text"):
+def test_non_text_report_is_bad_input(text_encoder, bad):
+    with pytest.raises(DataError, match="report must be text"):
         text_encoder(["fine", bad])
 
 

@@ -1,5 +1,5 @@
-"""The `textdiff` command line: pretrain, train, predict, evaluate, import-lvit, export-dicom, make-sample-data,
-benchmark, al-benchmark, the CDM's cdm-train, cdm-predict and cdm-benchmark, and EMIT-Diff's synth-train and synthesize."""
+"""The `textdiff` command line: pretrain, train, predict, evaluate, import-lvit, export-dicom, make-sample-data, the
+CDM's cdm-train and cdm-predict, and EMIT-Diff's synth-train and synthesize (benchmarks: `textdiff-bench`)."""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ from textdiff.config import TextDiffConfig, with_overrides
 from textdiff.errors import DataError
 
 
-def _parse_set(values: list[str]) -> dict:
+def parse_set(values: list[str]) -> dict:
     """`--set train.epochs=10 backbone.timesteps=[50,150] head.label_names=[background,nucleus]`: values are JSON
     when they parse, lists of words in brackets, else strings."""
     overrides = {}
     for item in values or []:
         key, sep, raw = item.partition("=")
         if not sep:
-            raise ValueError(f"--set takes section.name=value, got '{item}'")
+            raise DataError(f"--set takes section.name=value, got '{item}'")
         overrides[key] = _value(raw)
     return overrides
 
@@ -34,8 +34,8 @@ def _value(raw: str):
         return raw
 
 
-def _config(args) -> TextDiffConfig:
-    overrides = {k: v for k, v in _parse_set(args.set).items() if not k.startswith("cdm.")}
+def config_from_args(args) -> TextDiffConfig:
+    overrides = {k: v for k, v in parse_set(args.set).items() if not k.startswith("cdm.")}
     if getattr(args, "backbone", None):
         overrides["backbone.pretrained"] = args.backbone
     if getattr(args, "text_encoder", None):
@@ -49,13 +49,13 @@ def _config(args) -> TextDiffConfig:
     return with_overrides(TextDiffConfig(), overrides)
 
 
-def _pairs(items: list[str] | None, usage: str, last: bool = False) -> list[tuple[str, str]]:
+def pairs(items: list[str] | None, usage: str, last: bool = False) -> list[tuple[str, str]]:
     """`A=B` options as (A, B), split at the first "=" (at the last with `last`: names that hold one)."""
     pairs = []
     for item in items or []:
         key, sep, value = item.rpartition("=") if last else item.partition("=")
         if not sep:
-            raise ValueError(f"{usage.split()[0]} takes {usage.split()[1]}, got '{item}'")
+            raise DataError(f"{usage.split()[0]} takes {usage.split()[1]}, got '{item}'")
         pairs.append((key, value))
     return pairs
 
@@ -72,7 +72,7 @@ def cmd_make_sample_data(args) -> None:
 def cmd_export_dicom(args) -> None:
     from textdiff.data.dicom import export_studies, exported_files, stow
 
-    cfg = _config(args)
+    cfg = config_from_args(args)
     studies = export_studies(args.data, args.out, list(cfg.head.label_names), args.volume_modality,
                              args.pixel_spacing)
     masks = sum(s.seg_file is not None for s in studies)
@@ -92,7 +92,7 @@ def cmd_import_lvit(args) -> None:
 def cmd_pretrain(args) -> None:
     from textdiff.training.pretrain import STOP_REASONS, PretrainSettings, pretrain
 
-    cfg = _config(args)
+    cfg = config_from_args(args)
     history = []
     if args.init and (Path(args.init) / "history.json").exists():
         history = json.loads((Path(args.init) / "history.json").read_text())
@@ -103,13 +103,13 @@ def cmd_pretrain(args) -> None:
           f"{STOP_REASONS[result[-1]['stopped']]})")
 
 
-def _section_overrides(args, section: str, only: bool = True) -> dict:
+def section_overrides(args, section: str, only: bool = True) -> dict:
     """`--set cdm.tau=0.9 synth.guidance_scale=5`: the named section's settings, by name (other sections are an
     error when `only`)."""
-    overrides = _parse_set(args.set)
+    overrides = parse_set(args.set)
     wrong = [key for key in overrides if not key.startswith(f"{section}.")]
     if wrong and only:
-        raise ValueError(f"these settings are not {section}.<name>: {wrong}")
+        raise DataError(f"these settings are not {section}.<name>: {wrong}")
     return {key.partition(".")[2]: value for key, value in overrides.items() if key.startswith(f"{section}.")}
 
 
@@ -119,7 +119,7 @@ def cmd_cdm_train(args) -> None:
     from textdiff.data.studies import read_studies
     from textdiff.training.pretrain import PretrainSettings
 
-    cfg = CDMConfig.from_dict(_section_overrides(args, "cdm"))
+    cfg = CDMConfig.from_dict(section_overrides(args, "cdm"))
     cases = [case for folder in args.data for case in read_studies(folder)]
     settings = PretrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                                 class_embedding_lr=args.embedding_lr)
@@ -138,7 +138,7 @@ def cmd_cdm_predict(args) -> None:
     from textdiff.data.studies import read_image
     from textdiff.training.predict import heatmap_png, mask_extension, overlay_png, save_mask
 
-    cdm = load_cdm(args.model, args.device, **_section_overrides(args, "cdm"))
+    cdm = load_cdm(args.model, args.device, **section_overrides(args, "cdm"))
     out = Path(args.out)
     (out / "soft").mkdir(parents=True, exist_ok=True)
     for case in tqdm(_cases_for(args.images), desc="cdm-predict"):
@@ -159,7 +159,7 @@ def cmd_train(args) -> None:
     from textdiff.plots import plot_training
     from textdiff.training.train import healthy_cases, train_on_cases
 
-    cfg = _config(args)  # bad settings fail before any data is read
+    cfg = config_from_args(args)  # bad settings fail before any data is read
     studies = read_studies(args.data)
     cases = [c for c in studies if c.label is not None][: args.limit or None]
     pseudo = []
@@ -193,7 +193,7 @@ def cmd_synth_train(args) -> None:
     from textdiff.synthesis.emit import train_synth
     from textdiff.training.pretrain import PretrainSettings
 
-    cfg = SynthConfig.from_dict(_section_overrides(args, "synth"))
+    cfg = SynthConfig.from_dict(section_overrides(args, "synth"))
     cases = [case for folder in args.data for case in read_studies(folder)]
     settings = PretrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     history = train_synth(cases, args.out, cfg, TextConfig(encoder=args.text_encoder), settings, init=args.init)
@@ -266,87 +266,10 @@ def cmd_evaluate(args) -> None:
     print(json.dumps(scores["mean"]))
 
 
-def cmd_benchmark(args) -> None:
-    from textdiff.research.benchmark import BenchmarkSettings, run_benchmark
-
-    settings = BenchmarkSettings(label_counts=tuple(args.labels), seeds=tuple(args.seeds), steps=args.steps,
-                                 methods=tuple(args.methods), synthetic=args.synthetic,
-                                 synthetic_ratio=args.synthetic_ratio, timing=not args.skip_timing)
-    run_benchmark(Path(args.data), args.backbone, Path(args.out), settings, _config(args))
-
-
-def cmd_profile(args) -> None:
-    from textdiff.research.profile import run_profile
-
-    run_profile(Path(args.data), _config(args), args.labels, args.pretrain_epochs, args.pretrain_batch_size,
-                Path(args.out) if args.out else None)
-
-
-def cmd_time_to_model(args) -> None:
-    from textdiff.research.time_to_model import TimeToModelSettings, run_time_to_model
-
-    pretrained = {float(minutes): folder for minutes, folder in _pairs(args.pretrained, "--pretrained MINUTES=FOLDER")}
-    settings = TimeToModelSettings(labels=args.labels, seeds=tuple(args.seeds), head_steps=tuple(args.head_steps),
-                                   unet_steps=tuple(args.unet_steps), pretrained=pretrained)
-    run_time_to_model(Path(args.data), args.backbone, Path(args.out), settings, _config(args))
-
-
-def cmd_infer_speed(args) -> None:
-    from textdiff.research.infer_speed import Reading, run_infer_speed
-
-    readings = [Reading(fast, overlap) for overlap in args.overlaps for fast in (False, True)]
-    run_infer_speed(Path(args.model), [Path(d) for d in args.data], readings, Path(args.volume) if args.volume else None,
-                    tuple(args.volume_shape), Path(args.out) if args.out else None)
-
-
-def cmd_benchmark_compare(args) -> None:
-    from textdiff.research.compare import run_comparison
-
-    run_comparison(args.a, args.b, Path(args.data), Path(args.out), args.method_a, args.method_b)
-
-
-def cmd_benchmark_summary(args) -> None:
-    from textdiff.research.benchmark import merge_runs
-
-    references = {name: float(value) for name, value in _pairs(args.reference, "--reference NAME=VALUE", last=True)}
-    merge_runs(args.results, Path(args.out), args.title, references)
-
-
-def cmd_cdm_benchmark(args) -> None:
-    from textdiff.research.cdm_benchmark import CDMBenchmarkSettings, run_cdm_benchmark
-    from textdiff.research.gradcam import ClassifierSettings
-
-    settings = CDMBenchmarkSettings(real_masks=args.real_masks, seeds=tuple(args.seeds), steps=args.steps,
-                                    choose_readout=args.choose_readout,
-                                    classifier=ClassifierSettings(epochs=args.classifier_epochs))
-    run_cdm_benchmark(Path(args.data), args.cdm, args.backbone, Path(args.out), settings, _config(args),
-                      _section_overrides(args, "cdm", only=False))
-
-
-def cmd_al_benchmark(args) -> None:
-    from textdiff.research.al_benchmark import LabelingSettings, run_labeling_benchmark
-
-    settings = LabelingSettings(start=args.start, step=args.step, rounds=args.rounds, seeds=tuple(args.seeds),
-                                steps=args.steps, strategies=tuple(args.strategies))
-    run_labeling_benchmark(Path(args.data), args.backbone, Path(args.out), settings, _config(args))
-
-
-def cmd_al_summary(args) -> None:
-    from textdiff.research.al_benchmark import summarise_labeling
-
-    rows = [row for folder in args.results for row in json.loads((Path(folder) / "al_results.json").read_text())["rows"]]
-    summarise_labeling(rows, Path(args.out))
-
-
-def cmd_backbone_speed(args) -> None:
-    from textdiff.research.backbone_speed import run_backbone_speed
-
-    run_backbone_speed(args.backbone, Path(args.out) if args.out else None, args.repeats, args.device)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The `textdiff` command: each group of commands registers its own; shared options come from parent parsers."""
-    parser = argparse.ArgumentParser(prog="textdiff", description=__doc__)
+def command_line(prog: str, description: str, registers) -> argparse.ArgumentParser:
+    """A command with subcommands: each group of commands registers its own; shared options come from parent parsers
+    (`parent`, `model_options`). The benchmarks' `textdiff-bench` is built the same way."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -355,10 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    for register in (_data_commands, _training_commands, _generative_commands, _inference_commands,
-                     _benchmark_commands, _analysis_commands):
+    for register in registers:
         register(command)
     return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return command_line("textdiff", __doc__, (_data_commands, _training_commands, _generative_commands,
+                                              _inference_commands))
 
 
 def _set_option(p, section: str, example: str) -> None:
@@ -366,7 +293,7 @@ def _set_option(p, section: str, example: str) -> None:
     p.add_argument("--set", nargs="*", action="extend", metavar=f"{section}.NAME=VALUE", help=f"e.g. {example}")
 
 
-def _parent(*adders) -> argparse.ArgumentParser:
+def parent(*adders) -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     for add in adders:
         add(parent)
@@ -381,7 +308,7 @@ def _text_encoder(p) -> None:
     p.add_argument("--text-encoder", help="transformers folder or hf:<hub id> (default: packaged all-MiniLM-L6-v2)")
 
 
-def _model(p) -> None:
+def model_options(p) -> None:
     """What every command that builds a TextDiff model takes."""
     p.add_argument("--backbone", help="the pretrained UNet: a diffusers folder, a guided-diffusion .pt file, or hf:<hub id> "
                    "(docs/backbones.md; default: random init)")
@@ -431,7 +358,7 @@ def _data_commands(command) -> None:
 
 def _training_commands(command) -> None:
     p = command("pretrain", cmd_pretrain, "pretrain the diffusion backbone on unlabeled images",
-                [_parent(_denoiser_training)])
+                [parent(_denoiser_training)])
     p.add_argument("--init", help="continue from this diffusers folder")
     p.add_argument("--half", action="store_true", help="store the weights in float16 (half the size; loaded as float32)")
     p.add_argument("--minutes", type=float, help="stop after this much wall-clock time (the model is saved then)")
@@ -440,7 +367,7 @@ def _training_commands(command) -> None:
     _set_option(p, "SECTION", "backbone.image_size=64")
 
     p = command("train", cmd_train, "train the cross-attention and head on the labeled images of a studies folder",
-                [_parent(_model)])
+                [parent(model_options)])
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True, help="checkpoint file (.pt)")
     p.add_argument("--steps", dest="train_steps", type=int, help="optimizer steps (default: train.steps, 100)")
@@ -458,7 +385,7 @@ def _training_commands(command) -> None:
 
 def _generative_commands(command) -> None:
     p = command("cdm-train", cmd_cdm_train, "train the class-conditional diffusion model on image-level labels",
-                [_parent(_denoiser_training)])
+                [parent(_denoiser_training)])
     p.set_defaults(batch_size=8)
     p.add_argument("--init", help="start from this diffusers folder (the pretrained backbone), or continue the CDM "
                    "in this folder (its epochs count on)")
@@ -469,13 +396,13 @@ def _generative_commands(command) -> None:
     _set_option(p, "cdm", "cdm.tau=0.9 cdm.classes=[normal,infection]")
 
     p = command("synth-train", cmd_synth_train, "train the EMIT-Diff model (edge map + text conditioned diffusion)",
-                [_parent(_denoiser_training, _text_encoder)])
+                [parent(_denoiser_training, _text_encoder)])
     p.add_argument("--init", help="start from this pretrained backbone (its layout, weights and scheduler), as "
                    "EMIT-Diff starts from a pretrained diffusion model: far fewer steps than from scratch")
     _set_option(p, "synth", "synth.image_size=64")
 
     p = command("synthesize", cmd_synthesize, "synthetic image-mask pairs of the labeled images, plus a contact sheet",
-                [_parent(_device)])
+                [parent(_device)])
     p.add_argument("--model", required=True, help="folder written by synth-train")
     p.add_argument("--data", required=True, help="studies folder whose labeled images are copied")
     p.add_argument("--masks", help="take masks from this folder instead of labels/final (e.g. train-groundtruth)")
@@ -488,7 +415,7 @@ def _generative_commands(command) -> None:
 
 def _inference_commands(command) -> None:
     p = command("cdm-predict", cmd_cdm_predict, "masks and soft maps from the CDM (no pixel label needed)",
-                [_parent(_device)])
+                [parent(_device)])
     p.add_argument("--model", required=True, help="folder written by cdm-train")
     p.add_argument("--images", nargs="+", required=True, help="image files or studies folders")
     p.add_argument("--out", required=True, help="masks here, soft maps and PNG previews in <out>/soft/")
@@ -496,7 +423,7 @@ def _inference_commands(command) -> None:
     _set_option(p, "cdm", "cdm.tau=0.9 cdm.threshold=0.5")
 
     p = command("predict", cmd_predict, "segment images: mask files with the image geometry plus PNG overlays",
-                [_parent(_device)])
+                [parent(_device)])
     p.add_argument("--model", required=True)
     p.add_argument("--images", nargs="+", required=True, help="image files or studies folders")
     p.add_argument("--out", required=True)
@@ -506,113 +433,10 @@ def _inference_commands(command) -> None:
                    "it natively, a volume's slices in windows side by side; about 3x faster for a volume)")
 
     p = command("evaluate", cmd_evaluate, "Dice and IoU per image and mean against labels/final, as JSON",
-                [_parent(_device)])
+                [parent(_device)])
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--out", help="JSON file")
-
-
-def _benchmark_commands(command) -> None:
-    model = _parent(_model)
-    p = command("benchmark", cmd_benchmark, "Dice vs number of labeled images for TextDiff, its ablations and a UNet",
-                [model])
-    p.add_argument("--data", default="sample-data")
-    p.add_argument("--out", default="benchmark-results")
-    p.add_argument("--labels", nargs="+", type=int, default=[5, 10, 20], help="label counts (the pool has 70: add 70 for all)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--methods", nargs="+", default=["textdiff", "empty_text", "no_cross_attention", "unet", "random_backbone"],
-                   help="also textdiff_synthetic and unet_synthetic (these need --synthetic)")
-    p.add_argument("--steps", type=int, help="optimizer steps per run, the same for every method, in whole passes "
-                   "over the training windows, each ended by validation (the results pages' recipe); default: TextDiff "
-                   "trains as the product does (train.steps) and the UNet 400 steps")
-    p.add_argument("--synthetic", help="synthetic pairs of the training pool (textdiff synthesize --masks <data>/train-groundtruth)")
-    p.add_argument("--synthetic-ratio", type=int, default=4, help="synthetic copies used per real image")
-    p.add_argument("--skip-timing", action="store_true", help="skip timing the feature cache, latency and memory")
-
-    p = command("profile", cmd_profile, "where the seconds of head training and of pretraining go on this machine: "
-                "a table per phase (feature extraction, cache reads, fusion, head, loss, validation, ...); the head trains as "
-                "train.* says (--set train.steps=20 for a shorter run)", [model])
-    p.add_argument("--data", required=True, help="studies folder with labeled images")
-    p.add_argument("--labels", type=int, default=5, help="labeled images the head trains on (a seeded draw)")
-    p.add_argument("--pretrain-epochs", type=int, default=2, help="pretraining epochs of a fresh backbone (0: skip)")
-    p.add_argument("--pretrain-batch-size", type=int, default=8)
-    p.add_argument("--out", help="JSON file for both tables")
-
-    p = command("time-to-model", cmd_time_to_model, "test Dice against the minutes of training, on this machine: "
-                "TextDiff's head (and pretraining + head) and a MONAI UNet from scratch at a few budgets each",
-                [model])
-    p.add_argument("--data", required=True, help="folder with train/ (the labeled pool) and test/")
-    p.add_argument("--out", required=True)
-    p.add_argument("--labels", type=int, default=5, help="labeled images per run (a seeded draw, as in benchmark)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--head-steps", nargs="+", type=int, default=[25, 50, 100, 200])
-    p.add_argument("--unet-steps", nargs="+", type=int, default=[100, 200, 400, 800])
-    p.add_argument("--pretrained", nargs="*", metavar="MINUTES=FOLDER",
-                   help="backbones pretrained for that many minutes on this machine (textdiff pretrain --minutes)")
-
-    p = command("infer-speed", cmd_infer_speed, "seconds per image and per volume of a trained model's inference, "
-                "and its Dice, in float32 and the fast reading, at each window overlap given")
-    p.add_argument("--model", required=True, help="a TextDiff checkpoint")
-    p.add_argument("--data", nargs="*", default=[], help="studies folders with labeled 2D images")
-    p.add_argument("--volume", help="a NIfTI volume, resampled to --volume-shape and segmented whole")
-    p.add_argument("--volume-shape", nargs=3, type=int, default=[256, 256, 100])
-    p.add_argument("--overlaps", nargs="+", type=float, default=[0.25], help="window overlaps to read at")
-    p.add_argument("--out", help="JSON file for the table")
-
-    p = command("backbone-speed", cmd_backbone_speed, "parameters, feature channels and seconds of diffusion features "
-                "per 256² image for each backbone (a folder, a file, or random:default / random:guided-imagenet-256)")
-    p.add_argument("--backbone", nargs="+", required=True)
-    p.add_argument("--repeats", type=int, default=2, help="timed passes per backbone (the fastest is kept)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (float16 there)")
-    p.add_argument("--out", help="JSON file for the table")
-
-    p = command("cdm-benchmark", cmd_cdm_benchmark, "CDM vs Grad-CAM vs reconstruction masks, and CDM pseudo-labels",
-                [model])
-    p.add_argument("--data", default="sample-data")
-    p.add_argument("--cdm", required=True, help="folder written by cdm-train")
-    p.add_argument("--out", default="benchmark-results")
-    p.add_argument("--real-masks", type=int, default=5)
-    p.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2],
-                   help="TextDiff runs with and without pseudo-labels per seed; none: score the masks only")
-    p.add_argument("--steps", type=int, default=400, help="TextDiff optimizer steps per run")
-    p.add_argument("--classifier-epochs", type=int, default=30)
-    p.add_argument("--choose-readout", action="store_true", help="choose the CDM's noise level, threshold and largest "
-                   "component on the training images (their masks) before scoring the test images")
-
-    p = command("al-benchmark", cmd_al_benchmark, "simulate active learning: test Dice per labeling round per strategy",
-                [model])
-    p.add_argument("--data", default="sample-data")
-    p.add_argument("--out", default="benchmark-results")
-    p.add_argument("--start", type=int, default=5, help="labeled images before the first round")
-    p.add_argument("--step", type=int, default=5, help="images labeled per round")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--steps", type=int, help="optimizer steps per training, in passes over the training windows each "
-                   "ended by validation (default: the app's step budget, train.steps)")
-    p.add_argument("--strategies", nargs="+", default=["random", "uncertainty", "diverse"])
-
-
-def _analysis_commands(command) -> None:
-    p = command("benchmark-compare", cmd_benchmark_compare,
-                "two methods of benchmark runs, paired by labels and seed, overall and per group of test images")
-    p.add_argument("--a", nargs="+", required=True, help="benchmark output folders of the first method")
-    p.add_argument("--b", nargs="+", required=True, help="benchmark output folders of the second method")
-    p.add_argument("--method-a", help="method to take from the --a folders (needed when they hold several)")
-    p.add_argument("--method-b", help="method to take from the --b folders (needed when they hold several)")
-    p.add_argument("--data", default="sample-data", help="the benchmark's data: its test reports give the groups")
-    p.add_argument("--out", default="benchmark-comparison")
-
-    p = command("benchmark-summary", cmd_benchmark_summary,
-                "one table, plot and results.json from several benchmark runs (e.g. one process per method or seed)")
-    p.add_argument("results", nargs="+", help="benchmark output folders")
-    p.add_argument("--out", required=True)
-    p.add_argument("--title", default="test Dice vs labels", help="title of the plot")
-    p.add_argument("--reference", nargs="*", metavar="NAME=DICE",
-                   help="published results drawn as dashed lines, e.g. 'LViT-T, all labels=0.8036'")
-
-    p = command("al-summary", cmd_al_summary, "one table and plot from several al-benchmark runs (e.g. one per seed)")
-    p.add_argument("results", nargs="+", help="al-benchmark output folders")
-    p.add_argument("--out", required=True)
 
 
 def _resolve_device(args) -> None:
@@ -623,17 +447,23 @@ def _resolve_device(args) -> None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Parse and run one subcommand: the user's bad data or settings (DataError, a missing file) in one line and exit
+    status 2; a bug keeps its traceback."""
+    args = parser.parse_args(argv)
     _resolve_device(args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)  # GPU decoder absence is normal
     try:
         args.func(args)
-    except (DataError, FileNotFoundError, ValueError, TypeError) as err:
-        print(f"textdiff {args.command}: error: {err}", file=sys.stderr)
+    except (DataError, FileNotFoundError) as err:
+        print(f"{parser.prog} {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from textdiff.errors import DataError
+
 
 @dataclass
 class BackboneConfig:
@@ -46,9 +48,9 @@ class BackboneConfig:
 
     def __post_init__(self):
         if self.patch_scale is not None and not 0 < self.patch_scale <= 16:
-            raise ValueError(f"backbone.patch_scale must be in (0, 16] (or None: from the image), got {self.patch_scale}")
+            raise DataError(f"backbone.patch_scale must be in (0, 16] (or None: from the image), got {self.patch_scale}")
         if (self.max_windows is not None and self.max_windows < 1) or not 0 <= self.window_overlap < 1:
-            raise ValueError(f"need backbone.max_windows >= 1 and 0 <= backbone.window_overlap < 1, "
+            raise DataError(f"need backbone.max_windows >= 1 and 0 <= backbone.window_overlap < 1, "
                              f"got {self.max_windows} and {self.window_overlap}")
 
 
@@ -92,9 +94,9 @@ class HeadConfig:
 
     def __post_init__(self):
         if self.attention_size is not None and self.attention_size < 1:
-            raise ValueError(f"head.attention_size must be at least 1 (or None: no pooling), got {self.attention_size}")
+            raise DataError(f"head.attention_size must be at least 1 (or None: no pooling), got {self.attention_size}")
         if len(self.label_names) < 2 or len(set(self.label_names)) != len(self.label_names):
-            raise ValueError(f"head.label_names needs the background and at least one class, all distinct, "
+            raise DataError(f"head.label_names needs the background and at least one class, all distinct, "
                              f"got {list(self.label_names)}")
 
     @property
@@ -114,7 +116,7 @@ class TrainConfig:
     # validation on at most `val_windows` windows of the held-out images (seeded; None: all), so that neither grows
     # with the number of labeled images and a retrain after one more label takes as long as the last. With `epochs`
     # set, that many passes over every training window instead, each ended by validation on every held-out window
-    # (the recipe of the results that give `--epochs` or `textdiff benchmark --steps`).
+    # (the recipe of the results that give `--epochs` or `textdiff-bench benchmark --steps`).
     steps: int = 100
     val_every: int = 20
     val_windows: int | None = 32
@@ -168,24 +170,24 @@ class TrainConfig:
     def __post_init__(self):
         if self.steps < 1 or self.val_every < 1 or (self.epochs is not None and self.epochs < 1) or \
                 (self.val_windows is not None and self.val_windows < 1):
-            raise ValueError(f"need train.steps, train.val_every, train.epochs and train.val_windows of at least 1 (or "
+            raise DataError(f"need train.steps, train.val_every, train.epochs and train.val_windows of at least 1 (or "
                              f"epochs, val_windows None), got {self.steps}, {self.val_every}, {self.epochs}, "
                              f"{self.val_windows}")
         if self.volume_slices not in VOLUME_SLICES:
-            raise ValueError(f"train.volume_slices must be one of {list(VOLUME_SLICES)}, got {self.volume_slices!r}")
+            raise DataError(f"train.volume_slices must be one of {list(VOLUME_SLICES)}, got {self.volume_slices!r}")
         if not 0 <= self.report_weight < float("inf") or self.report_top_k < 1:
-            raise ValueError(f"need train.report_weight >= 0 and train.report_top_k >= 1, "
+            raise DataError(f"need train.report_weight >= 0 and train.report_top_k >= 1, "
                              f"got {self.report_weight} and {self.report_top_k}")
         if self.report_weight > 0 and self.augment in ("flip", "rot90_flip"):
-            raise ValueError(f"train.report_weight > 0 needs train.augment 'none' or 'mirror': '{self.augment}' moves "
+            raise DataError(f"train.report_weight > 0 needs train.augment 'none' or 'mirror': '{self.augment}' moves "
                              f"the lungs away from the sides the reports name")
         if self.intensity_copies < 0:
-            raise ValueError(f"train.intensity_copies must be 0 or more, got {self.intensity_copies}")
+            raise DataError(f"train.intensity_copies must be 0 or more, got {self.intensity_copies}")
         if self.selection_window < 1 or self.min_val_images < 1 or not 0 <= self.val_fraction < 1:
-            raise ValueError(f"need train.selection_window >= 1, train.min_val_images >= 1 and 0 <= train.val_fraction"
+            raise DataError(f"need train.selection_window >= 1, train.min_val_images >= 1 and 0 <= train.val_fraction"
                              f" < 1, got {self.selection_window}, {self.min_val_images} and {self.val_fraction}")
         if self.synthetic_ratio < 0 or not 0 <= self.merge_alpha <= 1 or self.merge_patch < 1:
-            raise ValueError(f"need train.synthetic_ratio >= 0, 0 <= train.merge_alpha <= 1 and train.merge_patch >= 1,"
+            raise DataError(f"need train.synthetic_ratio >= 0, 0 <= train.merge_alpha <= 1 and train.merge_patch >= 1,"
                              f" got {self.synthetic_ratio}, {self.merge_alpha}, {self.merge_patch}")
 
 
@@ -239,14 +241,14 @@ class CDMConfig:
 
     def __post_init__(self):
         if self.healthy_class not in self.classes or len(set(self.classes)) < 2:
-            raise ValueError(f"cdm.classes {self.classes} needs two or more distinct classes including "
+            raise DataError(f"cdm.classes {self.classes} needs two or more distinct classes including "
                              f"healthy_class '{self.healthy_class}'")
         if not 0 <= self.tau <= 1:
-            raise ValueError(f"cdm.tau must be in [0, 1], got {self.tau}")
+            raise DataError(f"cdm.tau must be in [0, 1], got {self.tau}")
         if self.smooth < 0 or not 0 <= self.clip < 50:
-            raise ValueError(f"cdm.smooth must be 0 or more and cdm.clip in [0, 50), got {self.smooth}, {self.clip}")
+            raise DataError(f"cdm.smooth must be 0 or more and cdm.clip in [0, 50), got {self.smooth}, {self.clip}")
         if self.ddim_steps < 1 or self.noise_level % self.ddim_steps:
-            raise ValueError(f"cdm.noise_level ({self.noise_level}) must be a multiple of cdm.ddim_steps "
+            raise DataError(f"cdm.noise_level ({self.noise_level}) must be a multiple of cdm.ddim_steps "
                              f"({self.ddim_steps}): the DDIM steps are evenly spaced from Q down to 0")
 
     @classmethod
@@ -277,9 +279,9 @@ class SynthConfig:
 
     def __post_init__(self):
         if len(self.down_block_types) != len(self.block_out_channels) or len(self.up_block_types) != len(self.block_out_channels):
-            raise ValueError("synth.down_block_types and synth.up_block_types need one entry per block_out_channels")
+            raise DataError("synth.down_block_types and synth.up_block_types need one entry per block_out_channels")
         if not 0 <= self.text_dropout < 1 or self.guidance_scale < 0 or self.ddim_steps < 1:
-            raise ValueError(f"need 0 <= synth.text_dropout < 1, synth.guidance_scale >= 0 and synth.ddim_steps >= 1, "
+            raise DataError(f"need 0 <= synth.text_dropout < 1, synth.guidance_scale >= 0 and synth.ddim_steps >= 1, "
                              f"got {self.text_dropout}, {self.guidance_scale}, {self.ddim_steps}")
 
     @classmethod
@@ -292,7 +294,7 @@ def _build(kind: type, values: dict[str, Any]):
     names = {f.name: f for f in dataclasses.fields(kind)}
     unknown = sorted(set(values) - set(names))
     if unknown:
-        raise ValueError(f"unknown {kind.__name__} setting(s): {', '.join(unknown)}; known: {', '.join(names)}")
+        raise DataError(f"unknown {kind.__name__} setting(s): {', '.join(unknown)}; known: {', '.join(names)}")
     return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
@@ -302,6 +304,6 @@ def with_overrides(config: TextDiffConfig, overrides: dict[str, Any]) -> TextDif
     for key, value in overrides.items():
         section, _, name = key.partition(".")
         if section not in data or not name:
-            raise ValueError(f"setting '{key}' must look like section.name with section in {', '.join(data)}")
+            raise DataError(f"setting '{key}' must look like section.name with section in {', '.join(data)}")
         data[section][name] = value
     return TextDiffConfig.from_dict(data)

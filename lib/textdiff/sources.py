@@ -7,6 +7,7 @@ A hub id is therefore written `hf:<org>/<name>`; anything else is a folder that 
 from __future__ import annotations
 
 from pathlib import Path
+from textdiff.errors import DataError
 
 HUB_PREFIX = "hf:"
 
@@ -44,7 +45,7 @@ def resolve_file(source: str | Path, what: str) -> Path:
 
     parts = source[len(HUB_PREFIX):].split("/")
     if len(parts) < 3:
-        raise ValueError(f"a hub file is written {HUB_PREFIX}<org>/<name>/<file>, got '{source}'")
+        raise DataError(f"a hub file is written {HUB_PREFIX}<org>/<name>/<file>, got '{source}'")
     repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
     try:
         hf_hub_download(repo, str(Path(filename).with_suffix(".json")))

@@ -9,8 +9,10 @@ import tarfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
+from textdiff.errors import DataError
 
-class ArchiveError(ValueError):
+
+class ArchiveError(DataError):
     """An archive that is not one, or that would write outside its folder or more bytes than allowed."""
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from filelock import FileLock
 from monailabel.datastore.local import LocalDatastore
 from textdiff.data.studies import IMAGE_EXTENSIONS, check_mask, check_report, read_image, read_reports, write_reports
+from textdiff.errors import DataError
 
 from .errors import bad_request, check_id, client_errors, not_found
 
@@ -120,7 +121,7 @@ class ReportDatastore(LocalDatastore):
 
 def _check_image_label(image_label: object) -> None:
     if image_label is not None and (not isinstance(image_label, str) or len(image_label) > 100):
-        raise ValueError(f"image_label must be text of at most 100 characters, got {image_label!r:.40}")
+        raise DataError(f"image_label must be text of at most 100 characters, got {image_label!r:.40}")
 
 
 def check_label_file(image_path: Path, label_path: Path, num_classes: int) -> None:

@@ -32,12 +32,13 @@ def check_id(value: object, what: str = "image id") -> str:
 
 @contextlib.contextmanager
 def client_errors():
-    """Bad data or parameters (DataError, ValueError) -> 422 with the message; an image too large to read -> 413."""
+    """Bad data or parameters (DataError) -> 422 with the message; an image too large to read -> 413. Anything else
+    is a bug: MONAI Label answers 500 and logs its traceback."""
     try:
         yield
     except HTTPException:
         raise
     except ImageTooLarge as err:
         raise HTTPException(status_code=413, detail=str(err)) from err
-    except (DataError, ValueError) as err:
+    except DataError as err:
         raise bad_request(str(err)) from err

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
+from textdiff.errors import DataError
 
 SIDES = ("left", "right")  # the patient's sides; the patient's left lung is on the image right
 ZONES = ("upper", "middle", "lower")
@@ -75,7 +76,7 @@ def make_sample_data(
     """
     _check_arguments(n_train, n_test, n_labeled, normal_fraction, size)
     if not 0 < opacity[0] <= opacity[1]:
-        raise ValueError(f"opacity must be a range 0 < low <= high, got {tuple(opacity)}")
+        raise DataError(f"opacity must be a range 0 < low <= high, got {tuple(opacity)}")
     out = Path(out_dir)
     rng = np.random.default_rng(seed)
     counts = _plan_area_counts(rng, n_train, n_test, n_labeled, normal_fraction)
@@ -105,13 +106,13 @@ def make_sample_data(
 def _check_arguments(n_train: int, n_test: int, n_labeled: int, normal_fraction: float, size: int) -> None:
     """Reject arguments that would produce an empty or inconsistent data set."""
     if n_train < 1 or n_test < 0:
-        raise ValueError(f"need n_train >= 1 and n_test >= 0, got {n_train} and {n_test}")
+        raise DataError(f"need n_train >= 1 and n_test >= 0, got {n_train} and {n_test}")
     if not 0 <= n_labeled <= n_train:
-        raise ValueError(f"n_labeled must be between 0 and n_train={n_train}, got {n_labeled}")
+        raise DataError(f"n_labeled must be between 0 and n_train={n_train}, got {n_labeled}")
     if not 0.0 <= normal_fraction <= 1.0:
-        raise ValueError(f"normal_fraction must be in [0, 1], got {normal_fraction}")
+        raise DataError(f"normal_fraction must be in [0, 1], got {normal_fraction}")
     if size < 64:
-        raise ValueError(f"size must be at least 64 pixels, got {size}")
+        raise DataError(f"size must be at least 64 pixels, got {size}")
 
 
 def _plan_area_counts(

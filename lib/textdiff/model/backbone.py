@@ -22,6 +22,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from textdiff import sources
 from textdiff.config import BackboneConfig
+from textdiff.errors import DataError
 from textdiff.model.guided_diffusion import load_guided_diffusion
 from textdiff.model.latent import LatentBackbone, decoder_read_out, find_latent, is_latent_source
 
@@ -77,7 +78,7 @@ def load_diffusion(source: str) -> tuple[UNet2DModel, DDPMScheduler]:
     if sources.is_checkpoint_file(source):
         return load_guided_diffusion(sources.resolve_file(source, "guided-diffusion checkpoint"))
     if is_latent_source(source):
-        raise ValueError(f"'{source}' is a latent diffusion model: it gives features, but pretraining, the CDM and "
+        raise DataError(f"'{source}' is a latent diffusion model: it gives features, but pretraining, the CDM and "
                          "EMIT-Diff continue pixel-space UNets only (a folder written by `textdiff pretrain`, a "
                          "diffusers UNet2DModel or a guided-diffusion checkpoint)")
     source, hub = sources.resolve(source, "diffusion backbone")
@@ -154,7 +155,7 @@ class DiffusionFeatureExtractor(torch.nn.Module):
         missing = [name for name in cfg.feature_layers if name not in modules]
         if missing:
             decoder = [n for n in modules if n.startswith("up_blocks.") and n.count(".") <= 2]
-            raise ValueError(f"feature layer(s) {missing} not in the UNet; decoder modules: {decoder}")
+            raise DataError(f"feature layer(s) {missing} not in the UNet; decoder modules: {decoder}")
         self._order = list(cfg.feature_layers)
         self._store: dict[str, torch.Tensor] = {}
         for name in self._order:
@@ -244,7 +245,7 @@ def make_random_extractor(cfg: BackboneConfig) -> DiffusionFeatureExtractor:
     if not cfg.pretrained:
         return make_extractor(cfg)
     if is_latent_source(cfg.pretrained):
-        raise ValueError("the random-backbone ablation reads pixel-space UNets, not latent models")
+        raise DataError("the random-backbone ablation reads pixel-space UNets, not latent models")
     trained, scheduler = load_diffusion(cfg.pretrained)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.init_seed)

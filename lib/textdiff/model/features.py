@@ -19,6 +19,7 @@ import torch
 from monai.transforms import Compose, Flipd, RandFlipd, RandomizableTransform, RandRotate90d
 from tqdm.auto import tqdm
 
+from textdiff.errors import DataError
 from textdiff.errors import FeaturesTooLarge
 from textdiff.model.backbone import DiffusionFeatureExtractor
 
@@ -70,7 +71,7 @@ def feature_augmentation(mode: str, count: int, seed: int) -> Compose:
     copy's feature maps ("synthetic0", ... when present) and an "image" when present (the benchmark's UNet trains on
     images); "mirror" also rewrites the sample's "report"."""
     if mode not in AUGMENTATIONS:
-        raise ValueError(f"augment must be one of {AUGMENTATIONS}, got '{mode}'")
+        raise DataError(f"augment must be one of {AUGMENTATIONS}, got '{mode}'")
     keys = [*feature_keys(count), *feature_keys(count, "synthetic"), "label", "image"]
     transforms = [RandMirrord(keys)] if mode == "mirror" else []
     if mode in ("flip", "rot90_flip"):

@@ -16,6 +16,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 from textdiff import sources
+from textdiff.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ class BundleBackbone(LatentBackbone):
     def __init__(self, autoencoder: torch.nn.Module, unet: torch.nn.Module, scheduler: DDPMScheduler,
                  image_size: int, scale_factor: float):
         if getattr(unet, "with_conditioning", False):
-            raise ValueError("a text-conditioned MONAI bundle brings no text encoder of its own; only unconditional "
+            raise DataError("a text-conditioned MONAI bundle brings no text encoder of its own; only unconditional "
                              "bundles are read")
         factor = 2 ** (len(autoencoder.encoder.channels) - 1)
         super().__init__(unet, scheduler, image_size, autoencoder.encoder.in_channels, autoencoder.latent_channels,
@@ -151,7 +152,7 @@ def _bundle_config(folder: Path) -> dict:
             config = json.loads(path.read_text())
             if "network_def" in config and "autoencoder_def" in config:
                 return config
-    raise ValueError(f"'{folder}' is not a MONAI latent diffusion bundle: no configs/inference.json or "
+    raise DataError(f"'{folder}' is not a MONAI latent diffusion bundle: no configs/inference.json or "
                      "train_diffusion.json defining autoencoder_def and network_def")
 
 
@@ -160,7 +161,7 @@ def _resolve(config: dict, value):
     if isinstance(value, str) and value.startswith("@"):
         return _resolve(config, config[value[1:]])
     if isinstance(value, str) and value.startswith("$"):
-        raise ValueError(f"a bundle value that is a Python expression is never evaluated: {value!r}")
+        raise DataError(f"a bundle value that is a Python expression is never evaluated: {value!r}")
     if isinstance(value, list):
         return [_resolve(config, v) for v in value]
     if isinstance(value, dict):
@@ -174,7 +175,7 @@ def _build_network(config: dict, key: str) -> torch.nn.Module:
     arguments = _resolve(config, {k: v for k, v in config[key].items() if not k.startswith("_")})
     name = config[key].get("_target_", "").rsplit(".", 1)[-1]
     if name not in _BUNDLE_NETWORKS:
-        raise ValueError(f"bundle {key} is a '{config[key].get('_target_')}', not one of {sorted(_BUNDLE_NETWORKS)}")
+        raise DataError(f"bundle {key} is a '{config[key].get('_target_')}', not one of {sorted(_BUNDLE_NETWORKS)}")
     if "num_channels" in arguments:
         arguments["channels"] = arguments.pop("num_channels")
     return getattr(nets, name)(**arguments)
@@ -196,7 +197,7 @@ def _bundle_scheduler(config: dict) -> DDPMScheduler:
     spec = _resolve(config, {k: v for k, v in config.get("noise_scheduler", {}).items() if not k.startswith("_")})
     schedule = spec.get("schedule", "linear_beta")
     if schedule not in _SCHEDULES:
-        raise ValueError(f"bundle noise schedule '{schedule}' is not one of {sorted(_SCHEDULES)}")
+        raise DataError(f"bundle noise schedule '{schedule}' is not one of {sorted(_SCHEDULES)}")
     return DDPMScheduler(num_train_timesteps=spec.get("num_train_timesteps", 1000), beta_schedule=_SCHEDULES[schedule],
                          beta_start=spec.get("beta_start", 1e-4), beta_end=spec.get("beta_end", 2e-2))
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from textdiff.errors import DataError
 from textdiff.model.features import LEFT_RIGHT_AXIS
 
 SIDES = ("left", "right")  # the patient's; as loaded, the patient's left lies at the high end of LEFT_RIGHT_AXIS
@@ -43,7 +44,7 @@ def check_reports_readable(reports: list[str], setting: str) -> None:
     lung's side (they would silently do nothing). Empty reports are no reports (the empty-report ablation)."""
     written = [report for report in reports if report.strip()]
     if written and not any(named_sides(report) is not None for report in written):
-        raise ValueError(f"{setting} reads which lungs a chest radiograph report names (\"... left lung.\", \"No "
+        raise DataError(f"{setting} reads which lungs a chest radiograph report names (\"... left lung.\", \"No "
                          "pulmonary infection.\"), and no report of this data does: turn it off for this data")
 
 

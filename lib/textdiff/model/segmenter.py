@@ -95,7 +95,7 @@ class TextDiffModel(torch.nn.Module):
             # outside training, so the loss never meets a mask the rule forbids (a wrong report, a flipped image)
             return logits
         if boxes and any(box is not None for box in boxes):
-            raise ValueError("head.obey_report reads a report's sides on whole images: set backbone.max_windows=1 "
+            raise DataError("head.obey_report reads a report's sides on whole images: set backbone.max_windows=1 "
                              "so each image is one window")
         return obey_reports(logits, reports)
 

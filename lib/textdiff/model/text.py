@@ -14,6 +14,7 @@ from transformers.utils import logging as transformers_logging
 
 from textdiff import sources
 from textdiff.config import TextConfig
+from textdiff.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class TextEncoder(torch.nn.Module):
         """(B, max_tokens, dim) hidden states and the (B, max_tokens) boolean attention mask, on the CPU."""
         for report in reports:
             if not isinstance(report, str):
-                raise TypeError(f"a report must be text, got {type(report).__name__}")
+                raise DataError(f"a report must be text, got {type(report).__name__}")
         new = sorted({r for r in reports if r not in self._cache})
         if new:
             self._encode_new(new)

@@ -22,6 +22,7 @@ from monai.transforms import LabelToContour
 from skimage.feature import canny
 from torch import nn
 
+from textdiff.errors import DataError
 from textdiff.model.backbone import load_diffusion, save_diffusion
 from textdiff.config import SynthConfig, TextConfig
 from textdiff.data.studies import Case, load_case
@@ -84,7 +85,7 @@ def synth_unet_from_backbone(backbone: str, cfg: SynthConfig, text_dim: int) -> 
     copied = {name: value for name, value in given.items() if name in own and own[name].shape == value.shape}
     left = [name for name in given if name not in copied and ".attentions." not in name and name != "conv_in.weight"]
     if left:
-        raise ValueError(f"'{backbone}' does not fit an EMIT-Diff generator: no place for {left[:5]}")
+        raise DataError(f"'{backbone}' does not fit an EMIT-Diff generator: no place for {left[:5]}")
     conv_in = torch.zeros_like(own["conv_in.weight"])
     conv_in[:, : base.config.in_channels] = given["conv_in.weight"]  # the condition map's channel starts unheard
     unet.load_state_dict({**copied, "conv_in.weight": conv_in}, strict=False)
@@ -194,7 +195,7 @@ def train_synth(cases: list[Case], out: str | Path, cfg: SynthConfig, text: Text
     (a diffusers folder plus synth.json), atomically; returns the per-epoch loss history. With `init` (a backbone
     folder) the generator takes the backbone's layout, weights, scheduler and channels instead of `cfg`'s layout."""
     if not cases:
-        raise ValueError("no image to train the synthesis model on")
+        raise DataError("no image to train the synthesis model on")
     text_encoder = TextEncoder(text)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)

@@ -46,7 +46,7 @@ def synthesize(model: SynthModel, cases: list[Case], out: str | Path, per_image:
     if not labeled:
         raise DataError("no labeled image to synthesize from: synthetic copies reuse a real mask")
     if per_image < 1:
-        raise ValueError(f"per_image must be at least 1, got {per_image}")
+        raise DataError(f"per_image must be at least 1, got {per_image}")
     _check_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

@@ -61,21 +61,22 @@ def score_cases(model: TextDiffModel, cases: list[Case], progress: bool = False)
 
 
 def score_masks(masks: list[torch.Tensor], items: list[dict], num_classes: int) -> dict:
-    """Foreground Dice and IoU per image and their means; an empty mask predicted empty scores 1."""
+    """Foreground Dice and IoU per image and their means, and Dice per foreground class ("class_dice"); an empty
+    mask predicted empty scores 1."""
     dice_metric = DiceMetric(include_background=False, reduction="none", ignore_empty=False)
     iou_metric = MeanIoU(include_background=False, reduction="none", ignore_empty=False)
     rows = []
     for mask, item in zip(masks, items):
         if item.get("original_label") is None:
-            raise ValueError(f"image '{item['id']}' has no mask to evaluate against")
+            raise DataError(f"image '{item['id']}' has no mask to evaluate against")
         pred = one_hot(mask[None].long(), num_classes)
         truth = one_hot(item["original_label"][None].long(), num_classes)
-        rows.append({
-            "image": item["id"],
-            "dice": dice_metric(pred, truth).nanmean().item(),
-            "iou": iou_metric(pred, truth).nanmean().item(),
-        })
+        dice = dice_metric(pred, truth)[0]
+        rows.append({"image": item["id"], "dice": dice.nanmean().item(), "iou": iou_metric(pred, truth).nanmean().item(),
+                     "class_dice": dice.tolist()})
     mean = {key: sum(r[key] for r in rows) / len(rows) for key in ("dice", "iou")} if rows else {}
+    if rows:
+        mean["class_dice"] = torch.tensor([r["class_dice"] for r in rows]).nanmean(dim=0).tolist()
     return {"mean": mean, "images": rows}
 
 

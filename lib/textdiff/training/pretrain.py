@@ -59,7 +59,7 @@ class PretrainSettings:
     def __post_init__(self):
         if self.epochs < 1 or (self.max_minutes is not None and not self.max_minutes > 0) or \
                 (self.patience is not None and self.patience < 1):
-            raise ValueError(f"need at least one epoch, max_minutes above 0 and patience of at least 1 epoch, got "
+            raise DataError(f"need at least one epoch, max_minutes above 0 and patience of at least 1 epoch, got "
                              f"{self.epochs}, {self.max_minutes}, {self.patience}")
 
 

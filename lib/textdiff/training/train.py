@@ -269,12 +269,12 @@ def _check_training_items(model: TextDiffModel, train_items: list[dict], val_ite
                           unlabeled: list[dict]) -> None:
     """Refuse a run that cannot train: no image, no epoch, a missing or empty mask, lung rules without lung reports."""
     if not train_items:
-        raise ValueError("no labeled image to train on: save at least one mask under labels/final")
+        raise DataError("no labeled image to train on: save at least one mask under labels/final")
     without_mask = [item["id"] for item in train_items + val_items if item["label"] is None]
     if without_mask:
-        raise ValueError(f"training items without a mask: {without_mask[:5]}")
+        raise DataError(f"training items without a mask: {without_mask[:5]}")
     if not any(item["label"].any() for item in train_items + val_items):
-        raise ValueError("every mask is empty: draw at least one region to segment")
+        raise DataError("every mask is empty: draw at least one region to segment")
     if cfg.report_weight > 0 and unlabeled:
         check_reports_readable([item["report"] for item in unlabeled], "train.report_weight")
     if model.cfg.head.obey_report:
@@ -334,7 +334,7 @@ class _Loop:
 def _refuse_windows(items: list[dict], window: int) -> None:
     """Synthetic copies and report supervision pair whole images (a copy, a report's sides): not windows."""
     if any(tuple(item["image"].shape[1:]) != (window, window) for item in items):
-        raise ValueError("synthetic copies and report supervision need each image in one window: set "
+        raise DataError("synthetic copies and report supervision need each image in one window: set "
                          "backbone.max_windows=1 (or a backbone.patch_scale that fits the images into one window)")
 
 

@@ -76,7 +76,7 @@ def conditional_unet(classes: int, arch: BackboneConfig, init: str | None = None
     unet = UNet2DModel.from_config({**config, "num_class_embeds": classes, "class_embed_type": None})
     missing, unexpected = unet.load_state_dict(base.state_dict(), strict=False)
     if unexpected or any(not name.startswith("class_embedding") for name in missing):
-        raise ValueError(f"'{init}' does not fit a class-conditional UNet: missing {missing}, unexpected {unexpected}")
+        raise DataError(f"'{init}' does not fit a class-conditional UNet: missing {missing}, unexpected {unexpected}")
     torch.nn.init.zeros_(unet.class_embedding.weight)
     return _mixable(unet), scheduler
 
@@ -133,7 +133,7 @@ class CDM(torch.nn.Module):
     def __init__(self, unet: UNet2DModel, scheduler: DDPMScheduler, cfg: CDMConfig):
         super().__init__()
         if unet.config.num_class_embeds != len(cfg.classes):
-            raise ValueError(f"the UNet has {unet.config.num_class_embeds} class embeddings, the config "
+            raise DataError(f"the UNet has {unet.config.num_class_embeds} class embeddings, the config "
                              f"{len(cfg.classes)} classes {list(cfg.classes)}")
         self.unet = unet.eval().requires_grad_(False)
         self.scheduler = scheduler

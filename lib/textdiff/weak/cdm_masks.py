@@ -19,6 +19,7 @@ from skimage.filters import threshold_otsu
 
 from textdiff.config import CDMConfig
 from textdiff.data.studies import Case, read_image
+from textdiff.errors import DataError
 from textdiff.training.inference import per_slice, score_masks
 from textdiff.weak.cdm import CDM, image_level_label
 
@@ -28,7 +29,7 @@ def _ddim(cdm: CDM) -> tuple[DDIMScheduler, list[int]]:
     cfg, total = cdm.cfg, cdm.scheduler.config.num_train_timesteps
     stride = cfg.noise_level // cfg.ddim_steps
     if not 0 < cfg.noise_level < total or total % stride:
-        raise ValueError(f"cdm.noise_level {cfg.noise_level} / cdm.ddim_steps {cfg.ddim_steps} = stride {stride} "
+        raise DataError(f"cdm.noise_level {cfg.noise_level} / cdm.ddim_steps {cfg.ddim_steps} = stride {stride} "
                          f"must divide the {total} training timesteps, with 0 < noise_level < {total}")
     ddim = DDIMScheduler.from_config(cdm.scheduler.config)
     ddim.set_timesteps(total // stride)
@@ -132,7 +133,7 @@ def abnormal_class(cdm: CDM, image_label: str | None) -> str | None:
         return image_label
     abnormal = [c for c in cfg.classes if c != cfg.healthy_class]
     if len(abnormal) > 1:
-        raise ValueError(f"the CDM has several abnormal classes {abnormal}: say which one the image has")
+        raise DataError(f"the CDM has several abnormal classes {abnormal}: say which one the image has")
     return abnormal[0]
 
 

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import torch
 
-from ..endpoints.local_only import trusted_networks
+from textdiff.errors import DataError
+
+from .params import parse_value, trusted_networks
 
 
 @dataclass
@@ -95,23 +97,15 @@ class AppSettings:
         names = [name.strip() for name in self.labels.split(",") if name.strip()]
         names = names[1:] if names and names[0].lower() == "background" else names
         if not names or len(set(names)) != len(names) or "background" in (n.lower() for n in names):
-            raise ValueError(f"--conf labels {self.labels!r}: give the class names to segment, comma-separated, "
+            raise DataError(f"--conf labels {self.labels!r}: give the class names to segment, comma-separated, "
                              "each once (the background is class 0 and implied)")
         return ("background", *names)
 
     @classmethod
     def from_conf(cls, conf: dict[str, str], app_dir: str) -> AppSettings:
         """Parse MONAI Label's string-valued conf; unknown keys are MONAI Label's own and are left alone."""
-        values = {}
-        for f in dataclasses.fields(cls):
-            if f.name not in conf:
-                continue
-            raw = str(conf[f.name])
-            kind = type(f.default)
-            try:
-                values[f.name] = raw.lower() in ("1", "true", "yes") if kind is bool else kind(raw)
-            except ValueError as err:
-                raise ValueError(f"--conf {f.name} {raw!r}: expected {kind.__name__}") from err
+        values = {f.name: parse_value(str(conf[f.name]), f.default, f"--conf {f.name}")
+                  for f in dataclasses.fields(cls) if f.name in conf}
         settings = cls(**values)
         trusted_networks(settings.trusted_networks)  # a network that does not parse stops the start, named
         if not settings.model_dir:

@@ -9,6 +9,7 @@ from pathlib import Path
 from monailabel.interfaces.config import TaskConfig
 from textdiff import sources
 from textdiff.config import TextDiffConfig
+from textdiff.errors import DataError
 from textdiff.model.cost import check_backbone
 from textdiff.model.segmenter import load_checkpoint_config
 
@@ -51,7 +52,7 @@ class TextDiffTaskConfig(TaskConfig):
             else:
                 logger.info("the demo weights segment other classes than %s: not used", self.cfg.head.label_names[1:])
         if checkpoint.exists() and load_checkpoint_config(checkpoint).head.label_names != self.cfg.head.label_names:
-            raise ValueError(f"{checkpoint} segments {list(load_checkpoint_config(checkpoint).head.label_names[1:])}, "
+            raise DataError(f"{checkpoint} segments {list(load_checkpoint_config(checkpoint).head.label_names[1:])}, "
                              f"not the configured labels {list(self.cfg.head.label_names[1:])}: start with those "
                              "labels, or with another model_dir for a new model")
         self.labels = {name: index for index, name in enumerate(self.cfg.head.label_names) if index > 0}

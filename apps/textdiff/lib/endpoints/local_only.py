@@ -11,21 +11,11 @@ from __future__ import annotations
 import ipaddress
 import json
 
+from ..configs.params import trusted_networks
+
 LOCAL_NAMES = {"localhost", "testclient"}  # testclient: the in-process client of fastapi's TestClient
 REFUSAL = ("this server answers only clients on its own machine: start it with a login (MONAI_LABEL_AUTH_ENABLE) or "
            "name the networks it may answer, e.g. --conf trusted_networks 10.0.0.0/8,192.168.0.0/16")
-
-
-def trusted_networks(text: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    """`--conf trusted_networks`: comma-separated networks (CIDR) or addresses; ValueError naming a bad one."""
-    networks = []
-    for part in (p.strip() for p in text.split(",")):
-        if part:
-            try:
-                networks.append(ipaddress.ip_network(part, strict=False))
-            except ValueError:
-                raise ValueError(f"--conf trusted_networks: {part!r} is not a network such as 10.0.0.0/8") from None
-    return networks
 
 
 def _address(host: str | None):

@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from textdiff.errors import DataError
 from textdiff.weak.cdm import CDM, image_level_label
 from textdiff.weak.cdm_masks import cdm_segment
 from textdiff.data.studies import Case
@@ -45,7 +46,7 @@ class CDMInfer(StoreInferTask):
             Case("", Path(data["image_path"]), report=data.get("report") or "", image_label=data.get("stored_label")), cfg)
         with client_errors():
             if label is not None and not isinstance(label, str):
-                raise ValueError(f"image_label must be text, got {label!r}")
+                raise DataError(f"image_label must be text, got {label!r}")
             data["pred"], data["soft"] = cdm_segment(CDM(cdm.unet, cdm.scheduler, cfg).to(cdm.noise.device),
                                                      data["image"], label)
         data["image_label_used"] = label

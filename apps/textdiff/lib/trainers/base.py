@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 from abc import abstractmethod
 from datetime import datetime
 from pathlib import Path
@@ -20,7 +21,9 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.others.generic import name_to_device
 from textdiff.config import VOLUME_SLICES
+from textdiff.errors import DataError
 
+from ..configs.params import MAX_TEXT_CHARS, parse_value
 from ..errors import client_errors
 
 logger = logging.getLogger(__name__)
@@ -37,12 +40,12 @@ class StatsTrainTask(TrainTask):
 
     def check_params(self, params: object) -> dict:
         """Train params as a client sends them, checked in the server process before any job starts: known names,
-        values of the config's types within sane bounds (ValueError otherwise, a 422)."""
+        values of the config's types within sane bounds (DataError otherwise, a 422)."""
         if not isinstance(params, dict):
-            raise ValueError(f"train params must be a JSON object, got {type(params).__name__}")
+            raise DataError(f"train params must be a JSON object, got {type(params).__name__}")
         unknown = sorted(set(params) - set(self._config) - CLIENT_KEYS)
         if unknown:
-            raise ValueError(f"unknown train params {unknown}: this task takes {sorted(self._config)}")
+            raise DataError(f"unknown train params {unknown}: this task takes {sorted(self._config)}")
         return {name: _checked(name, value, self._config[name]) for name, value in params.items()
                 if name in self._config}
 
@@ -58,7 +61,11 @@ class StatsTrainTask(TrainTask):
         """Train, publish the model atomically, and return the stats to keep."""
 
     def __call__(self, request, datastore: Datastore) -> dict:
-        request = {**copy.deepcopy(self._config), **copy.deepcopy(request)}
+        """One run: the request's params read again by `check_params` (a job gets them as JSON), so that `train`
+        reads every param at its config type; other keys (the model's name) pass through."""
+        with client_errors():
+            params = self.check_params({k: v for k, v in request.items() if k in self._config})
+        request = {**copy.deepcopy(self._config), **copy.deepcopy(request), **params}
         request["run_id"] = datetime.now().strftime("%Y%m%d_%H%M%S")
         request["device"] = name_to_device(request.get("device"))
         logger.info("train request: %s", request)
@@ -74,39 +81,20 @@ class StatsTrainTask(TrainTask):
 
 # What MONAI Label clients (3D Slicer, OHIF) add to every train request; accepted and not used.
 CLIENT_KEYS = {"client_id", "model", "name", "pretrained", "val_batch_size", "multi_gpu", "gpus"}
-# Bounds of numeric train params: (smallest, largest); others are whole numbers or finite numbers >= 0.
+# Bounds of numeric train params: (smallest, largest); others are finite numbers >= 0.
 BOUNDS = {"max_epochs": (0, 100_000), "max_steps": (1, 1_000_000), "max_minutes": (0.01, 100_000), "train_batch_size": (1, 4096), "val_split": (0.0, 0.9),
           "learning_rate": (1e-9, 10.0), "embedding_learning_rate": (1e-9, 10.0), "intensity_copies": (0, 16)}
 # Text params that take one of a few values.
 CHOICES = {"volume_slices": VOLUME_SLICES}
-TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
 
 def _checked(name: str, value: object, default: object) -> object:
-    """`value` as the type of `default`, or ValueError naming the param."""
-    kind = type(default)
+    """`value` as the type of `default` (`params.parse_value`), or DataError naming the param."""
     if name == "device":
         return _device(value)
-    if kind is bool:
-        text = str(value).lower()
-        if text not in TRUE + FALSE:
-            raise ValueError(f"train param {name} must be true or false, got {value!r}")
-        return text in TRUE
-    if kind is str:
-        if not isinstance(value, str) or len(value) > 200:
-            raise ValueError(f"train param {name} must be text of at most 200 characters")
-        if name in CHOICES and value not in CHOICES[name]:
-            raise ValueError(f"train param {name} must be one of {list(CHOICES[name])}, got {value!r}")
-        return value
-    try:
-        number = kind(str(value)) if kind is int else float(str(value))
-    except ValueError:
-        kind_name = "whole number" if kind is int else "number"
-        raise ValueError(f"train param {name} must be a {kind_name}, got {value!r}") from None
-    low, high = BOUNDS.get(name, (0, float("inf")))
-    if not low <= number <= high or number != number:
-        raise ValueError(f"train param {name} must be between {low} and {high}, got {value!r}")
-    return number
+    if isinstance(default, str) and isinstance(value, str) and len(value) > MAX_TEXT_CHARS:
+        raise DataError(f"train param {name} must be text of at most {MAX_TEXT_CHARS} characters")
+    return parse_value(value, default, f"train param {name}", BOUNDS.get(name, (0, math.inf)), CHOICES.get(name))
 
 
 def _device(value: object) -> str:
@@ -114,5 +102,5 @@ def _device(value: object) -> str:
     gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     known = ["cpu", *(["cuda"] if gpus else []), *gpus]
     if value not in known:
-        raise ValueError(f"train param device must be one of {known}, got {value!r}")
+        raise DataError(f"train param device must be one of {known}, got {value!r}")
     return value

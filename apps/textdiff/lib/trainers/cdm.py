@@ -53,10 +53,9 @@ class CDMTrain(StatsTrainTask):
 
     def train(self, request, data: list[Case]) -> dict:
         start = time.time()
-        init = self.backbone_for_training() if request.get("start_from_backbone", True) else None
-        settings = PretrainSettings(epochs=int(request["max_epochs"]), batch_size=int(request["train_batch_size"]),
-                                    lr=float(request["learning_rate"]),
-                                    class_embedding_lr=float(request["embedding_learning_rate"]))
+        init = self.backbone_for_training() if request["start_from_backbone"] else None
+        settings = PretrainSettings(epochs=request["max_epochs"], batch_size=request["train_batch_size"],
+                                    lr=request["learning_rate"], class_embedding_lr=request["embedding_learning_rate"])
         logger.info("training the CDM on the image-level labels of %d images for %d epochs, from %s",
                     len(data), settings.epochs, init or "random init")
         history = train_cdm(data, self.folder, self.cfg, settings, arch=self.arch, init=init, progress=False,

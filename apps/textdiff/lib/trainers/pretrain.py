@@ -18,7 +18,7 @@ from textdiff.training.pretrain import STOP_REASONS, PretrainSettings, pretrain
 
 from ..configs.settings import AppSettings
 from .base import StatsTrainTask
-from .textdiff import TextDiffTrain, healthy_image_cases, labeled_cases, report_weight, unlabeled_cases
+from .textdiff import TextDiffTrain, healthy_image_cases, labeled_cases, unlabeled_cases
 
 logger = logging.getLogger(__name__)
 
@@ -42,17 +42,16 @@ class DiffusionPretrain(StatsTrainTask):
         healthy_label) healthy ones for the head, and (with its default report_weight) the unlabeled ones."""
         head = self.head_trainer.config()
         return {"studies": datastore.studies_dir, "labeled": labeled_cases(datastore),
-                "healthy": healthy_image_cases(datastore, head.get("healthy_label") or ""),
-                "unlabeled": unlabeled_cases(datastore) if report_weight(head.get("report_weight", 0)) else []}
+                "healthy": healthy_image_cases(datastore, head["healthy_label"]),
+                "unlabeled": unlabeled_cases(datastore) if head["report_weight"] else []}
 
     def train(self, request, data: dict) -> dict:
         start = time.time()
         out = self.model_dir / "backbones" / request["run_id"]
-        current = self.head_trainer.backbone_for_training() if request.get("continue_from_current", True) else None
-        settings = PretrainSettings(epochs=max(1, int(request["max_epochs"])),
-                                    batch_size=int(request["train_batch_size"]), lr=float(request["learning_rate"]),
-                                    max_minutes=float(request["max_minutes"]),
-                                    patience=int(request["patience"]) or None)
+        current = self.head_trainer.backbone_for_training() if request["continue_from_current"] else None
+        settings = PretrainSettings(epochs=max(1, request["max_epochs"]), batch_size=request["train_batch_size"],
+                                    lr=request["learning_rate"], max_minutes=request["max_minutes"],
+                                    patience=request["patience"] or None)
         cfg = dataclasses.replace(self.backbone, image_size=self.settings.image_size,
                                   patch_scale=self.settings.patch_scale or None, max_windows=self.settings.max_windows)
         logger.info("pretraining the diffusion backbone on %s for at most %g min (%d epochs) -> %s (from %s)",
@@ -61,7 +60,7 @@ class DiffusionPretrain(StatsTrainTask):
         stats = {"total_time": round(time.time() - start, 1), "epochs": len(history), "backbone": str(out),
                  "stopped": STOP_REASONS[history[-1]["stopped"]], "final_loss": history[-1]["loss"],
                  "history": history}
-        if data["labeled"] and request.get("retrain_head", True):
+        if data["labeled"] and request["retrain_head"]:
             head_request = {**self.head_trainer.config(), "device": request["device"]}
             base = None if current else dataclasses.replace(self.head_trainer.cfg, backbone=cfg)  # a fresh architecture
             head_data = {"labeled": data["labeled"], "pseudo": [], "healthy": data["healthy"],

@@ -93,9 +93,9 @@ class TextDiffTrain(StatsTrainTask):
         the datastore) when it asks for a synthetic ratio; the images without a final label, whose reports train
         too when it asks for a report weight."""
         data = {"labeled": labeled_cases(datastore),
-                "pseudo": pseudo_labeled_cases(datastore) if _flag(request.get("pseudo_labels")) else [],
-                "healthy": healthy_image_cases(datastore, request.get("healthy_label") or ""),
-                "unlabeled": unlabeled_cases(datastore) if report_weight(request.get("report_weight", 0)) else []}
+                "pseudo": pseudo_labeled_cases(datastore) if request["pseudo_labels"] else [],
+                "healthy": healthy_image_cases(datastore, request["healthy_label"]),
+                "unlabeled": unlabeled_cases(datastore) if request["report_weight"] else []}
         if not data["labeled"] and not data["pseudo"]:
             raise DataError("no image has a final label yet: save at least one mask (Submit Label) before training")
         data["synthetic"] = self.synthetic_pairs(request)
@@ -103,7 +103,7 @@ class TextDiffTrain(StatsTrainTask):
 
     def synthetic_pairs(self, request: dict) -> dict[str, list[Case]]:
         """Source image id -> synthetic copies, when the run's synthetic_ratio asks for them ({} otherwise)."""
-        ratio = _count(request.get("synthetic_ratio", 0), "synthetic_ratio")
+        ratio = request["synthetic_ratio"]
         if not ratio:
             return {}
         if not (self.synthetic_dir / SYNTHETIC_MARKER).is_file():
@@ -123,7 +123,7 @@ class TextDiffTrain(StatsTrainTask):
         """
         cfg = self.run_config(request, backbone, base)
         start = time.time()
-        initial = self.head_in_service(cfg) if _flag(request.get("continue_from_current", True)) else None
+        initial = self.head_in_service(cfg) if request["continue_from_current"] else None
         logger.info("training TextDiff on %d labeled, %d pseudo-labeled and %d healthy images, backbone %s, %s",
                     len(data["labeled"]), len(data["pseudo"]), len(data["healthy"]), cfg.backbone.pretrained,
                     "from the head in service" if initial else "from a new head")
@@ -131,12 +131,12 @@ class TextDiffTrain(StatsTrainTask):
                                        progress=False, cache_folder=self.model_dir / "feature-cache",
                                        pseudo_cases=data["pseudo"], healthy=data["healthy"],
                                        synthetic=data["synthetic"], unlabeled=data["unlabeled"],
-                                       compare_without=_flag(request.get("compare_without", True)),
+                                       compare_without=request["compare_without"],
                                        initial_head=initial)
         best = result.history[result.best_epoch - 1]
         logger.info("best validation Dice %.4f after %d steps", result.best_dice, best["step"])
         decision = publish_if_better(model, self.checkpoint, selection_cases(data["labeled"], cfg.train),
-                                     request["device"], _flag(request.get("force")))
+                                     request["device"], request["force"])
         return {**decision, "total_time": round(time.time() - start, 1), "steps": result.history[-1]["step"],
                 "epochs": cfg.train.epochs, "continued_from_current": initial is not None,
                 "best_metric": result.best_dice, "best_step": best["step"], "labeled_images": len(data["labeled"]),
@@ -167,19 +167,13 @@ class TextDiffTrain(StatsTrainTask):
         if base is None:
             base = load_checkpoint_config(self.checkpoint) if self.checkpoint.is_file() else self.cfg
         train = dataclasses.replace(
-            base.train, steps=int(request.get("max_steps", self.settings.steps)),
-            epochs=int(request.get("max_epochs", self.settings.epochs)) or None,
-            val_fraction=float(request.get("val_split", base.train.val_fraction)),
-            batch_size=int(request.get("train_batch_size", base.train.batch_size)),
-            lr=float(request.get("learning_rate", base.train.lr)),
-            synthetic_ratio=_count(request.get("synthetic_ratio", 0), "synthetic_ratio"),
-            healthy_label=request.get("healthy_label") or None,
-            report_weight=report_weight(request.get("report_weight", 0)),
-            volume_slices=request.get("volume_slices", base.train.volume_slices),
-            intensity_copies=_count(request.get("intensity_copies", base.train.intensity_copies), "intensity_copies"),
-            max_feature_cache_gb=self.settings.max_feature_cache_gb,
+            base.train, steps=request["max_steps"], epochs=request["max_epochs"] or None,
+            val_fraction=request["val_split"], batch_size=request["train_batch_size"], lr=request["learning_rate"],
+            synthetic_ratio=request["synthetic_ratio"], healthy_label=request["healthy_label"] or None,
+            report_weight=request["report_weight"], volume_slices=request["volume_slices"],
+            intensity_copies=request["intensity_copies"], max_feature_cache_gb=self.settings.max_feature_cache_gb,
         )
-        head = dataclasses.replace(base.head, obey_report=_flag(request.get("obey_report", False)))
+        head = dataclasses.replace(base.head, obey_report=request["obey_report"])
         read = dataclasses.replace(base.backbone, pretrained=backbone)
         if backbone != base.backbone.pretrained:  # a new backbone reads images at the scale it learned (its tiling.json)
             read = dataclasses.replace(read, patch_scale=None, max_windows=None)
@@ -191,30 +185,3 @@ def same_source(first: str | None, second: str | None) -> bool:
     if not first or not second or first.startswith("hf:") or second.startswith("hf:"):
         return first == second
     return Path(first).resolve() == Path(second).resolve()
-
-
-def _count(value, name: str) -> int:
-    """A whole-number train param (>= 0) that may come as text from a client."""
-    try:
-        number = int(str(value))
-    except ValueError:
-        raise DataError(f"{name} must be a whole number, got {value!r}") from None
-    if number < 0:
-        raise DataError(f"{name} must be 0 or more, got {number}")
-    return number
-
-
-def report_weight(value) -> float:
-    """A loss weight train param (>= 0) that may come as text from a client."""
-    try:
-        number = float(str(value))
-    except ValueError:
-        raise DataError(f"report_weight must be a number, got {value!r}") from None
-    if not 0 <= number < float("inf"):
-        raise DataError(f"report_weight must be a finite number, 0 or more, got {number}")
-    return number
-
-
-def _flag(value) -> bool:
-    """A train param that may come as a bool or as text from a client."""
-    return value is True or str(value).lower() in ("1", "true", "yes")

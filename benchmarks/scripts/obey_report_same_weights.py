@@ -1,10 +1,10 @@
-"""What obeying the report does to the same weights: train plain TextDiff once per seed as `textdiff benchmark` does
+"""What obeying the report does to the same weights: train plain TextDiff once per seed as `textdiff-bench benchmark` does
 (10 labels plus the pool's healthy images, text dropout 0.5, 400 steps) and score its test masks as the model draws
 them, through `obey_reports` (`head.obey_report`: the report's sides), and through two stricter rules that
 were measured and not adopted, which also read the report's count of areas or its zones. A benchmark row with a rule on
 is a separate training, whose chosen epoch can differ; this isolates the rule.
 
-    OMP_NUM_THREADS=1 python scripts/obey_report_same_weights.py --data sample-data \
+    OMP_NUM_THREADS=1 python benchmarks/scripts/obey_report_same_weights.py --data sample-data \
         --backbone apps/textdiff/demo/backbones/sample-data --seeds 0 1 2 --out runs/obey-same-weights.json
 
 - sides+count: where the mask has fewer areas than the report counts, add the most likely area in a named lung
@@ -28,11 +28,11 @@ from scipy import ndimage
 from skimage.filters import threshold_otsu
 
 from textdiff.model.backbone import make_extractor
-from textdiff.research.benchmark import _pool, _subset, epochs_for
+from textdiff_bench.benchmark import _pool, _subset, epochs_for
 from textdiff.config import TextDiffConfig
 from textdiff.data.studies import load_case, read_studies
 from textdiff.model.features import FeatureCache
-from textdiff.research.headroom import area_oracle
+from textdiff_bench.headroom import area_oracle
 from textdiff.training.inference import score_masks, to_original_size
 from textdiff.model.segmenter import TextDiffModel
 from textdiff.model.report_supervision import SIDES, named_sides, obey_reports, side_region

@@ -1,4 +1,4 @@
-"""`textdiff backbone-speed`: what a backbone costs before a user commits to it: parameters, feature channels, and
+"""`textdiff-bench backbone-speed`: what a backbone costs before a user commits to it: parameters, feature channels, and
 the seconds of diffusion features (all noise steps) for one 256² image as the product reads it, on this machine.
 
 A backbone is a folder or file `--backbone` takes, or `random:<name>`: an architecture of a public model's size with

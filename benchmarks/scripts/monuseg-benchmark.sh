@@ -9,7 +9,7 @@
 #   OMP_NUM_THREADS threads), METHODS (default: all five), SET (extra --set options, e.g. "head.dim=32")
 # Run with the textdiff environment (bash scripts/setup.sh). Finished runs are kept: running it again resumes.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 export PATH="$PWD/.venv/bin:$PATH"
 DATA=${DATA:-../shared/data/MoNuSeg}
 OUT=${OUT:-runs/monuseg}
@@ -32,7 +32,7 @@ fi
 run() {  # one label count and seed; skipped when its results are complete
   local folder="$OUT/bench/$1-labels-seed-$2"
   if ! grep -q '"summary"' "$folder/results.json" 2>/dev/null; then
-    textdiff benchmark --data "$OUT" --backbone "$OUT/backbone" --labels "$1" --seeds "$2" --out "$folder" \
+    textdiff-bench benchmark --data "$OUT" --backbone "$OUT/backbone" --labels "$1" --seeds "$2" --out "$folder" \
       --steps "${STEPS:-1200}" --skip-timing ${METHODS:+--methods $METHODS} ${SET:+--set $SET} > "$folder.log" 2>&1
   fi
 }
@@ -44,6 +44,6 @@ for labels in $LABELS; do
   done
 done
 wait
-textdiff benchmark-summary "$OUT"/bench/*/ --out "$OUT/summary" --title "MoNuSeg: test Dice vs labels" \
+textdiff-bench benchmark-summary "$OUT"/bench/*/ --out "$OUT/summary" --title "MoNuSeg: test Dice vs labels" \
   --reference "U-Net, all labels (LViT paper)=0.7645" "LViT-T, all labels=0.8036" \
   "TextDiff, all labels (reproduction)=0.7867"

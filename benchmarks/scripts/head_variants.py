@@ -1,11 +1,11 @@
 """Head settings compared on one backbone, for choosing settings on training and validation images only.
 
-    python scripts/head_variants.py --data runs/monuseg-dev --backbone runs/monuseg/backbone --labels 10 \
+    python benchmarks/scripts/head_variants.py --data runs/monuseg-dev --backbone runs/monuseg/backbone --labels 10 \
         --variants '{"finest": {}, "full resolution": {"head.full_resolution": true}, "1200 steps": {"steps": 1200}}'
 
 <data> holds train/ (the labeled pool) and test/ (here: the held-out validation images, never the test split). Each
 variant is a set of `--set` overrides (plus "steps", optimizer steps, default 400) and trains TextDiff on the same
-seeded labeled subset as `textdiff benchmark`; variants that read the backbone the same way share its cached features.
+seeded labeled subset as `textdiff-bench benchmark`; variants that read the backbone the same way share its cached features.
 One JSON line per variant: Dice and IoU, the validation Dice per epoch and the training seconds.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from textdiff.model.backbone import make_extractor
-from textdiff.research.benchmark import _pool, _subset, epochs_for
+from textdiff_bench.benchmark import _pool, _subset, epochs_for
 from textdiff.config import TextDiffConfig, with_overrides
 from textdiff.data.studies import read_studies
 from textdiff.model.features import FeatureCache
@@ -35,7 +35,7 @@ def run_variant(cfg: TextDiffConfig, cache: FeatureCache, text: TextEncoder, dat
                 steps: int) -> dict:
     torch.manual_seed(seed)
     model = TextDiffModel(cfg, cache.extractor, text)
-    pool = [model.load(c) for c in _pool(data)]  # as `textdiff benchmark` draws labels
+    pool = [model.load(c) for c in _pool(data)]  # as `textdiff-bench benchmark` draws labels
     test = [model.load(c) for c in read_studies(data / "test")]
     held_out = dataclasses.replace(cfg.train, min_val_images=1)  # as measured: a fifth held out, from 4 labels on
     train, val = split_train_val(_subset(pool, labels, seed), held_out, seed)

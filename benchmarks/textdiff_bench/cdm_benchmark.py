@@ -1,4 +1,4 @@
-"""`textdiff cdm-benchmark`: masks from image-level labels only, and what they are worth as pseudo-labels.
+"""`textdiff-bench cdm-benchmark`: masks from image-level labels only, and what they are worth as pseudo-labels.
 
 Part 1, on the test split's abnormal images (as the CDM paper evaluates): Dice of the CDM map, of Grad-CAM on a MONAI
 ResNet trained on the same image-level labels, and of the reconstruction baseline (denoise toward healthy from the
@@ -25,14 +25,14 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from textdiff.model.backbone import make_extractor
-from textdiff.research.benchmark import _pool, _subset, epochs_for
+from textdiff_bench.benchmark import _pool, _subset, epochs_for
 from textdiff.weak.cdm import image_level_label, labeled_images, load_cdm
 from textdiff.weak.cdm_masks import condition_maps, reconstruction_maps, threshold_map, to_size
 from textdiff.config import TextDiffConfig
 from textdiff.data.studies import load_case, read_studies
 from textdiff.model.features import FeatureCache
 from textdiff.weak.cdm_readout import choose_readout
-from textdiff.research.gradcam import ClassifierSettings, cam_maps, train_classifier
+from textdiff_bench.gradcam import ClassifierSettings, cam_maps, train_classifier
 from textdiff.training.inference import score_masks, segment_items
 from textdiff.model.segmenter import TextDiffModel
 from textdiff.plots import plot_bars, plot_map_examples

@@ -1,12 +1,12 @@
-"""`textdiff al-benchmark`: replay the labeling loop on a data set and compare how strategies pick images.
+"""`textdiff-bench al-benchmark`: replay the labeling loop on a data set and compare how strategies pick images.
 
-Every strategy starts from the same seeded `start` labeled images, trains TextDiff as `textdiff benchmark` does (the
+Every strategy starts from the same seeded `start` labeled images, trains TextDiff as `textdiff-bench benchmark` does (the
 app's reading of each image and, unless `steps` is given, its step budget), scores the test split, then "asks the
 clinician" for `step` more masks (from train-groundtruth/, else the pool's own masks) chosen by the strategy, for
 `rounds` rounds. Images known to be normal (image-level label `train.healthy_label`) are never asked for: they join
 training with an empty mask, as in the app. Prints a table of test Dice per round and writes al_results.json and
 al_dice_per_round.png. Seeds can run as separate processes (or machines) and be summarised together afterwards
-(`textdiff al-summary`).
+(`textdiff-bench al-summary`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from textdiff.data.studies import read_studies
 from textdiff.model.features import FeatureCache
 from textdiff.model.segmenter import TextDiffModel
 from textdiff.plots import plot_curves
-from textdiff.research.benchmark import BenchmarkSettings, _masks, _Models, _pool, _split, _subset
+from textdiff_bench.benchmark import BenchmarkSettings, _masks, _Models, _pool, _split, _subset
 from textdiff.training.inference import score_masks
 from textdiff.training.train import healthy_cases
 
@@ -40,7 +40,7 @@ class LabelingSettings:
     step: int = 5
     rounds: int = 3
     seeds: tuple[int, ...] = (0, 1, 2)
-    # Optimizer steps per training in passes over the training windows (as `textdiff benchmark --steps`); None: the
+    # Optimizer steps per training in passes over the training windows (as `textdiff-bench benchmark --steps`); None: the
     # app's step budget (train.steps)
     steps: int | None = None
     strategies: tuple[str, ...] = STRATEGIES

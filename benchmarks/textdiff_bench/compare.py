@@ -1,4 +1,4 @@
-"""`textdiff benchmark-compare`: two methods of `textdiff benchmark` runs, paired by label count and seed, overall
+"""`textdiff-bench benchmark-compare`: two methods of `textdiff-bench benchmark` runs, paired by label count and seed, overall
 and per group of test images (their image-level label), so that an effect can be traced to the images that carry it.
 
 Paired differences matter at a few labels: the spread between seeds is larger than most effects.

@@ -1,6 +1,6 @@
 """The best Dice a model can score when it predicts on a coarser grid than the image: masks against themselves.
 
-    python scripts/resolution_ceiling.py runs/monuseg/train --sizes 64 128 256 512
+    python benchmarks/scripts/resolution_ceiling.py runs/monuseg/train --sizes 64 128 256 512
 
 Each final mask of the studies folder is averaged down to size² (area interpolation, as a perfect low-resolution
 prediction would be), upsampled bilinearly back to the mask's own grid as the product upsamples its logits, and

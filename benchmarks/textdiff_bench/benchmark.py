@@ -1,4 +1,4 @@
-"""`textdiff benchmark`: test-split Dice against the number of labeled training images, for TextDiff, its ablations
+"""`textdiff-bench benchmark`: test-split Dice against the number of labeled training images, for TextDiff, its ablations
 and a MONAI UNet trained from scratch, plus the feature cache's speed-up, inference latency and peak memory.
 
 Labeled subsets are drawn (seeded) from the training pool, whose masks are in `<data>/train-groundtruth/`. With
@@ -29,7 +29,7 @@ from textdiff.config import TextDiffConfig, TrainConfig
 from textdiff.data.studies import Case, DataError, find_by_id, read_studies
 from textdiff.synthesis.emit import merge_predictions
 from textdiff.model.features import FeatureCache, feature_augmentation
-from textdiff.research.headroom import area_oracle
+from textdiff_bench.headroom import area_oracle
 from textdiff.training.inference import score_masks, segment_items, to_original_size
 from textdiff.data.tiling import sliding_logits, windows_of
 from textdiff.training.intensity import training_window_count, training_windows

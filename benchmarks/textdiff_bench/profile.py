@@ -1,4 +1,4 @@
-"""`textdiff profile`: where the seconds of a head training run and of a pretraining epoch go, on this machine.
+"""`textdiff-bench profile`: where the seconds of a head training run and of a pretraining epoch go, on this machine.
 
 Nothing in the training code is changed to be measured: module hooks (text encoder, classifier), a hook on the
 logits' gradient and the optimizer's global step hooks stamp the time of each boundary within an optimizer step, so

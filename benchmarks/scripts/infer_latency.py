@@ -1,7 +1,7 @@
 """Median wall time of POST /infer/textdiff on a running server, the way Slicer asks (NRRD, uint8); with
 --concurrent N, also N requests sent at once: their total time, and how long GET /info/ takes meanwhile.
 
-    python scripts/infer_latency.py --url http://127.0.0.1:8000 --image case_0000 --repeat 10 --concurrent 16
+    python benchmarks/scripts/infer_latency.py --url http://127.0.0.1:8000 --image case_0000 --repeat 10 --concurrent 16
 """
 
 from __future__ import annotations

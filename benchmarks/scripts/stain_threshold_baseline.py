@@ -1,6 +1,6 @@
 """How far colour alone goes on an H&E nuclei set: Otsu's threshold on the haematoxylin channel, no training at all.
 
-    python scripts/stain_threshold_baseline.py runs/monuseg/test runs/monuseg-dev/test
+    python benchmarks/scripts/stain_threshold_baseline.py runs/monuseg/test runs/monuseg-dev/test
 
 Each studies folder's images are unmixed into haematoxylin, eosin and DAB (scikit-image's `rgb2hed`); pixels above
 the image's own Otsu threshold on haematoxylin are called nuclei. Prints mean Dice and IoU per folder, scored as the

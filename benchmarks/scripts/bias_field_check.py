@@ -1,6 +1,6 @@
 """How much of the simulated bias field N4 finds on the scan-like MNI slices (`mni_tissue.py --noise --bias`).
 
-    python scripts/bias_field_check.py --data runs/mni-wm-scan --templates /tmp/mni [--bias 0.4]
+    python benchmarks/scripts/bias_field_check.py --data runs/mni-wm-scan --templates /tmp/mni [--bias 0.4]
 
 Each slice's true field is MONAI's `RandBiasField` drawn again with the slice's seed; ITK's N4 (4 levels x 50
 iterations) estimates it from the slice alone, once with a head mask (pixels above the 10th percentile, all a user

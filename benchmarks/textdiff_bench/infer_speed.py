@@ -1,4 +1,4 @@
-"""`textdiff infer-speed`: seconds per image and per volume of a trained model's inference, and the Dice it gives,
+"""`textdiff-bench infer-speed`: seconds per image and per volume of a trained model's inference, and the Dice it gives,
 for each reading asked for (float32 or the fast path of `segment_image`; window overlaps).
 
 Every reading segments the same labeled images (2D studies folders) with `segment_image`, the function the app's infer

@@ -1,6 +1,6 @@
 """The labeling loop through the app's REST API on an imported data set (e.g. MoNuSeg), scored against the CLI.
 
-    python scripts/rest_loop.py --data runs/monuseg --labels nucleus --backbone runs/monuseg/backbone --out runs/rest
+    python benchmarks/scripts/rest_loop.py --data runs/monuseg --labels nucleus --backbone runs/monuseg/backbone --out runs/rest
 
 Copies <data>/train (images, final masks, reports) into a fresh studies folder, starts `monailabel start_server` on
 127.0.0.1, pretrains the backbone over REST when no --backbone is given (POST /train/diffusion_pretrain), trains the
@@ -32,7 +32,7 @@ from PIL import Image
 from textdiff.data.studies import read_2d, read_studies
 from textdiff.training.inference import score_masks
 
-APP = Path(__file__).resolve().parents[1] / "apps" / "textdiff"
+APP = Path(__file__).resolve().parents[2] / "apps" / "textdiff"
 
 
 def start_server(studies: Path, model_dir: Path, port: int, conf: dict[str, str], log: Path) -> subprocess.Popen:

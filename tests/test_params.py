@@ -1,0 +1,80 @@
+"""What a person types is read by one parser, and only bad input is the person's fault: a DataError is a 4xx (or a
+one-line CLI error), any other exception is a bug that keeps its traceback (a 500)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from fastapi import HTTPException
+
+from textdiff.errors import DataError
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "apps" / "textdiff"))
+from lib.configs.params import parse_value  # noqa: E402
+from lib.configs.settings import AppSettings  # noqa: E402
+from lib.errors import client_errors  # noqa: E402
+from lib.trainers.base import StatsTrainTask  # noqa: E402
+
+
+def test_one_parser_reads_flags_numbers_and_text_as_their_defaults_types():
+    assert [parse_value(v, False, "x") for v in ("true", "YES", 1, True, "0", "no", False)] == [True] * 4 + [False] * 3
+    assert parse_value("12", 0, "x") == 12 and parse_value(3, 0.5, "x") == 3.0
+    assert parse_value("a", "", "x", choices=("a", "b")) == "a"
+    for value, default, bounds, choices, message in (("maybe", False, None, None, "x must be true or false"),
+                                                     ("1.5", 0, None, None, "x must be a whole number"),
+                                                     ("nan", 0.0, (0, 1), None, "x must be between"),
+                                                     (7, 0, (0, 5), None, "x must be between 0 and 5"),
+                                                     ("c", "", None, ("a", "b"), "x must be one of ['a', 'b']"),
+                                                     (3, "", None, None, "x must be text")):
+        with pytest.raises(DataError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            parse_value(value, default, "x", bounds, choices)
+
+
+def test_conf_values_go_through_the_same_parser(tmp_path):
+    settings = AppSettings.from_conf({"fast_infer": "no", "steps": "50", "pretrain_minutes": "2.5"}, str(tmp_path))
+    assert (settings.fast_infer, settings.steps, settings.pretrain_minutes) == (False, 50, 2.5)
+    with pytest.raises(DataError, match="--conf fast_infer must be true or false, got 'maybe'"):
+        AppSettings.from_conf({"fast_infer": "maybe"}, str(tmp_path))  # was read as false without a word
+    with pytest.raises(DataError, match="--conf steps must be a whole number"):
+        AppSettings.from_conf({"steps": "many"}, str(tmp_path))
+
+
+def test_only_bad_input_becomes_a_client_error():
+    with pytest.raises(HTTPException) as answer, client_errors():
+        raise DataError("mask 'a.png' is 3x3 but its image is 4x4")
+    assert answer.value.status_code == 422 and "a.png" in answer.value.detail
+    for bug in (ValueError("operands could not be broadcast"), TypeError("'NoneType' is not subscriptable")):
+        with pytest.raises(type(bug)), client_errors():  # MONAI Label answers 500 and logs the traceback
+            raise bug
+
+
+def test_the_cli_prints_bad_input_in_a_line_and_lets_a_bug_show_its_traceback(monkeypatch, capsys):
+    from textdiff import cli
+
+    def command_raising(error):
+        monkeypatch.setattr(cli, "cmd_evaluate", lambda args: (_ for _ in ()).throw(error))
+        return cli.main(["evaluate", "--model", "m.pt", "--data", "d"])
+
+    assert command_raising(DataError("no images in 'd'")) == 2
+    assert "textdiff evaluate: error: no images in 'd'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="a bug"):
+        command_raising(ValueError("a bug"))
+
+
+def test_a_run_reads_its_params_at_their_types_even_when_a_job_passes_them_as_text(tmp_path):
+    class Recorder(StatsTrainTask):
+        def pre_process(self, request, datastore):
+            return None
+
+        def train(self, request, data):
+            return {"seen": {k: request[k] for k in ("continue_from_current", "max_steps", "learning_rate")}}
+
+    task = Recorder("a task", {"continue_from_current": True, "max_steps": 100, "learning_rate": 1e-3},
+                    tmp_path / "stats.json")
+    stats = task({"model": "x", "continue_from_current": "false", "max_steps": "20", "device": "cpu"}, None)
+    assert stats["seen"] == {"continue_from_current": False, "max_steps": 20, "learning_rate": 1e-3}
+    with pytest.raises(HTTPException) as answer:
+        task({"continue_from_current": "perhaps"}, None)
+    assert answer.value.status_code == 422 and "continue_from_current" in answer.value.detail
