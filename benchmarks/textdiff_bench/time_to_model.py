@@ -38,10 +38,10 @@ from textdiff.model.features import FeatureCache
 from textdiff.model.segmenter import TextDiffModel
 from textdiff.model.text import TextEncoder
 from textdiff.plots import plot_timelines
-from textdiff_bench.benchmark import _pool, _subset, _train_unet, _unet_masks, epochs_for
 from textdiff.training.inference import score_masks, segment_items
 from textdiff.training.intensity import training_windows
 from textdiff.training.train import split_train_val, train_head
+from textdiff_bench.benchmark import _pool, _subset, _train_unet, _unet_masks, epochs_for
 
 
 CONTINUED = "TextDiff head, continued after a label"
@@ -59,7 +59,6 @@ class TimeToModelSettings:
     pretrained: dict[float, str] = field(default_factory=dict)  # pretraining minutes -> backbone folder
     unet_feature_scales: int = 0  # > 0: also the UNet reading the image and this many finest feature scales
     methods: tuple[str, ...] = tuple(METHODS)  # which of METHODS to run (keys)
-
 
 
 def hardware() -> str:

@@ -81,7 +81,7 @@ class StatsTrainTask(TrainTask):
 
 # What MONAI Label clients (3D Slicer, OHIF) add to every train request; accepted and not used.
 CLIENT_KEYS = {"client_id", "model", "name", "pretrained", "val_batch_size", "multi_gpu", "gpus"}
-# Bounds of numeric train params: (smallest, largest); others are finite numbers >= 0.
+# Bounds of numeric train params: (smallest, largest); others are numbers >= 0.
 BOUNDS = {"max_epochs": (0, 100_000), "max_steps": (1, 1_000_000), "max_minutes": (0.01, 100_000), "train_batch_size": (1, 4096), "val_split": (0.0, 0.9),
           "learning_rate": (1e-9, 10.0), "embedding_learning_rate": (1e-9, 10.0), "intensity_copies": (0, 16)}
 # Text params that take one of a few values.
