@@ -16,7 +16,7 @@ from pathlib import Path
 from textdiff.model.backbone import build_scheduler, build_unet, save_diffusion
 from textdiff.data.studies import read_studies
 from textdiff.data.sample_data import make_sample_data
-from textdiff.training.train import train_on_cases
+from textdiff.training.runs import train_on_cases
 
 APP_DIR = Path(__file__).resolve().parents[1] / "apps" / "textdiff"
 

@@ -138,7 +138,7 @@ def test_a_model_of_other_classes_is_not_served_under_new_names(trained, deploym
 def test_the_served_mask_equals_the_librarys_for_the_same_weights(client, trained, deployment):
     """What the REST loop measures on MoNuSeg: infer over REST and `textdiff predict` agree pixel for pixel."""
     from textdiff.data.studies import read_image
-    from textdiff.training.inference import segment_image
+    from textdiff.inference import segment_image
     from textdiff.model.segmenter import load_checkpoint
 
     response = client.post("/infer/textdiff?image=tile_4&output=image",

@@ -237,7 +237,7 @@ def test_benchmark_summary_applies_the_gate_to_runs_with_and_without_synthetic_c
 
 def test_with_intensity_copies_the_unet_trains_on_the_same_windows_and_copies_as_textdiff(sample_dir, h, tmp_path,
                                                                                         monkeypatch):
-    from textdiff.training.intensity import training_windows
+    from textdiff.training.options.intensity import training_windows
 
     seen = {}
     real_unet, real_head = benchmark._train_unet, benchmark.train_head

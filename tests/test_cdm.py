@@ -193,7 +193,7 @@ def test_a_corrected_proposal_loses_false_regions_gains_missed_ones_and_keeps_ou
 
 
 def test_pseudo_labels_join_training_only_and_never_replace_a_real_mask(sample_dir, h, monkeypatch, tmp_path):
-    import textdiff.training.train as train_module
+    import textdiff.training.runs as train_module
 
     seen = {}
 

@@ -149,7 +149,7 @@ def test_synthetic_pairs_are_never_read_as_real_studies(pairs, sample_dir, synth
 
 
 def test_synthetic_copies_join_training_only(pairs, sample_dir, tmp_path, h):
-    from textdiff.training.train import train_on_cases
+    from textdiff.training.runs import train_on_cases
 
     cases = read_studies(sample_dir / "train")
     cfg = h.tiny_config()

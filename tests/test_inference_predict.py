@@ -8,10 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from textdiff.data.studies import Case, DataError, load_case, read_2d
+from textdiff.data.studies import Case, DataError, read_2d
 from textdiff.model.features import FeatureCache
-from textdiff.training.inference import score_masks, segment_image, segment_items, to_original_size
-from textdiff.training.predict import mask_extension, overlay_png, save_mask
+from textdiff.evaluation import label_map, score_masks, segment_items
+from textdiff.inference import segment_image
+from textdiff.writers import mask_extension, overlay_png, save_mask
 
 
 def test_segment_items_returns_masks_at_original_sizes(make_model, tmp_path, h):
@@ -33,10 +34,10 @@ def test_segment_items_returns_masks_at_original_sizes(make_model, tmp_path, h):
         assert torch.equal(a, b)
 
 
-def test_to_original_size_upsamples_and_takes_argmax():
+def test_label_map_upsamples_and_takes_argmax():
     logits = torch.zeros(2, 4, 4)
     logits[1, :2, :] = 1.0  # top half foreground
-    mask = to_original_size(logits, (8, 6))
+    mask = label_map(logits, (8, 6))
     assert mask.shape == (1, 8, 6) and mask.dtype == torch.uint8
     assert mask[0, :3].eq(1).all() and mask[0, 5:].eq(0).all()
 
@@ -232,14 +233,14 @@ def test_a_volume_logs_its_progress_with_the_blank_slices_it_skipped(make_model,
     model = make_model()
     volume = torch.rand(1, 40, 48, 3)
     volume[..., 0] = 0.0
-    with caplog.at_level("INFO", logger="textdiff.training.inference"):
+    with caplog.at_level("INFO", logger="textdiff.progress"):
         segment_image(model, volume, h.infected)
     assert any("segmented 3/3 slices (1 blank, skipped)" in line for line in caplog.messages), caplog.messages
 
 
 def test_fast_reading_is_bfloat16_only_where_the_cpu_computes_it(make_model, h, monkeypatch):
     """On a CPU without native bfloat16 the fast path is float32 exactly; with it, nearly the same mask."""
-    from textdiff.training import inference
+    from textdiff import inference
 
     model = make_model()
     image = torch.rand(1, 40, 48)
@@ -254,7 +255,7 @@ def test_fast_reading_is_bfloat16_only_where_the_cpu_computes_it(make_model, h, 
 def test_fast_reading_reads_a_volumes_slices_in_windows_side_by_side(make_model, h, monkeypatch):
     """A volume served fast: windows side by side (half the passes of a 256² slice); a 2D image, and every image in
     the float32 reading, keeps the model's overlap."""
-    from textdiff.training import inference
+    from textdiff import inference
 
     model, overlaps, real = make_model(), [], inference.sliding_logits
     monkeypatch.setattr(inference, "sliding_logits",

@@ -7,7 +7,7 @@ import torch
 
 from textdiff.config import TrainConfig
 from textdiff.model.features import FeatureCache
-from textdiff.training.intensity import training_window_count, training_windows
+from textdiff.training.options.intensity import training_window_count, training_windows
 from textdiff.training.train import selection_items, train_head
 
 

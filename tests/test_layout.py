@@ -14,7 +14,7 @@ def test_the_model_training_cli_and_app_do_not_import_the_research_package():
     code = (
         f"import sys; sys.path.insert(0, {str(APP_DIR)!r})\n"
         "import textdiff.model.segmenter, textdiff.training.train, textdiff.training.pretrain\n"
-        "import textdiff.training.inference, textdiff.training.predict, textdiff.weak.cdm, textdiff.weak.cdm_masks\n"
+        "import textdiff.inference, textdiff.evaluation, textdiff.writers, textdiff.weak.cdm, textdiff.weak.cdm_masks\n"
         "import textdiff.synthesis.emit, textdiff.synthesis.synthetic, textdiff.activelearning, textdiff.cli\n"
         "import main\n"
         "loaded = sorted(m for m in sys.modules if m.startswith('textdiff_bench'))\n"

@@ -10,7 +10,9 @@ import torch
 from textdiff.config import TrainConfig
 from textdiff.model.features import FeatureCache, mirror_report
 from textdiff.model.report_supervision import named_sides, obey_reports, report_loss, side_region, side_slice
-from textdiff.training.train import predict_logits, report_items, train_head
+from textdiff.model.segmenter import predict_logits
+from textdiff.training.options.reports import report_items
+from textdiff.training.train import train_head
 
 LEFT = "Unilateral pulmonary infection, one infected area, lower left lung."
 BOTH = "Bilateral pulmonary infection, two infected areas, upper left lung and lower right lung."
@@ -108,7 +110,8 @@ def test_report_supervision_config_is_checked():
 def test_train_on_cases_passes_the_reports_of_images_without_a_mask(sample_dir, h, monkeypatch, tmp_path):
     """Images without a final label train through their reports, unless they already train as healthy images, and
     only when train.report_weight is on."""
-    import textdiff.training.train as train_module
+    import textdiff.training.runs as train_module
+    from textdiff.training.options.extra_labels import healthy_cases
     from textdiff.data.studies import read_studies
 
     seen = {}
@@ -120,7 +123,7 @@ def test_train_on_cases_passes_the_reports_of_images_without_a_mask(sample_dir, 
     monkeypatch.setattr(train_module, "train_head", spy)
     cases = read_studies(sample_dir / "train")
     drawn, pool = cases[:2], [dataclasses.replace(c, label=None) for c in cases[2:]]
-    healthy = train_module.healthy_cases(pool, "normal")
+    healthy = healthy_cases(pool, "normal")
     cfg = h.tiny_config()
     on = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, report_weight=0.5))
     train_module.train_on_cases(drawn, on, tmp_path / "m.pt", healthy=healthy, unlabeled=pool + drawn, progress=False)

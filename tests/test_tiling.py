@@ -14,7 +14,8 @@ from textdiff.model.backbone import build_scheduler, build_unet, save_diffusion
 from textdiff.config import BackboneConfig, TextDiffConfig
 from textdiff.data.studies import Case
 from textdiff.model.features import FeatureCache, RandMirrord
-from textdiff.training.inference import segment_image, segment_items
+from textdiff.evaluation import segment_items
+from textdiff.inference import segment_image
 from textdiff.model.segmenter import TextDiffModel
 from textdiff.data.tiling import (TILING_FILE, describe, relative_box, resolve_tiling, sliding_logits, window_items,
                              window_starts, working_scale, working_shape)

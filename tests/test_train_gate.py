@@ -9,7 +9,7 @@ from PIL import Image
 
 from textdiff.data.studies import read_studies
 from textdiff.model.segmenter import load_checkpoint
-from textdiff.training.train import train_on_cases
+from textdiff.training.runs import train_on_cases
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,8 @@ def test_validation_never_holds_pseudo_labeled_images(pool, h, monkeypatch, tmp_
 
 
 def test_both_runs_start_from_the_same_head(pool, h, monkeypatch, tmp_path):
-    import textdiff.training.train as train_module
+    import textdiff.training.options.extra_labels as gate_module
+    import textdiff.training.runs as train_module
 
     starts = []
     original = train_module.train_head
@@ -119,6 +120,7 @@ def test_both_runs_start_from_the_same_head(pool, h, monkeypatch, tmp_path):
         return original(model, *args, **kwargs)
 
     monkeypatch.setattr(train_module, "train_head", spy)
+    monkeypatch.setattr(gate_module, "train_head", spy)
     cfg = dataclasses.replace(_config(h), train=dataclasses.replace(_config(h).train, epochs=1))
     train_on_cases(_real(pool), cfg, tmp_path / "m.pt", progress=False, pseudo_cases=_pseudo(pool, tmp_path, True),
                    compare_without=True)

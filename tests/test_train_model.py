@@ -7,9 +7,10 @@ import torch
 
 from textdiff.config import TrainConfig
 from textdiff.model.features import FeatureCache
-from textdiff.model.segmenter import load_checkpoint, save_checkpoint
-from textdiff.training.train import (CheckpointChoice, dice_per_image, predict_logits, selection_items, split_train_val,
-                                     train_head, training_rounds, validation_windows)
+from textdiff.model.segmenter import load_checkpoint, predict_logits, save_checkpoint
+from textdiff.training.runs import split_train_val
+from textdiff.training.train import (CheckpointChoice, dice_per_image, selection_items, train_head, training_rounds,
+                                     validation_windows)
 
 
 def _snapshot(module):
@@ -222,7 +223,8 @@ def test_pretrained_backbone_decides_the_image_size_and_architecture(tmp_path, h
 
 def test_healthy_images_without_a_mask_train_with_an_empty_mask(sample_dir, h, monkeypatch, tmp_path):
     """`train.healthy_label`: unlabeled images with that image-level label join the training split, mask empty."""
-    import textdiff.training.train as train_module
+    import textdiff.training.runs as train_module
+    from textdiff.training.options.extra_labels import healthy_cases
     from textdiff.data.studies import read_studies
 
     seen = {}
@@ -237,8 +239,8 @@ def test_healthy_images_without_a_mask_train_with_an_empty_mask(sample_dir, h, m
              for c in read_studies(sample_dir / "train")]
     real = [c for c in cases if c.label is not None]
     normal = {c.id for c in cases if c.image_label == "normal"}
-    assert normal and train_module.healthy_cases(cases, None) == []
-    healthy = train_module.healthy_cases(cases, "normal")
+    assert normal and healthy_cases(cases, None) == []
+    healthy = healthy_cases(cases, "normal")
     assert {c.id for c in healthy} == normal
     train_module.train_on_cases(real, h.tiny_config(), tmp_path / "m.pt", healthy=healthy, progress=False)
     added = [it for it in seen["train"] if it["id"] in normal]
@@ -250,7 +252,7 @@ def test_healthy_images_without_a_mask_train_with_an_empty_mask(sample_dir, h, m
 def test_the_same_training_run_gives_the_same_model(sample_dir, h, tmp_path):
     """The head's initial weights come from the run's seed, not from whatever ran before in the process."""
     from textdiff.data.studies import read_studies
-    from textdiff.training.train import train_on_cases
+    from textdiff.training.runs import train_on_cases
 
     cases = [c for c in read_studies(sample_dir / "train") if c.label is not None]
     heads = []
@@ -293,7 +295,7 @@ def test_a_volume_trains_on_its_drawn_slices_unless_drawn_whole(volume_slices, d
                                                                  monkeypatch):
     """Slices left empty in a few-slice labeling are not drawn, not background; a volume drawn whole (`auto` sees a
     run of adjacent drawn slices, or `all`) trains every slice, the empty ones as background."""
-    import textdiff.training.train as train_module
+    import textdiff.training.runs as train_module
 
     seen = {}
 
@@ -310,7 +312,7 @@ def test_a_volume_trains_on_its_drawn_slices_unless_drawn_whole(volume_slices, d
 
 def test_a_volume_whose_mask_is_empty_everywhere_is_refused(h, tmp_path):
     from textdiff.data.studies import DataError
-    from textdiff.training.train import train_on_cases
+    from textdiff.training.runs import train_on_cases
 
     with pytest.raises(DataError, match="every mask is empty"):
         train_on_cases([_sparsely_labeled_volume(tmp_path, labeled=())], h.tiny_config(), tmp_path / "m.pt",
@@ -319,7 +321,7 @@ def test_a_volume_whose_mask_is_empty_everywhere_is_refused(h, tmp_path):
 
 def test_a_volume_is_judged_on_its_drawn_slices_when_choosing_a_model_and_whole_when_evaluated(make_model, tmp_path, monkeypatch):
     """A model that finds the structure in every slice is not scored down on the slices nobody drew."""
-    import textdiff.training.inference as inference
+    import textdiff.evaluation as inference
 
     model = make_model()
     case = _sparsely_labeled_volume(tmp_path)

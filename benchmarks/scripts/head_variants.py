@@ -24,11 +24,12 @@ from textdiff_bench.benchmark import _pool, _subset, epochs_for
 from textdiff.config import TextDiffConfig, with_overrides
 from textdiff.data.studies import read_studies
 from textdiff.model.features import FeatureCache
-from textdiff.training.inference import score_masks, segment_items
+from textdiff.evaluation import score_masks, segment_items
 from textdiff.model.segmenter import TextDiffModel
 from textdiff.model.text import TextEncoder
-from textdiff.training.intensity import training_window_count
-from textdiff.training.train import split_train_val, train_head
+from textdiff.training.options.intensity import training_window_count
+from textdiff.training.runs import split_train_val
+from textdiff.training.train import train_head
 
 
 def run_variant(cfg: TextDiffConfig, cache: FeatureCache, text: TextEncoder, data: Path, labels: int, seed: int,

@@ -33,11 +33,14 @@ from textdiff.config import TextDiffConfig
 from textdiff.data.studies import load_case, read_studies
 from textdiff.model.features import FeatureCache
 from textdiff_bench.headroom import area_oracle
-from textdiff.training.inference import score_masks, to_original_size
+from textdiff.evaluation import label_map, score_masks
 from textdiff.model.segmenter import TextDiffModel
 from textdiff.model.report_supervision import SIDES, named_sides, obey_reports, side_region
 from textdiff.model.text import TextEncoder
-from textdiff.training.train import healthy_cases, predict_logits, split_train_val, train_head, with_empty_mask
+from textdiff.model.segmenter import predict_logits
+from textdiff.training.options.extra_labels import healthy_cases, with_empty_mask
+from textdiff.training.runs import split_train_val
+from textdiff.training.train import train_head
 
 ZONES = ("upper", "middle", "lower")
 _COUNT = re.compile(r"\b(one|two|three|four|five|six)\s+infected\s+areas?\b", re.IGNORECASE)
@@ -137,7 +140,7 @@ DECODINGS = {
 
 
 def _scores(logits: torch.Tensor, test: list[dict]) -> dict:
-    masks = [to_original_size(lg, item["original_shape"]) for lg, item in zip(logits, test)]
+    masks = [label_map(lg, item["original_shape"]) for lg, item in zip(logits, test)]
     oracle = area_oracle(masks, test, 2)
     return {"dice": score_masks(masks, test, 2)["mean"]["dice"], "missed": oracle["missed_areas"],
             "false": oracle["false_areas"]}

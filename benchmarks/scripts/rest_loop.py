@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from textdiff.data.studies import read_2d, read_studies
-from textdiff.training.inference import score_masks
+from textdiff.evaluation import score_masks
 
 APP = Path(__file__).resolve().parents[2] / "apps" / "textdiff"
 

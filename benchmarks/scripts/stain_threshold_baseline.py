@@ -4,7 +4,7 @@
 
 Each studies folder's images are unmixed into haematoxylin, eosin and DAB (scikit-image's `rgb2hed`); pixels above
 the image's own Otsu threshold on haematoxylin are called nuclei. Prints mean Dice and IoU per folder, scored as the
-benchmark scores (`textdiff.training.inference.score_masks`). A learned model that does not clear this line has learned
+benchmark scores (`textdiff.evaluation.score_masks`). A learned model that does not clear this line has learned
 little beyond the stain.
 """
 
@@ -19,7 +19,7 @@ from skimage.color import rgb2hed
 from skimage.filters import threshold_otsu
 
 from textdiff.data.studies import read_2d, read_studies
-from textdiff.training.inference import score_masks
+from textdiff.evaluation import score_masks
 
 
 def haematoxylin_mask(image: torch.Tensor) -> torch.Tensor:

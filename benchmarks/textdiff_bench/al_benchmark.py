@@ -28,8 +28,8 @@ from textdiff.model.features import FeatureCache
 from textdiff.model.segmenter import TextDiffModel
 from textdiff.plots import plot_curves
 from textdiff_bench.benchmark import BenchmarkSettings, _masks, _Models, _pool, _split, _subset
-from textdiff.training.inference import score_masks
-from textdiff.training.train import healthy_cases
+from textdiff.evaluation import score_masks
+from textdiff.training.options.extra_labels import healthy_cases
 
 STRATEGIES = ("random", "uncertainty", "diverse")
 

@@ -30,15 +30,16 @@ from textdiff.data.studies import Case, DataError, find_by_id, read_studies
 from textdiff.synthesis.emit import merge_predictions
 from textdiff.model.features import FeatureCache, feature_augmentation
 from textdiff_bench.headroom import area_oracle
-from textdiff.training.inference import score_masks, segment_items, to_original_size
+from textdiff.evaluation import label_map, score_masks, segment_items
 from textdiff.data.tiling import sliding_logits, windows_of
-from textdiff.training.intensity import training_window_count, training_windows
+from textdiff.training.options.intensity import training_window_count, training_windows
 from textdiff.model.segmenter import TextDiffModel
 from textdiff.plots import plot_curves
 from textdiff.synthesis.synthetic import read_synthetic
 from textdiff.model.text import TextEncoder
-from textdiff.training.train import (CheckpointChoice, dice_per_image, healthy_cases, segmentation_loss, selection_items,
-                    split_train_val, train_head, with_empty_mask)
+from textdiff.training.options.extra_labels import healthy_cases, with_empty_mask
+from textdiff.training.runs import split_train_val
+from textdiff.training.train import CheckpointChoice, dice_per_image, segmentation_loss, selection_items, train_head
 
 METHODS = {
     "textdiff": "TextDiff (pretrained backbone + report)",
@@ -151,7 +152,7 @@ def _unet_dice(net, selection: list[dict], device, num_classes: int) -> float:
 def _unet_masks(net, test: list[dict], device, window: int, overlap: float) -> list[torch.Tensor]:
     """The UNet's masks on the test images, read in the same windows as TextDiff's and blended the same way."""
     logits_of = lambda windows: net(torch.stack([w["image"] for w in windows]).to(device)).cpu()  # noqa: E731
-    return [to_original_size(sliding_logits(it, window, overlap, logits_of), it["original_shape"]) for it in test]
+    return [label_map(sliding_logits(it, window, overlap, logits_of), it["original_shape"]) for it in test]
 
 
 def _synthetic_items(settings: BenchmarkSettings, model: TextDiffModel) -> dict[str, list[dict]]:

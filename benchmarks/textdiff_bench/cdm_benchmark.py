@@ -33,11 +33,12 @@ from textdiff.data.studies import load_case, read_studies
 from textdiff.model.features import FeatureCache
 from textdiff.weak.cdm_readout import choose_readout
 from textdiff_bench.gradcam import ClassifierSettings, cam_maps, train_classifier
-from textdiff.training.inference import score_masks, segment_items
+from textdiff.evaluation import score_masks, segment_items
 from textdiff.model.segmenter import TextDiffModel
 from textdiff.plots import plot_bars, plot_map_examples
 from textdiff.model.text import TextEncoder
-from textdiff.training.train import split_train_val, train_head
+from textdiff.training.runs import split_train_val
+from textdiff.training.train import train_head
 
 REAL, PSEUDO = "real only", "real + CDM pseudo-labels"
 GATED = "gated (better by validation Dice)"

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from textdiff.training.inference import score_masks
+from textdiff.evaluation import score_masks
 
 
 def fix_whole_areas(mask: torch.Tensor, truth: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, int, int, int]:

@@ -1,8 +1,8 @@
 """`textdiff-bench infer-speed`: seconds per image and per volume of a trained model's inference, and the Dice it gives,
 for each reading asked for (float32 or the fast path of `segment_image`; window overlaps).
 
-Every reading segments the same labeled images (2D studies folders) with `segment_image`, the function the app's infer
-task calls, one image at a time after one warm-up; a volume (any NIfTI, resampled to `volume_shape`) is segmented
+Every reading segments the same labeled images (2D studies folders) with `segment_image` (the app infer task's
+pre_transforms, inferer and post_transforms, `textdiff.inference`), one image at a time after one warm-up; a volume (any NIfTI, resampled to `volume_shape`) is segmented
 whole, as `POST /infer/textdiff` does with a volume. Prints one table and writes it as JSON.
 """
 
@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from textdiff.data.studies import DataError, read_2d, read_image, read_studies
 from textdiff.model.segmenter import TextDiffModel, load_checkpoint
-from textdiff.training.inference import native_bfloat16, score_masks, segment_image
+from textdiff.evaluation import score_masks
+from textdiff.inference import native_bfloat16, segment_image
 
 
 @dataclass

@@ -24,8 +24,9 @@ from textdiff.config import TextDiffConfig
 from textdiff.data.studies import DataError, read_studies
 from textdiff.model.features import FeatureCache
 from textdiff.model.segmenter import TextDiffModel
-from textdiff.training.intensity import training_window_count
-from textdiff.training.train import split_train_val, train_head
+from textdiff.training.options.intensity import training_window_count
+from textdiff.training.runs import split_train_val
+from textdiff.training.train import train_head
 
 # The phase that ends at each mark, in the order marks come within one optimizer step.
 ASSEMBLY = "batch assembly (augmentation, stacking)"

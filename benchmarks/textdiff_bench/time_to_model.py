@@ -38,9 +38,10 @@ from textdiff.model.features import FeatureCache
 from textdiff.model.segmenter import TextDiffModel
 from textdiff.model.text import TextEncoder
 from textdiff.plots import plot_timelines
-from textdiff.training.inference import score_masks, segment_items
-from textdiff.training.intensity import training_windows
-from textdiff.training.train import split_train_val, train_head
+from textdiff.evaluation import score_masks, segment_items
+from textdiff.training.options.intensity import training_windows
+from textdiff.training.runs import split_train_val
+from textdiff.training.train import train_head
 from textdiff_bench.benchmark import _pool, _subset, _train_unet, _unet_masks, epochs_for
 
 

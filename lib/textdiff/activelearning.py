@@ -6,8 +6,9 @@ import math
 
 import torch
 
+from textdiff.data.items import Item
 from textdiff.model.features import FeatureCache
-from textdiff.training.inference import grid_logits
+from textdiff.inference import grid_logits
 from textdiff.model.segmenter import TextDiffModel
 from textdiff.data.tiling import window_items
 
@@ -19,13 +20,13 @@ def mask_uncertainty(logits: torch.Tensor) -> torch.Tensor:
     return entropy.flatten(1).mean(1) / math.log(logits.shape[1])
 
 
-def uncertainty_scores(model: TextDiffModel, items: list[dict], cache: FeatureCache | None = None) -> list[float]:
+def uncertainty_scores(model: TextDiffModel, items: list[Item], cache: FeatureCache | None = None) -> list[float]:
     """Uncertainty of the model's mask for each item (with its report, on its working grid), in order."""
     cache = cache or FeatureCache(model.extractor)
     return [mask_uncertainty(grid_logits(model, item, cache)[None]).item() for item in items]
 
 
-def image_embeddings(cache: FeatureCache, items: list[dict]) -> torch.Tensor:
+def image_embeddings(cache: FeatureCache, items: list[Item]) -> torch.Tensor:
     """One unit vector per image: every diffusion feature map averaged over space (and over the image's windows when
     it has several), scales concatenated."""
     window = cache.extractor.cfg.image_size

@@ -136,7 +136,7 @@ def cmd_cdm_predict(args) -> None:
     from textdiff.weak.cdm import image_level_label, load_cdm
     from textdiff.weak.cdm_masks import cdm_segment
     from textdiff.data.studies import read_image
-    from textdiff.training.predict import heatmap_png, mask_extension, overlay_png, save_mask
+    from textdiff.writers import heatmap_png, mask_extension, overlay_png, save_mask
 
     cdm = load_cdm(args.model, args.device, **section_overrides(args, "cdm"))
     out = Path(args.out)
@@ -157,7 +157,8 @@ def cmd_train(args) -> None:
 
     from textdiff.data.studies import find_by_id, read_studies
     from textdiff.plots import plot_training
-    from textdiff.training.train import healthy_cases, train_on_cases
+    from textdiff.training.options.extra_labels import healthy_cases
+    from textdiff.training.runs import train_on_cases
 
     cfg = config_from_args(args)  # bad settings fail before any data is read
     studies = read_studies(args.data)
@@ -234,9 +235,9 @@ def cmd_predict(args) -> None:
     from tqdm.auto import tqdm
 
     from textdiff.data.studies import read_image
-    from textdiff.training.inference import segment_image
+    from textdiff.inference import segment_image
     from textdiff.model.segmenter import load_checkpoint
-    from textdiff.training.predict import mask_extension, overlay_png, save_mask
+    from textdiff.writers import mask_extension, overlay_png, save_mask
 
     model = load_checkpoint(args.model, args.device)
     cases = _cases_for(args.images)
@@ -252,7 +253,7 @@ def cmd_predict(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from textdiff.training.inference import score_cases
+    from textdiff.evaluation import score_cases
     from textdiff.model.segmenter import load_checkpoint
 
     model = load_checkpoint(args.model, args.device)

@@ -129,8 +129,8 @@ class TrainConfig:
     # sides swapped, so image and text still agree), "flip" or "rot90_flip" (these two contradict reports that name
     # sides and zones, "upper left lung").
     augment: str = "none"
-    # Intensity copies per training window (textdiff.training.intensity): contrast, per-channel gain and offset drawn
-    # at random, features cached once per copy. 0: off.
+    # Intensity copies per training window (textdiff.training.options.intensity): contrast, per-channel gain and
+    # offset drawn at random, features cached once per copy. 0: off.
     intensity_copies: int = 0
     # A seeded val_fraction of the labeled images is held out to choose the checkpoint, only when that makes at least
     # min_val_images: one held-out image is a noisy judge of the epoch and costs a fifth of five labels, so a few

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from textdiff.data.studies import Case
-from textdiff.training.inference import dice_on_cases
+from textdiff.evaluation import dice_on_cases
 from textdiff.model.segmenter import TextDiffModel, load_checkpoint
 
 logger = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from tqdm import tqdm
 
 from textdiff.data.studies import DataError, read_studies
-from textdiff.training.predict import label_colour
+from textdiff.writers import label_colour
 
 logger = logging.getLogger(__name__)
 

@@ -24,6 +24,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import LoadImage, Resize, ScaleIntensityRangePercentiles
 
+from textdiff.data.items import Item
 from textdiff.config import BackboneConfig
 from textdiff.errors import DataError, ImageTooLarge  # noqa: F401 - part of this module's interface
 from textdiff.data.tiling import to_working_grid
@@ -316,6 +317,11 @@ def preprocess_image(image: torch.Tensor, size: int | tuple[int, int], channels:
     return torch.as_tensor(Resize(shape, mode="bilinear", anti_aliasing=True)(image))
 
 
+def plane_on_grid(plane: torch.Tensor, backbone: BackboneConfig, what: str = "the image") -> torch.Tensor:
+    """A channel-first 2D plane as the model reads it: scaled to [-1, 1] on its own, then onto its working grid."""
+    return to_working_grid(preprocess_image(plane, tuple(plane.shape[1:]), backbone.in_channels, what), backbone)
+
+
 def check_mask(mask: torch.Tensor, image_shape: tuple[int, ...], num_classes: int, path: Path) -> torch.Tensor:
     """A mask must match the image size and hold only known class indices."""
     if tuple(mask.shape[1:]) != tuple(image_shape):
@@ -334,7 +340,7 @@ def preprocess_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
     return torch.as_tensor(Resize((size, size), mode="nearest")(torch.as_tensor(mask).float())).long()
 
 
-def load_case(case: Case, size: int, channels: int, num_classes: int, tiling: BackboneConfig | None = None) -> dict:
+def load_case(case: Case, size: int, channels: int, num_classes: int, tiling: BackboneConfig | None = None) -> Item:
     """Image (C, size, size) in [-1, 1], mask (1, size, size) long or None, report, and the original image and mask.
 
     With `tiling` (the backbone's config) image and mask go onto the image's working grid instead (`textdiff.data.tiling`:
@@ -347,7 +353,7 @@ def load_case(case: Case, size: int, channels: int, num_classes: int, tiling: Ba
     if tiling is None:
         resized = preprocess_image(image, size, channels, where)
     else:
-        resized = to_working_grid(preprocess_image(image, tuple(image.shape[1:]), channels, where), tiling)
+        resized = plane_on_grid(image, tiling, where)
     item = {
         "id": case.id,
         "image": resized,
@@ -363,7 +369,7 @@ def load_case(case: Case, size: int, channels: int, num_classes: int, tiling: Ba
     return item
 
 
-def with_mask(item: dict, mask: torch.Tensor, grid: int | BackboneConfig) -> dict:
+def with_mask(item: Item, mask: torch.Tensor, grid: int | BackboneConfig) -> Item:
     """The item with its checked (1, X, Y) mask kept as it is and resized like the image: to grid² (an int) or onto
     the working grid (a backbone config)."""
     mask = torch.as_tensor(mask)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import Resize
 
+from textdiff.data.items import Item
 from textdiff.config import BackboneConfig
 
 logger = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ def crop(tensor: torch.Tensor, start: tuple[int, int], window: int, value: float
     return F.pad(part[None].float(), (0, short[1], 0, short[0]), value=value)[0].to(part.dtype)
 
 
-def window_items(item: dict, window: int, overlap: float = 0.5) -> list[dict]:
+def window_items(item: Item, window: int, overlap: float = 0.5) -> list[Item]:
     """The training windows of an item on its working grid: the item itself when its grid is one window, else
     window² crops of image and label on a lattice `overlap` apart, each with its own cache id and `box`."""
     grid = tuple(item["image"].shape[1:])
@@ -133,7 +134,7 @@ def window_items(item: dict, window: int, overlap: float = 0.5) -> list[dict]:
     return windows
 
 
-def windows_of(items: list[dict], window: int) -> list[dict]:
+def windows_of(items: list[Item], window: int) -> list[Item]:
     """Every training window of every item (`window_items`), in order."""
     return [part for item in items for part in window_items(item, window)]
 
@@ -143,7 +144,7 @@ def window_id(key: str, grid: tuple[int, ...], start: tuple[int, int]) -> str:
     return f"{key}@{grid[0]}x{grid[1]}:{start[0]},{start[1]}"
 
 
-def sliding_logits(item: dict, window: int, overlap: float, logits_of_windows) -> torch.Tensor:
+def sliding_logits(item: Item, window: int, overlap: float, logits_of_windows) -> torch.Tensor:
     """(classes, *grid) logits of an item's working grid, blended from overlapping windows (Gaussian weights).
 
     `logits_of_windows(windows)` maps a list of window items (id, image, report, box) to (B, classes, window, window).

@@ -14,12 +14,14 @@ import torch
 
 from textdiff.model.backbone import DiffusionFeatureExtractor, make_extractor
 from textdiff.config import TextDiffConfig
-from textdiff.data.studies import (Case, DataError, check_drawn_in_slices, check_mask, load_case, preprocess_image,
+from textdiff.data.items import Item
+from textdiff.data.studies import (Case, DataError, check_drawn_in_slices, check_mask, load_case, plane_on_grid,
                                    read_planes, slices_to_train, with_mask)
 from textdiff.model.fusion import TextDiffHead
 from textdiff.model.report_supervision import obey_reports
 from textdiff.model.text import TextEncoder
-from textdiff.data.tiling import resolve_tiling, to_working_grid
+from textdiff.data.tiling import resolve_tiling
+from textdiff.model.features import FeatureCache
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +42,12 @@ class TextDiffModel(torch.nn.Module):
     def image_size(self) -> int:
         return self.cfg.backbone.image_size
 
-    def load(self, case: Case) -> dict:
+    def load(self, case: Case) -> Item:
         """A case as this model reads it: image and mask on their working grid (`textdiff.data.tiling`), report."""
         backbone = self.cfg.backbone
         return load_case(case, backbone.image_size, backbone.in_channels, self.cfg.head.num_classes, backbone)
 
-    def load_planes(self, case: Case, volume_slices: str = "all") -> list[dict]:
+    def load_planes(self, case: Case, volume_slices: str = "all") -> list[Item]:
         """A case as items: `load` for a 2D image, one item per slice (with its mask slice) for a volume; which slices
         of a labeled volume, `volume_slices` says (`train.volume_slices`: "all", "labeled" or "auto")."""
         planes = read_planes(case.image, "image")
@@ -72,11 +74,9 @@ class TextDiffModel(torch.nn.Module):
                         "out (train.volume_slices=all trains them as background)", case.id, len(items), len(planes))
         return items
 
-    def plane_item(self, plane: torch.Tensor, key: str, report: str) -> dict:
+    def plane_item(self, plane: torch.Tensor, key: str, report: str) -> Item:
         """One channel-first 2D plane (an image, or a slice of a volume) as this model reads it, without a mask."""
-        backbone = self.cfg.backbone
-        scaled = preprocess_image(plane, tuple(plane.shape[1:]), backbone.in_channels, f"image '{key}'")
-        return {"id": key, "image": to_working_grid(scaled, backbone), "report": report,
+        return {"id": key, "image": plane_on_grid(plane, self.cfg.backbone, f"image '{key}'"), "report": report,
                 "original_shape": tuple(plane.shape[1:])}
 
     def features(self, images: torch.Tensor, reports: list[str] | None = None) -> list[torch.Tensor]:
@@ -105,6 +105,22 @@ class TextDiffModel(torch.nn.Module):
 
     def trainable_parameters(self):
         return self.head.parameters()
+
+
+@torch.no_grad()
+def predict_logits(model: TextDiffModel, items: list[Item], cache: FeatureCache, batch_size: int = 8) -> torch.Tensor:
+    """Logits at window resolution for labeled or unlabeled window items (whole images or windows), in order."""
+    model.eval()
+    device = next(model.head.parameters()).device
+    outputs = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        # float16 as cached, widened before stacking (CPU autocast has no float16 stack)
+        features = [torch.stack([f.float() for f in scale]).to(device)
+                    for scale in zip(*(cache.get(item) for item in chunk))]
+        outputs.append(model.logits_from_features(features, [item["report"] for item in chunk],
+                                                  [item.get("box") for item in chunk]).float().cpu())
+    return torch.cat(outputs)
 
 
 def save_checkpoint(model: TextDiffModel, path: str | Path, extra: dict | None = None) -> Path:

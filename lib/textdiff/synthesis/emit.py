@@ -23,7 +23,7 @@ from skimage.feature import canny
 from torch import nn
 
 from textdiff.errors import DataError
-from textdiff.model.backbone import load_diffusion, save_diffusion
+from textdiff.model.backbone import load_diffusion
 from textdiff.config import SynthConfig, TextConfig
 from textdiff.data.studies import Case, load_case
 from textdiff.training.pretrain import PretrainSettings, fit_denoiser

@@ -18,9 +18,9 @@ from monai.utils import convert_to_tensor
 from skimage.filters import threshold_otsu
 
 from textdiff.config import CDMConfig
-from textdiff.data.studies import Case, read_image
+from textdiff.data.studies import Case, preprocess_image, read_image
 from textdiff.errors import DataError
-from textdiff.training.inference import per_slice, score_masks
+from textdiff.evaluation import score_masks
 from textdiff.weak.cdm import CDM, image_level_label
 
 
@@ -174,3 +174,23 @@ def dice_against_masks(cdm: CDM, cases: list[Case], limit: int = 50) -> dict:
     if not items:
         return {"dice": None, "images": 0}
     return {"dice": round(score_masks(masks, items, 2)["mean"]["dice"], 4), "images": len(items)}
+
+
+def per_slice(image: torch.Tensor, size: int, channels: int, predict, batch_size: int = 8) -> torch.Tensor:
+    """Apply a 2D model to a channel-first 2D image or 3D volume; returns (1, *spatial) at the image's own size.
+
+    `predict` maps a batch of preprocessed slices (B, channels, size, size) to a list of (X, Y) outputs at the given
+    original in-plane size. A volume (C, X, Y, Z) goes slice by slice along its last axis, in batches (one model pass
+    per batch); singleton spatial axes (single-slice NIfTI/NRRD/DICOM) are kept, so the output has the image's shape.
+    """
+    spatial = tuple(image.shape[1:])
+    if len(spatial) not in (2, 3):
+        raise DataError(f"expected a 2D image or 3D volume, got spatial shape {spatial}")
+    volume = torch.as_tensor(image).float()
+    volume = volume if len(spatial) == 3 else volume[..., None]
+    outputs = []
+    for start in range(0, volume.shape[-1], batch_size):
+        batch = torch.stack([preprocess_image(volume[..., z], size, channels)
+                             for z in range(start, min(start + batch_size, volume.shape[-1]))])
+        outputs += predict(batch.as_subclass(torch.Tensor), tuple(volume.shape[1:3]))
+    return torch.stack(outputs, dim=-1).reshape(1, *spatial)

@@ -12,7 +12,7 @@ import torch
 from textdiff.config import CDMConfig
 from textdiff.data.studies import Case, load_case
 from textdiff.plots import plot_map_examples
-from textdiff.training.inference import score_masks
+from textdiff.evaluation import score_masks
 from textdiff.weak.cdm import CDM, image_level_label
 from textdiff.weak.cdm_masks import condition_maps, threshold_map
 

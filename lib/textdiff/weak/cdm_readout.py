@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from textdiff.data.studies import Case, DataError, load_case
-from textdiff.training.inference import score_masks
+from textdiff.evaluation import score_masks
 from textdiff.weak.cdm import image_level_label, load_cdm
 from textdiff.weak.cdm_masks import condition_maps, smoothed, threshold_map
 

@@ -13,7 +13,7 @@ from fastapi import APIRouter, File, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from monailabel.endpoints.user.auth import User
 from textdiff.model.segmenter import load_checkpoint
-from textdiff.training.train import selection_cases
+from textdiff.training.runs import selection_cases
 
 from ..errors import bad_request, not_found
 from ..publish import candidate_path, previous_path, publish_if_better, rollback

@@ -16,7 +16,7 @@ from textdiff.errors import DataError
 from textdiff.weak.cdm import CDM, image_level_label
 from textdiff.weak.cdm_masks import cdm_segment
 from textdiff.data.studies import Case
-from textdiff.training.predict import mask_extension, save_mask
+from textdiff.writers import mask_extension, save_mask
 
 from ..errors import bad_request, client_errors
 from ..model_store import ModelStore

@@ -12,7 +12,7 @@ from textdiff.config import TextDiffConfig
 from textdiff.data.studies import SYNTHETIC_MARKER, Case, DataError, image_id
 from textdiff.model.segmenter import load_checkpoint_config, read_head_weights
 from textdiff.synthesis.synthetic import read_synthetic
-from textdiff.training.train import selection_cases, train_on_cases
+from textdiff.training.runs import selection_cases, train_on_cases
 
 from ..configs.settings import AppSettings
 from ..publish import candidate_path, publish_if_better

@@ -1,4 +1,8 @@
-"""Write predicted masks next to nothing else: a mask file with the image's geometry, and a PNG overlay to look at."""
+"""Write predicted masks: a mask file on its image's grid, and a PNG overlay to look at.
+
+The geometry is copied from the image file's own header as ITK reads it, which is what 3D Slicer shows (a DX file's
+PixelSpacing honoured where ITK would fall back to 1 mm), rather than rebuilt from a MetaTensor's affine as MONAI's
+writers do; the format follows the file name (.nrrd, .nii.gz, .png, TIFF)."""
 
 from __future__ import annotations
 

@@ -11,10 +11,22 @@ import torch
 from monai.transforms import Compose, RandAdjustContrast, RandScaleIntensity, RandShiftIntensity
 
 from textdiff.config import TrainConfig
+from textdiff.data.items import Item
 from textdiff.data.tiling import windows_of
+from textdiff.training.options.base import TrainingOption
 
 
-def intensity_copies(windows: list[dict], count: int, seed: int) -> list[dict]:
+class IntensityCopies(TrainingOption):
+    """`train.intensity_copies` copies of every training window, intensities jittered (`intensity_copies`)."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.count, self.seed = cfg.intensity_copies, cfg.seed
+
+    def windows(self, windows: list[Item]) -> list[Item]:
+        return windows + intensity_copies(windows, self.count, self.seed)
+
+
+def intensity_copies(windows: list[Item], count: int, seed: int) -> list[Item]:
     """`count` copies of every window (ids "<window id>~i<k>"), the same mask, intensities jittered in [-1, 1]; marked
     with an "origin", so that choosing the checkpoint on training images (no validation foreground) scores real ones."""
     jitter = Compose([
@@ -27,12 +39,12 @@ def intensity_copies(windows: list[dict], count: int, seed: int) -> list[dict]:
             for k in range(count) for window in windows]
 
 
-def training_window_count(items: list[dict], window: int, cfg: TrainConfig) -> int:
+def training_window_count(items: list[Item], window: int, cfg: TrainConfig) -> int:
     """How many windows `training_windows` yields, without drawing the copies (for counting epochs in steps)."""
     return len(windows_of(items, window)) * (1 + cfg.intensity_copies)
 
 
-def training_windows(items: list[dict], window: int, cfg: TrainConfig) -> list[dict]:
-    """The windows a training run learns from: every item's windows, and `cfg.intensity_copies` copies of each."""
-    windows = windows_of(items, window)
-    return windows + intensity_copies(windows, cfg.intensity_copies, cfg.seed)
+def training_windows(items: list[Item], window: int, cfg: TrainConfig) -> list[Item]:
+    """The windows a training run learns from: every item's windows, and `cfg.intensity_copies` copies of each (what
+    the benchmarks' UNet trains on beside the head)."""
+    return IntensityCopies(cfg).windows(windows_of(items, window))
