@@ -125,3 +125,72 @@ def serve_a_mask_through(backbone: Path, root: Path) -> dict:
         response = client.post("/infer/textdiff?image=case_0003&output=json")
         assert response.status_code == 200, response.text
         return response.json()
+
+
+REALM_PATH = "/realms/monailabel"
+# the test realm's users: password and roles (MONAI Label's role names)
+REALM_USERS = {"ann": ("ann-pass", ["monailabel-annotator", "monailabel-user"]),
+               "viewer": ("viewer-pass", ["monailabel-user"]),
+               "root": ("root-pass", ["monailabel-admin", "monailabel-annotator", "monailabel-user"])}
+
+
+@contextlib.contextmanager
+def openid_realm():
+    """A small OpenID realm on loopback, as Keycloak serves one: its RS256 public key at the realm URL, its token
+    endpoint in /.well-known/openid-configuration, and password logins of `REALM_USERS`. Yields (realm URL, token
+    maker): `token(user, *roles, signer=, expires_in=)` gives Authorization headers without a login."""
+    import base64
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import parse_qs
+
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    def signed(user: str, roles: list[str], signer=key, expires_in: float = 600) -> str:
+        claims = {"preferred_username": user, "realm_access": {"roles": list(roles)}, "exp": int(time.time() + expires_in)}
+        return jwt.encode(claims, signer, algorithm="RS256")
+
+    class Realm(BaseHTTPRequestHandler):
+        def _answer(self, status: int, body: dict) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(json.dumps(body).encode())
+
+        def do_GET(self):  # noqa: N802 - the http.server interface
+            if self.path.rstrip("/") == REALM_PATH:
+                return self._answer(200, {"realm": "monailabel", "public_key": base64.b64encode(public).decode()})
+            if self.path == f"{REALM_PATH}/.well-known/openid-configuration":
+                return self._answer(200, {"issuer": url, "token_endpoint": f"{url}/protocol/openid-connect/token"})
+            return self._answer(404, {})
+
+        def do_POST(self):  # noqa: N802
+            form = {k: v[0] for k, v in parse_qs(self.rfile.read(int(self.headers["Content-Length"])).decode()).items()}
+            password, roles = REALM_USERS.get(form.get("username"), (None, []))
+            if self.path != f"{REALM_PATH}/protocol/openid-connect/token" or form.get("grant_type") != "password":
+                return self._answer(400, {"error": "unsupported_grant_type"})
+            if password is None or form.get("password") != password:
+                return self._answer(401, {"error": "invalid_grant"})
+            self._answer(200, {"access_token": signed(form["username"], roles), "token_type": "Bearer",
+                               "expires_in": 600})
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Realm)
+    url = f"http://127.0.0.1:{httpd.server_address[1]}{REALM_PATH}"
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+
+    def token(user: str, *roles: str, signer=key, expires_in: float = 600) -> dict:
+        return {"Authorization": f"Bearer {signed(user, list(roles), signer, expires_in)}"}
+
+    try:
+        yield url, token
+    finally:
+        httpd.shutdown()

@@ -3,55 +3,23 @@ answers its public key), and MONAI Label's roles decide who may infer, label, tr
 
 from __future__ import annotations
 
-import base64
-import json
 import sys
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import jwt
 import pytest
 import requests
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 sys.path.insert(0, str(Path(__file__).parent))
-from app_fixtures import make_deployment, running_server  # noqa: E402
+from app_fixtures import make_deployment, openid_realm, running_server  # noqa: E402
 
 pytestmark = pytest.mark.slow
-REALM_PATH = "/realms/monailabel"
 
 
 @pytest.fixture(scope="module")
 def realm():
-    """A realm endpoint that answers its RS256 public key; yields (realm URL, token maker)."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    public = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    body = json.dumps({"realm": "monailabel", "public_key": base64.b64encode(public).decode()}).encode()
-
-    class Realm(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - the http.server interface
-            found = self.path.rstrip("/") == REALM_PATH
-            self.send_response(200 if found else 404)
-            self.send_header("Content-Type", "application/json")
-            self.end_headers()
-            self.wfile.write(body if found else b"{}")
-
-        def log_message(self, *args):
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Realm)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-
-    def token(user: str, *roles: str, signer=key, expires_in: float = 600) -> dict:
-        claims = {"preferred_username": user, "realm_access": {"roles": list(roles)},
-                  "exp": int(time.time() + expires_in)}
-        return {"Authorization": f"Bearer {jwt.encode(claims, signer, algorithm='RS256')}"}
-
-    yield f"http://127.0.0.1:{httpd.server_address[1]}{REALM_PATH}", token
-    httpd.shutdown()
+    with openid_realm() as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +70,25 @@ def test_an_admin_may_train_and_replace_the_model(server, realm):
                             timeout=120)
     assert replaced.status_code == 200 and replaced.json()["published"], replaced.text
     assert requests.get(f"{url}/logs/?text=true", headers=admin, timeout=30).status_code == 200
+
+
+def test_a_browser_logs_in_with_a_form_and_its_cookie_carries_the_login(server):
+    """`/login` asks the realm for a token (password grant) and keeps it in an HttpOnly, SameSite=Strict cookie: the
+    pages and API calls of that browser are then the user's, with the user's roles; a page without a login sends
+    the browser to the login form, and it comes back only to a path on this server."""
+    url = server["url"]
+    browser = requests.Session()
+    page = browser.get(f"{url}/labeling/", allow_redirects=False, timeout=30)
+    assert page.status_code == 303 and page.headers["location"] == "/login?next=%2Flabeling%2F"
+    assert "Password" in browser.get(f"{url}/login?next=/labeling/", timeout=30).text
+    wrong = browser.post(f"{url}/login", data={"username": "ann", "password": "nope"}, allow_redirects=False, timeout=30)
+    assert wrong.status_code == 401 and "Wrong user name or password" in wrong.text and not browser.cookies
+    good = browser.post(f"{url}/login", data={"username": "ann", "password": "ann-pass", "next": "//elsewhere.example"},
+                        allow_redirects=False, timeout=30)
+    assert good.status_code == 303 and good.headers["location"] == "/labeling/"  # never another site
+    cookie = good.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie
+    assert browser.get(f"{url}/info/", timeout=30).status_code == 200
+    assert browser.post(f"{url}/train/textdiff", json={}, timeout=30).status_code == 403  # an annotator's roles
+    browser.post(f"{url}/logout", timeout=30)
+    assert browser.get(f"{url}/info/", timeout=30).status_code == 401

@@ -25,7 +25,7 @@ from textdiff.data.studies import read_studies, write_reports
 from textdiff.data.dicom import seg_dataset, seg_on_sources, seg_to_mask, uid_for
 
 sys.path.insert(0, str(Path(__file__).parent))
-from app_fixtures import APP_DIR, free_port, running_server  # noqa: E402
+from app_fixtures import APP_DIR, free_port, openid_realm, running_server  # noqa: E402
 
 sys.path.insert(0, str(APP_DIR))
 from lib.endpoints.viewer import viewer_url  # noqa: E402
@@ -486,6 +486,55 @@ def test_a_multi_class_seg_keeps_its_names_and_colours_through_ohif(server, pacs
         assert kept.SegmentLabel == ours.SegmentLabel
         assert np.abs(np.subtract(kept.RecommendedDisplayCIELabValue, ours.RecommendedDisplayCIELabValue)).max() < 300
     np.testing.assert_array_equal(seg_on_sources(theirs, sources, names)[0], mask)
+
+
+@pytest.fixture(scope="module")
+def login_server(tmp_path_factory, pacs, studies):
+    """A second server on the same PACS with login on, its tokens from a small realm (app_fixtures.REALM_USERS)."""
+    root = tmp_path_factory.mktemp("pacs-login")
+    deployment = {"studies": pacs["url"], "conf": {"model_dir": str(root / "model"), "epochs": "1"}}
+    with openid_realm() as (realm, _):
+        env = {"MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": realm}
+        with running_server(root, deployment, env=env) as running:
+            yield running.url
+
+
+def test_with_login_on_an_annotator_logs_in_proposes_and_stores_a_seg_through_the_viewer(login_server, studies):
+    """The worklist sends a browser without a login to the login form; logged in as an annotator, its button opens
+    the viewer on the proposal, whose DICOMweb requests (and the SEG it stores) go through the app's proxy with the
+    login cookie. A user without the annotator role sees the worklist but may not propose; no login, no PACS."""
+    from playwright.sync_api import sync_playwright
+
+    case = studies["cases"][2]  # unlabeled, with an infection in its report
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = _browser(playwright)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        console: list[str] = []
+        page.on("console", lambda message: console.append(f"{message.type}: {message.text}"))
+        try:
+            page.goto(f"{login_server}/labeling/")
+            page.wait_for_url("**/login?**")
+            page.get_by_label("User name").fill("ann")
+            page.get_by_label("Password").fill("ann-pass")
+            page.get_by_role("button", name="Log in").click()
+            page.wait_for_url("**/labeling/")
+            page.locator("tr", has_text=case.id).get_by_role("button", name="Segment with TextDiff").click()
+            page.wait_for_url("**/viewer/segmentation?**", timeout=120_000)
+            _load_proposal(page)
+            shot = page.screenshot(path=str(ARTIFACTS / "viewer-login-proposal.png"))
+            _paint_stroke(page, (860, 260), (960, 290))
+            _store_segmentation(page)  # a 200 from the PACS through the proxy, with the login cookie
+        finally:
+            (ARTIFACTS / "viewer-login-console.log").write_text("\n".join(console))
+            browser.close()
+    assert _mask_coloured_pixels(shot) > 100, "the proposal is not drawn over the image"
+    viewer = requests.Session()
+    assert viewer.post(f"{login_server}/login", data={"username": "viewer", "password": "viewer-pass"}).ok
+    assert viewer.get(f"{login_server}/labeling/").status_code == 200
+    answer = viewer.post(f"{login_server}/labeling/propose", params={"image": _series(case.id)}, allow_redirects=False)
+    assert answer.status_code == 403
+    assert requests.get(f"{login_server}/proxy/dicom/qido/studies").status_code == 401
 
 
 def test_orthanc_stops_cleanly(pacs):

@@ -1,8 +1,9 @@
 """Putting a trained model in service: only at the end of a run, atomically, and never one worse than the current.
 
 A run trains into `<name>.candidate.pt`; a killed or stopped run therefore leaves the model in service untouched.
-At its end the candidate and the current model segment the same validation images; the candidate replaces the
-current one when its Dice is at least as high (or the client forces it). The replaced model stays as
+At its end the candidate and the current model are scored on images neither learned where there are any
+(`textdiff.training.comparison`: held-out validation images, or labels new to the model in service left out of
+extra runs); the candidate replaces the current one when its Dice is at least as high (or the client forces it). The replaced model stays as
 `<name>.prev.pt`, and `rollback` swaps the two back.
 """
 
@@ -11,11 +12,14 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
+from typing import Callable
 
 from textdiff.data.studies import Case
 from textdiff.evaluation import dice_on_cases
 from textdiff.model.segmenter import TextDiffModel, load_checkpoint
+from textdiff.training.comparison import Basis
 
 logger = logging.getLogger(__name__)
 
@@ -44,24 +48,39 @@ def current_dice(current: Path, cases: list[Case], device: str, label_names: tup
     return dice_on_cases(model, cases, volume_slices)
 
 
-def publish_if_better(model: TextDiffModel, current: Path, cases: list[Case], device: str, force: bool) -> dict:
-    """Compare the trained `model` (saved at `candidate_path(current)`) with the model in service on `cases` and
-    publish it when it is not worse, or when `force`; returns what was decided and both scores."""
+def publish_if_better(model: TextDiffModel, current: Path, basis: Basis, device: str, force: bool,
+                      left_out_dice: Callable[[], dict[str, float]] | None = None) -> dict:
+    """Compare the trained `model` (saved at `candidate_path(current)`) with the model in service on `basis` and
+    publish it when it is not worse, or when `force`; returns what was decided, on which images, and both scores.
+    A left-out basis scores the new recipe by `left_out_dice` (extra runs, image id -> Dice), only when there is a
+    model to beat; without any left-out score the new model is scored as trained."""
     volume_slices = model.cfg.train.volume_slices  # both models are judged on the slices this run trained on
-    new = dice_on_cases(model, cases, volume_slices)
+    start, cases, says = time.perf_counter(), basis.cases, basis.says
     old = current_dice(current, cases, device, model.cfg.head.label_names, volume_slices)
+    scores = left_out_dice() if basis.kind == "left-out" and old is not None and not force and left_out_dice else {}
+    if scores:
+        cases = [case for case in cases if case.id in scores]
+        old, new = current_dice(current, cases, device, model.cfg.head.label_names, volume_slices), _mean(scores)
+    else:
+        says = says if basis.kind != "left-out" else "labels new to the model in service, the new model as trained"
+        new = dice_on_cases(model, cases, volume_slices)
     published = force or old is None or new >= old
     decision = {"published": published, "validation_dice": round(new, 4),
                 "current_validation_dice": None if old is None else round(old, 4),
-                "compared_on": [case.id for case in cases], "forced": bool(force)}
+                "compared_on": [case.id for case in cases], "compared_on_images": says,
+                "comparison_seconds": round(time.perf_counter() - start, 1), "forced": bool(force)}
     if published:
         replace(candidate_path(current), current)
-        logger.info("published the new model (validation Dice %.4f, the previous one %s)", new,
-                    "none" if old is None else f"{old:.4f}")
+        logger.info("published the new model (Dice %.4f, the previous one %s, on %s)", new,
+                    "none" if old is None else f"{old:.4f}", says)
     else:
-        logger.warning("kept the model in service: its validation Dice %.4f beats the new one's %.4f (the new one "
-                       "stays in %s; train with force=true to publish it anyway)", old, new, candidate_path(current))
+        logger.warning("kept the model in service: its Dice %.4f beats the new one's %.4f on %s (the new one stays in "
+                       "%s; train with force=true to publish it anyway)", old, new, says, candidate_path(current))
     return decision
+
+
+def _mean(scores: dict[str, float]) -> float:
+    return sum(scores.values()) / len(scores)
 
 
 def replace(new: Path, current: Path) -> None:

@@ -159,6 +159,24 @@ def read_head_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return _read_checkpoint(path)[0]["head"]
 
 
+def record_seen_images(path: str | Path, ids: set[str]) -> None:
+    """Note in a checkpoint the images its run read (masks, reports, validation), atomically: a later run then knows
+    which labels are new to this model (`textdiff.training.comparison`)."""
+    path = Path(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({**state, "seen_images": sorted(ids)}, tmp)
+    os.replace(tmp, path)
+
+
+def seen_images(path: str | Path) -> set[str] | None:
+    """The images a checkpoint's run read; None when it records none (or there is no checkpoint)."""
+    if not Path(path).is_file():
+        return None
+    seen = _read_checkpoint(path)[0].get("seen_images")
+    return None if seen is None else set(seen)
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> TextDiffModel:
     """Rebuild the whole model from a head checkpoint (the backbone path may be relative to the checkpoint)."""
     state, cfg = _read_checkpoint(path)

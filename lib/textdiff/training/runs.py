@@ -16,7 +16,7 @@ from textdiff.data.items import Item
 from textdiff.data.studies import Case, DataError
 from textdiff.data.tiling import describe
 from textdiff.model.features import FeatureCache
-from textdiff.model.segmenter import TextDiffModel
+from textdiff.model.segmenter import TextDiffModel, record_seen_images
 from textdiff.training.options.extra_labels import PlainRun, extra_label_items, keep_better, without_real
 from textdiff.training.options.reports import load_report_items
 from textdiff.training.options.synthetic import load_copies
@@ -35,12 +35,10 @@ def split_train_val(items: list, cfg: TrainConfig, seed: int | None = None) -> t
     return [items[i] for i in order[count:]], [items[i] for i in order[:count]]
 
 
-def selection_cases(cases: list[Case], cfg: TrainConfig) -> list[Case]:
-    """The labeled cases `train_on_cases` holds out for validation with this config (the same seeded split), or all
-    of them when it holds out none: the images two models of the same data are compared on."""
-    labeled = [c for c in cases if c.label is not None]
-    _, val = split_train_val(labeled, cfg)
-    return val or labeled
+def held_out_cases(cases: list[Case], cfg: TrainConfig) -> list[Case]:
+    """The labeled cases `train_on_cases` holds out for validation with this config (the same seeded split); none
+    with fewer labels than that needs."""
+    return split_train_val([c for c in cases if c.label is not None], cfg)[1]
 
 
 def train_on_cases(cases: list[Case], cfg: TextDiffConfig, checkpoint: str | Path, device: str | torch.device = "cpu",
@@ -73,14 +71,16 @@ def train_on_cases(cases: list[Case], cfg: TextDiffConfig, checkpoint: str | Pat
     torch.manual_seed(cfg.train.seed)
     result = train_head(model, data.train + data.pseudo + data.healthy, data.val, cfg.train, checkpoint=checkpoint,
                         cache=cache, progress=progress, synthetic=data.copies, unlabeled=data.weak)
-    if not compare_without or not data.extras:
-        return model, result
-    if not any(item["label"].any() for item in data.train + data.val):
-        logger.warning("no drawn mask with foreground to train without %s: kept the run with them",
-                       " and ".join(data.extras))
-        return model, result
-    plain = PlainRun(data.train + data.healthy, data.val, data.weak, initial)
-    return keep_better(model, result, data.extras, plain, checkpoint, cache, progress)
+    if compare_without and data.extras:
+        if any(item["label"].any() for item in data.train + data.val):
+            plain = PlainRun(data.train + data.healthy, data.val, data.weak, initial)
+            model, result = keep_better(model, result, data.extras, plain, checkpoint, cache, progress)
+        else:
+            logger.warning("no drawn mask with foreground to train without %s: kept the run with them",
+                           " and ".join(data.extras))
+    if Path(checkpoint).is_file():  # what it read: masks, validation images, reports
+        record_seen_images(checkpoint, {c.id for c in [*cases, *pseudo_cases, *healthy]} | {i["id"] for i in data.weak})
+    return model, result
 
 
 @dataclass

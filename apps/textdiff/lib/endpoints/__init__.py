@@ -4,7 +4,8 @@ when the server starts (the installed package is left as it is):
 - uploads bounded in bytes (`BodyLimit`) and pixels (`textdiff.data.studies.ImageLimits`), archives unpacked safely;
 - inference off the event loop on a bounded queue; train params checked before a job starts, one run at a time;
 - model files replaced only by checked uploads, by admins, with a rollback; an existing image never silently replaced;
-- CORS only for the configured origins; report texts kept out of the logs; a login whose tokens verify (`auth`);
+- CORS only for the configured origins; report texts kept out of the logs; a login whose tokens verify (`auth`),
+  also from a browser's login cookie (`login`: the worklist and the viewer behind the login);
 - clients on other machines answered only with a login or from `--conf trusted_networks` (`LocalOnly`);
 - `GET /logs/gpu` a 404 with a message on a machine without an NVIDIA GPU, not a 500.
 
@@ -24,7 +25,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from monailabel.config import settings
 from monailabel.endpoints.user.auth import get_current_user
 
-from . import auth, datastore, dicomweb_proxy, infer, labeling, logs, model, session, train, viewer
+from . import auth, datastore, dicomweb_proxy, infer, labeling, login, logs, model, session, train, viewer
 from .body_limit import BodyLimit
 from .local_only import LocalOnly, trusted_networks
 from .queue import WorkQueue
@@ -36,7 +37,7 @@ logger = logging.getLogger(__name__)
 NOT_SERVED = [("/infer/wsi/{model}", "POST"), ("/infer/wsi_v2/{model}", "POST"), ("/datastore/", "PUT"),
               ("/datastore/updatelabelinfo", "PUT"), ("/train/", "POST")]
 PROXY = [("/proxy/dicom/{path:path}", "GET"), ("/proxy/dicom/{path:path}", "POST")]
-ROUTERS = [module.router for module in (datastore, infer, labeling, logs, model, session, train, viewer)]
+ROUTERS = [module.router for module in (datastore, infer, labeling, login, logs, model, session, train, viewer)]
 
 
 def _not_served():

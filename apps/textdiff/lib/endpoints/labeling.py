@@ -17,7 +17,8 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from ..dicomweb import ReportDICOMwebDatastore
 from ..errors import bad_request, not_found
 from . import infer
-from .common import ANNOTATOR, USER, app
+from .auth import PAGE_USER
+from .common import ANNOTATOR, app
 from .viewer import viewer_url
 
 logger = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ router = APIRouter(tags=["Labeling"])
 
 
 @router.get("/labeling/", response_class=HTMLResponse, summary="The labeling worklist (a web page)")
-def worklist(user=USER):
+def worklist(user=PAGE_USER):
     store = _pacs()
     images, (finals, proposals) = store.image_series(), store.segs.latest()
     rows = []
@@ -38,7 +39,8 @@ def worklist(user=USER):
                     f"<td>{html.escape(str(series.get('Modality', '')))}</td><td>{state}</td>"
                     f"<td>{_button('/labeling/propose', 'Segment with TextDiff', image=key)}</td>"
                     f'<td><a href="{html.escape(link)}">open</a></td></tr>')
-    page = WORKLIST % {"next": _button("/labeling/next", "Label the next image (active learning)"),
+    account = f"{html.escape(user.username)} {_button('/logout', 'Log out')}" if user else ""
+    page = WORKLIST % {"next": _button("/labeling/next", "Label the next image (active learning)"), "account": account,
                        "rows": "\n".join(rows), "labeled": len(set(finals) & set(images)),
                        "total": len(rows)}
     return HTMLResponse(page)
@@ -108,7 +110,7 @@ def _button(action: str, text: str, **query: str) -> str:
 WORKLIST = """<!doctype html><html><head><meta charset="utf-8"><title>TextDiff Label worklist</title>
 <style>body{font-family:sans-serif;margin:2em;background:#090c29;color:#eee}a{color:#5acce6}
 td{padding:4px 12px}form{margin:0}</style></head><body>
-<h1>TextDiff Label</h1><p>%(labeled)s of %(total)s images labeled. <a href="/viewer/">Study list</a></p>
+<h1>TextDiff Label</h1>%(account)s<p>%(labeled)s of %(total)s images labeled. <a href="/viewer/">Study list</a></p>
 %(next)s
 <table><tr><th>patient</th><th>modality</th><th>label</th><th></th><th></th></tr>
 %(rows)s

@@ -13,7 +13,8 @@ from fastapi import APIRouter, File, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from monailabel.endpoints.user.auth import User
 from textdiff.model.segmenter import load_checkpoint
-from textdiff.training.runs import selection_cases
+from textdiff.training.comparison import comparison_basis
+from textdiff.training.runs import held_out_cases
 
 from ..errors import bad_request, not_found
 from ..publish import candidate_path, previous_path, publish_if_better, rollback
@@ -44,8 +45,10 @@ def _publish_upload(path: str, force: bool) -> dict:
         candidate.unlink(missing_ok=True)
         raise bad_request(f"the uploaded model segments {list(model.cfg.head.label_names[1:])}, not this app's "
                           f"labels {list(config.cfg.head.label_names[1:])}")
-    cases = selection_cases(labeled_cases(app().datastore()), config.cfg.train)
-    return publish_if_better(model, current, cases, config.settings.device, force or not cases)
+    labeled = labeled_cases(app().datastore())
+    # nothing is known of what an uploaded model learned: held-out images when there are, else every labeled one
+    basis = comparison_basis(labeled, held_out_cases(labeled, config.cfg.train), None, 0)
+    return publish_if_better(model, current, basis, config.settings.device, force or not labeled)
 
 
 @router.put("/{model}", summary="Replace the model with an uploaded checkpoint (admin)")

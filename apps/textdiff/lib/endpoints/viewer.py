@@ -9,10 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import urlencode
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, RedirectResponse, Response
 
 from ..errors import not_found
+from .auth import page_login
 
 router = APIRouter(tags=["Viewer"])
 VIEWER = "/viewer"
@@ -85,12 +86,14 @@ def viewer_config():
 
 
 @router.get(f"{VIEWER}/{{path:path}}", include_in_schema=False)
-def viewer_file(path: str = ""):
-    """OHIF's static files; any other path is one of its routes, answered by its page."""
+async def viewer_file(request: Request, path: str = ""):
+    """OHIF's static files; any other path is one of its routes, answered by its page (after a login, when login
+    is on: the page's DICOMweb requests then carry the login cookie)."""
     root = _viewer_folder().resolve()
     wanted = (root / path).resolve()
     if path and wanted.is_file() and wanted.is_relative_to(root):
         return FileResponse(wanted)
+    await page_login(request)
     return FileResponse(root / "index.html", headers={"Cache-Control": "no-cache"})
 
 

@@ -10,9 +10,10 @@ from pathlib import Path
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from textdiff.config import TextDiffConfig
 from textdiff.data.studies import SYNTHETIC_MARKER, Case, DataError, image_id
-from textdiff.model.segmenter import load_checkpoint_config, read_head_weights
+from textdiff.model.segmenter import load_checkpoint_config, read_head_weights, seen_images
 from textdiff.synthesis.synthetic import read_synthetic
-from textdiff.training.runs import selection_cases, train_on_cases
+from textdiff.training.comparison import comparison_basis, left_out_dice
+from textdiff.training.runs import held_out_cases, train_on_cases
 
 from ..configs.settings import AppSettings
 from ..publish import candidate_path, publish_if_better
@@ -135,8 +136,7 @@ class TextDiffTrain(StatsTrainTask):
                                        initial_head=initial)
         best = result.history[result.best_epoch - 1]
         logger.info("best validation Dice %.4f after %d steps", result.best_dice, best["step"])
-        decision = publish_if_better(model, self.checkpoint, selection_cases(data["labeled"], cfg.train),
-                                     request["device"], request["force"])
+        decision = self.publish(model, cfg, request, data, initial)
         return {**decision, "total_time": round(time.time() - start, 1), "steps": result.history[-1]["step"],
                 "epochs": cfg.train.epochs, "continued_from_current": initial is not None,
                 "best_metric": result.best_dice, "best_step": best["step"], "labeled_images": len(data["labeled"]),
@@ -145,6 +145,20 @@ class TextDiffTrain(StatsTrainTask):
                 "report_images": result.report_images, "obey_report": cfg.head.obey_report,
                 "images_with_synthetic_copies": len({c.id for c in data["labeled"]} & set(data["synthetic"])),
                 "kept": result.gate, "backbone": cfg.backbone.pretrained, "history": result.history}
+
+    def publish(self, model, cfg: TextDiffConfig, request: dict, data: dict, initial: dict | None) -> dict:
+        """Publish the run's model when it is not worse than the one in service, on images neither learned where
+        there are any (`textdiff.training.comparison`); the decision says on which."""
+        labeled = data["labeled"]
+        basis = comparison_basis(labeled, held_out_cases(labeled, cfg.train), seen_images(self.checkpoint),
+                                 self.settings.left_out_runs, cfg.train.seed)
+        images = {key: data[key] for key in ("healthy", "unlabeled", "synthetic")} | {"pseudo_cases": data["pseudo"]}
+
+        def recipe_on_left_out() -> float:
+            return left_out_dice(cfg, labeled, basis.cases, request["device"], self.model_dir / "feature-cache",
+                                 initial, images)
+
+        return publish_if_better(model, self.checkpoint, basis, request["device"], request["force"], recipe_on_left_out)
 
     def head_in_service(self, cfg: TextDiffConfig) -> dict | None:
         """The weights of the head in service, when a run of `cfg` can start from them: the same classes, backbone and
