@@ -55,3 +55,12 @@ def test_every_benchmark_command_states_its_options():
                               text=True, timeout=120)
         assert done.returncode == 0 and "usage: textdiff-bench" in done.stdout, (name, done.stderr[-2000:])
 
+
+
+def test_publish_gate_runs_on_a_tiny_input(sample_dir, tmp_path):
+    variants = {"tiny": {"train.steps": 2, "train.val_every": 2}}
+    done = _run("publish_gate.py", "--data", str(sample_dir), "--backbone", str(DEMO_BACKBONE), "--labels", "3",
+                "--seeds", "0", "--variants", json.dumps(variants), "--out", str(tmp_path / "gate.json"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    (row,) = json.loads((tmp_path / "gate.json").read_text())["rows"]
+    assert set(row["publish"]) == {"labeled", "left-out", "test"} and row["left_out_seconds"] > 0
