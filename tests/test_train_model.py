@@ -379,3 +379,18 @@ def test_a_short_run_computes_features_only_for_the_windows_it_draws(make_model,
     finally:
         handle.remove()
     assert sum(calls) == (2 + 1) * len(h.timesteps)  # one batch of two windows, one validation image
+
+
+def test_dice_over_the_batch_does_not_push_a_class_to_zero_in_windows_that_lack_it(make_model, labeled_items):
+    """Per window, a small structure absent from a window is pushed to zero there; over the batch it is judged where
+    it is, so a prediction right in both windows costs less (train.dice_over_batch)."""
+    from textdiff.training.train import segmentation_loss
+
+    labels = torch.zeros(2, 1, 8, 8, dtype=torch.long)
+    labels[1, 0, 2:4, 2:4] = 1  # the structure only in the second window
+    logits = torch.stack([torch.stack([torch.full((8, 8), 4.0), torch.full((8, 8), -4.0)])] * 2)
+    logits[1, :, 2:4, 2:4] = torch.tensor([-4.0, 4.0])[:, None, None]
+    assert segmentation_loss(over_batch=True)(logits, labels) < segmentation_loss()(logits, labels) - 0.3
+    model = make_model()
+    cfg = dataclasses.replace(model.cfg.train, epochs=None, steps=2, val_every=2, dice_over_batch=True)
+    assert train_head(model, labeled_items[:3], [], cfg, progress=False).history[-1]["step"] == 2

@@ -125,6 +125,9 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     text_dropout: float = 0.2
+    # The Dice term of the loss per class over the whole batch (True) or per window (False, the paper's): per window, a
+    # class absent from a window is pushed to zero there, which keeps small structures found in few windows empty.
+    dice_over_batch: bool = False
     # Geometric augmentation of cached features and masks: "none", "mirror" (left-right flip with the report's
     # sides swapped, so image and text still agree), "flip" or "rot90_flip" (these two contradict reports that name
     # sides and zones, "upper left lung").
