@@ -95,7 +95,8 @@ class ReportInferer(Inferer):
             for z, plane in tqdm(list(enumerate(planes)), desc="slices", unit="slice",
                                  disable=not self.progress or len(planes) == 1):
                 item = Item(id=f"slice{z}", image=plane, report=self.report)
-                logits.append(background(network, plane) if self.blank[z] else grid_logits(network, item, cache, overlap))
+                blank = self.blank[z]
+                logits.append(background(network, plane) if blank else grid_logits(network, item, cache, overlap))
                 log.step(self.blank[z])
         return (logits[0] if inputs.dim() == 4 else torch.stack(logits, dim=-1))[None]
 

@@ -3,8 +3,8 @@
 A run trains into `<name>.candidate.pt`; a killed or stopped run therefore leaves the model in service untouched.
 At its end the candidate and the current model are scored on images neither learned where there are any
 (`textdiff.training.comparison`: held-out validation images, or labels new to the model in service left out of
-extra runs); the candidate replaces the current one when its Dice is at least as high (or the client forces it). The replaced model stays as
-`<name>.prev.pt`, and `rollback` swaps the two back.
+extra runs); the candidate replaces the current one when its Dice is at least as high (or the client forces it).
+The replaced model stays as `<name>.prev.pt`, and `rollback` swaps the two back.
 """
 
 from __future__ import annotations
@@ -65,6 +65,8 @@ def publish_if_better(model: TextDiffModel, current: Path, basis: Basis, device:
         says = says if basis.kind != "left-out" else "labels new to the model in service, the new model as trained"
         new = dice_on_cases(model, cases, volume_slices)
     published = force or old is None or new >= old
+    if old is None:
+        says = f"no model in service to compare with (the new one scored on {len(cases)} images)"
     decision = {"published": published, "validation_dice": round(new, 4),
                 "current_validation_dice": None if old is None else round(old, 4),
                 "compared_on": [case.id for case in cases], "compared_on_images": says,
