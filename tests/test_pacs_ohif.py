@@ -274,6 +274,14 @@ def _browser(playwright):
         "--no-sandbox", "--enable-unsafe-swiftshader", "--use-angle=swiftshader", "--ignore-gpu-blocklist"])
 
 
+def _page(browser):
+    """A page the size of a workstation's screen, and the lines of its console (kept as the test's artifact)."""
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    console: list[str] = []
+    page.on("console", lambda message: console.append(f"{message.type}: {message.text}"))
+    return page, console
+
+
 def _propose(server: str, image: str) -> str:
     """The worklist's "Segment with TextDiff" button: the viewer URL it redirects to."""
     answer = requests.post(f"{server}/labeling/propose", params={"image": image}, allow_redirects=False)
@@ -338,9 +346,7 @@ def test_viewer_shows_the_proposal_and_a_corrected_one_becomes_the_final_label(s
     stroke = ((860, 260), (960, 290))
     with sync_playwright() as playwright:
         browser = _browser(playwright)
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
-        console: list[str] = []
-        page.on("console", lambda message: console.append(f"{message.type}: {message.text}"))
+        page, console = _page(browser)
         try:
             page.goto(f"{server}/labeling/")
             page.locator("tr", has_text=case.id).get_by_role("button", name="Segment with TextDiff").click()
@@ -509,9 +515,7 @@ def test_with_login_on_an_annotator_logs_in_proposes_and_stores_a_seg_through_th
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as playwright:
         browser = _browser(playwright)
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
-        console: list[str] = []
-        page.on("console", lambda message: console.append(f"{message.type}: {message.text}"))
+        page, console = _page(browser)
         try:
             page.goto(f"{login_server}/labeling/")
             page.wait_for_url("**/login?**")
