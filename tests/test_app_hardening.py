@@ -108,6 +108,7 @@ def bad_requests(server: dict) -> list[tuple[str, str, str, dict, tuple[int, ...
         ("train_batch_size 0", "POST", "/train/textdiff", {"json": {"train_batch_size": 0}}, (422,)),
         ("unknown train param", "POST", "/train/textdiff", {"json": {"epochz": 3}}, (422,)),
         ("volume_slices some", "POST", "/train/textdiff", {"json": {"volume_slices": "some"}}, (422,)),
+        ("checkpoint first", "POST", "/train/textdiff", {"json": {"checkpoint": "first"}}, (422,)),
         ("intensity_copies 1000", "POST", "/train/textdiff", {"json": {"intensity_copies": 1000}}, (422,)),
         ("140 KB train param", "POST", "/train/textdiff", {"json": {"healthy_label": "x" * 140_000}}, (413,)),
         ("garbage model upload", "PUT", "/model/textdiff", {"files": {"file": ("m.pt", b"not a model")}}, (422,)),

@@ -39,6 +39,9 @@ def test_conf_values_go_through_the_same_parser(tmp_path):
         AppSettings.from_conf({"fast_infer": "maybe"}, str(tmp_path))  # was read as false without a word
     with pytest.raises(DataError, match="--conf steps must be a whole number"):
         AppSettings.from_conf({"steps": "many"}, str(tmp_path))
+    assert AppSettings.from_conf({"checkpoint": "best"}, str(tmp_path)).checkpoint == "best"
+    with pytest.raises(DataError, match="--conf checkpoint must be one of"):
+        AppSettings.from_conf({"checkpoint": "first"}, str(tmp_path))
 
 
 def test_only_bad_input_becomes_a_client_error():

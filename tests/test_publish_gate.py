@@ -108,6 +108,7 @@ def test_a_retrain_after_a_new_label_is_judged_on_it_left_out(tmp_path, h):
         stats = client.get("/info/").json()["train_stats"]["textdiff"]
         assert stats["compared_on"] == ["case_0005"] and "never saw" in stats["compared_on_images"]
         assert stats["comparison_seconds"] > 0 and stats["labeled_images"] == 5
+        assert stats["checkpoint"] == "round 2 of 2, the last"  # nothing held out: its training images do not choose
 
 
 def test_a_label_that_cannot_be_left_out_is_skipped_and_the_new_model_then_scored_as_trained(tmp_path, monkeypatch):

@@ -56,7 +56,6 @@ def test_every_benchmark_command_states_its_options():
         assert done.returncode == 0 and "usage: textdiff-bench" in done.stdout, (name, done.stderr[-2000:])
 
 
-
 def test_publish_gate_runs_on_a_tiny_input(sample_dir, tmp_path):
     variants = {"tiny": {"train.steps": 2, "train.val_every": 2}}
     done = _run("publish_gate.py", "--data", str(sample_dir), "--backbone", str(DEMO_BACKBONE), "--labels", "3",
@@ -64,3 +63,13 @@ def test_publish_gate_runs_on_a_tiny_input(sample_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     (row,) = json.loads((tmp_path / "gate.json").read_text())["rows"]
     assert set(row["publish"]) == {"labeled", "left-out", "test"} and row["left_out_seconds"] > 0
+
+
+def test_round_choice_runs_on_a_tiny_input(sample_dir, tmp_path):
+    done = _run("round_choice.py", "--data", str(sample_dir), "--backbone", str(DEMO_BACKBONE), "--labels", "3",
+                "--seeds", "0", "--set", json.dumps({"train.steps": 4, "train.val_every": 2}),
+                "--out", str(tmp_path / "rounds.json"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    best, last = json.loads((tmp_path / "rounds.json").read_text())["rows"]
+    assert (best["checkpoint"], last["checkpoint"]) == ("best", "last") and last["round"] == last["rounds"] == 2
+    assert 0 <= best["test_dice"] <= 1 and best["labeled"] == last["labeled"]

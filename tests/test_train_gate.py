@@ -64,6 +64,7 @@ def test_wrong_pseudo_labels_are_dropped_and_the_run_without_them_is_kept(pool, 
                                    pseudo_cases=_pseudo(pool, tmp_path, wrong=True), compare_without=True)
     gate = result.gate
     assert gate["kept"] == "without pseudo-labels" and gate["dice_without"] > gate["dice_with"]
+    assert gate["compared_on"] == "held-out images"
     assert result.best_dice == pytest.approx(gate["dice_without"], abs=1e-4)
     # the checkpoint is the kept run, and nothing else is left next to it
     assert [p.name for p in tmp_path.glob("m*.pt")] == ["m.pt"]
@@ -78,6 +79,15 @@ def test_right_pseudo_labels_are_kept(pool, h, tmp_path):
                                pseudo_cases=_pseudo(pool, tmp_path, wrong=False), compare_without=True)
     assert result.gate["kept"] == "with pseudo-labels"
     assert result.gate["dice_with"] > result.gate["dice_without"]
+
+
+def test_with_nothing_held_out_the_gate_says_it_compared_on_the_training_images(pool, h, tmp_path):
+    cfg = _config(h)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, min_val_images=100))
+    _, result = train_on_cases(_real(pool), cfg, tmp_path / "m.pt", progress=False,
+                               pseudo_cases=_pseudo(pool, tmp_path, wrong=True), compare_without=True)
+    assert result.gate["compared_on"] == "training images"
+    assert result.judged_on == "training" and "the last" in result.kept
 
 
 def test_no_gate_without_extras_or_when_not_asked(pool, h, tmp_path):

@@ -192,6 +192,33 @@ def test_training_keeps_the_epoch_the_window_chooses(make_model, labeled_items):
     assert dice.mean().item() == pytest.approx(result.best_dice, abs=1e-6)  # the model holds that epoch's weights
 
 
+def test_with_nothing_held_out_the_last_round_is_kept_unless_told_to_choose_on_the_training_images(
+        make_model, labeled_items, tmp_path):
+    """The training images cannot judge the rounds of a run that learned them: keep the last (the learning rate has
+    decayed there) and score only it; `train.checkpoint=best` chooses on them as before."""
+    model = make_model()
+    cfg = dataclasses.replace(model.cfg.train, steps=6, val_every=2, epochs=None)
+    result = train_head(model, labeled_items[:4], [], cfg, checkpoint=tmp_path / "last.pt", progress=False)
+    assert result.best_epoch == 3 and "the last" in result.kept
+    assert [row["val_dice"] is None for row in result.history] == [True, True, False]
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 6
+    model.eval()
+    with torch.no_grad():
+        logits = predict_logits(model, labeled_items[:4], FeatureCache(model.extractor))
+    dice = dice_per_image(logits, torch.stack([it["label"] for it in labeled_items[:4]]), 2)
+    assert dice.mean().item() == pytest.approx(result.best_dice, abs=1e-6)  # scored on the training images
+
+    chosen = train_head(make_model(), labeled_items[:4], [], dataclasses.replace(cfg, checkpoint="best"),
+                        progress=False)
+    assert all(row["val_dice"] is not None for row in chosen.history)
+    assert chosen.best_dice == max(row["val_dice"] for row in chosen.history)
+    assert "the best on the training images" in chosen.kept
+    held_out = train_head(make_model(), labeled_items[:4], labeled_items[4:], cfg, progress=False)
+    assert "the best on the held-out images" in held_out.kept
+    with pytest.raises(ValueError, match="train.checkpoint"):
+        TrainConfig(checkpoint="first")
+
+
 def test_training_on_empty_masks_only_is_refused(make_model, labeled_items):
     empty = [dict(item, label=torch.zeros_like(item["label"])) for item in labeled_items[:3]]
     with pytest.raises(ValueError, match="every mask is empty"):

@@ -47,7 +47,7 @@ def run_variant(cfg: TextDiffConfig, cache: FeatureCache, text: TextEncoder, dat
     seconds = time.perf_counter() - start
     scores = score_masks(segment_items(model, test, cache=cache), test, model.cfg.head.num_classes)["mean"]
     return {"labels": labels, "seed": seed, "steps": steps, **scores, "best_epoch": result.best_epoch,
-            "val_dice": [round(h["val_dice"], 3) for h in result.history], "train_seconds": round(seconds)}
+            "val_dice": [h["val_dice"] and round(h["val_dice"], 3) for h in result.history], "train_seconds": round(seconds)}
 
 
 def main() -> None:

@@ -13,18 +13,16 @@ label, left out of one run of the candidate's recipe (`textdiff.training.compari
 
 from __future__ import annotations
 
-import argparse
 import json
-import random
 import time
 from pathlib import Path
 
 from textdiff.config import TextDiffConfig, with_overrides
-from textdiff.data.studies import read_studies
 from textdiff.evaluation import dice_on_cases
 from textdiff.model.segmenter import read_head_weights
 from textdiff.training.comparison import left_out_dice
 from textdiff.training.runs import train_on_cases
+from textdiff_bench.seeded import draw, run_folder, seeded_parser, write_rows
 
 DEFAULT_VARIANTS = {"default": {}, "10 steps": {"train.steps": 10, "train.val_every": 10},
                     "learning rate x30": {"train.lr": 0.03}}
@@ -36,9 +34,7 @@ def timed(function, *args, **kwargs):
 
 
 def one_seed(args, seed: int, variants: dict, out: Path) -> list[dict]:
-    pool = [c for c in read_studies(args.data / "train") if c.label is not None]
-    test = [c for c in read_studies(args.data / "test") if c.label is not None]
-    drawn = random.Random(seed).sample(pool, args.labels)
+    drawn, test = draw(args.data, args.labels, seed)
     base = with_overrides(TextDiffConfig(), {"backbone.pretrained": str(args.backbone), "train.seed": seed})
     cache = out / "feature-cache"
     service, _ = train_on_cases(drawn[:-1], base, out / f"service-{seed}.pt", progress=False, cache_folder=cache)
@@ -63,24 +59,17 @@ def one_seed(args, seed: int, variants: dict, out: Path) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, required=True, help="train/ (the labeled pool) and test/")
-    parser.add_argument("--backbone", type=Path, required=True)
-    parser.add_argument("--labels", type=int, default=5, help="labels of the candidate (the service has one fewer)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser = seeded_parser(__doc__.split("\n")[0], "labels of the candidate (the service has one fewer)")
     parser.add_argument("--variants", type=json.loads, default=DEFAULT_VARIANTS, help="JSON: name -> --set overrides")
-    parser.add_argument("--out", type=Path, required=True, help="JSON file; its folder keeps models and features")
     args = parser.parse_args()
-    folder = args.out.with_suffix("")
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = run_folder(args)
     rows = [row for seed in args.seeds for row in one_seed(args, seed, args.variants, folder)]
     print(f"{'':24}agrees with the test split   extra seconds (left-out run)")
     for basis in ("labeled", "left-out"):
         agree = sum(row["publish"][basis] == row["publish"]["test"] for row in rows)
         print(f"judged on {basis:14} {agree}/{len(rows)}")
     print("left-out run: " + ", ".join(f"{row['left_out_seconds']:.0f} s" for row in rows))
-    args.out.write_text(json.dumps({"command": vars(args) | {"data": str(args.data), "backbone": str(args.backbone),
-                                                             "out": str(args.out)}, "rows": rows}, indent=1))
+    write_rows(args, rows)
 
 
 if __name__ == "__main__":

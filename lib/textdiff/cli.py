@@ -183,9 +183,9 @@ def cmd_train(args) -> None:
     if result.gate:
         print(f"kept the run {result.gate['kept']} (validation Dice {result.gate['dice_with']:.4f} with them, "
               f"{result.gate['dice_without']:.4f} without)")
-    best = result.history[result.best_epoch - 1]
-    print(f"best validation Dice {result.best_dice:.4f} after {best['step']} steps (round {result.best_epoch}); "
-          f"model {args.out}; curves {plot}")
+    kept = result.history[result.best_epoch - 1]
+    print(f"kept {result.kept}: Dice {result.best_dice:.4f} after {kept['step']} steps; model {args.out}; "
+          f"curves {plot}")
 
 
 def cmd_synth_train(args) -> None:

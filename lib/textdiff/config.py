@@ -106,6 +106,8 @@ class HeadConfig:
 
 # What a volume's mask slices without any label mean (TrainConfig.volume_slices).
 VOLUME_SLICES = ("auto", "labeled", "all")
+# Which round of a run is kept (TrainConfig.checkpoint).
+CHECKPOINT_CHOICES = ("auto", "best", "last")
 
 
 @dataclass
@@ -143,6 +145,11 @@ class TrainConfig:
     # The checkpoint is the epoch whose validation Dice, averaged over it and the epochs before it (this many in all),
     # is highest. With a few held-out images one epoch's Dice is noisy; 1 picks the single best epoch.
     selection_window: int = 1
+    # Which round a run keeps: "auto" the best on the held-out images when some with foreground are held out, else
+    # the last (the learning rate has decayed there, and the training images cannot judge rounds of a run that
+    # learned them); "best" the best on the held-out images, or on the training images when none are held out;
+    # "last" the last round always (docs/results/publish-gate.md).
+    checkpoint: str = "auto"
     seed: int = 0
     cache_features: bool = True
     # Diffusion features kept in memory at most (GB); past it, on disk only (with a cache folder, as the app has) or
@@ -176,6 +183,8 @@ class TrainConfig:
             raise DataError(f"need train.steps, train.val_every, train.epochs and train.val_windows of at least 1 (or "
                              f"epochs, val_windows None), got {self.steps}, {self.val_every}, {self.epochs}, "
                              f"{self.val_windows}")
+        if self.checkpoint not in CHECKPOINT_CHOICES:
+            raise DataError(f"train.checkpoint must be one of {list(CHECKPOINT_CHOICES)}, got {self.checkpoint!r}")
         if self.volume_slices not in VOLUME_SLICES:
             raise DataError(f"train.volume_slices must be one of {list(VOLUME_SLICES)}, got {self.volume_slices!r}")
         if not 0 <= self.report_weight < float("inf") or self.report_top_k < 1:

@@ -20,8 +20,9 @@ def plot_training(history: list[dict], path: str | Path) -> Path:
     loss_ax.set_xlabel("optimizer step")
     loss_ax.set_ylabel("DiceCE loss", color="tab:red")
     dice_ax = loss_ax.twinx()
-    dice_ax.plot(steps, [h["val_dice"] for h in history], color="tab:blue", label="val Dice")
-    dice_ax.set_ylabel("validation Dice", color="tab:blue")
+    scored = [h for h in history if h["val_dice"] is not None]  # a run that keeps its last round scores only that
+    dice_ax.plot([h["step"] for h in scored], [h["val_dice"] for h in scored], "o-", color="tab:blue", label="Dice")
+    dice_ax.set_ylabel("Dice on the selection images", color="tab:blue")
     dice_ax.set_ylim(0, 1)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

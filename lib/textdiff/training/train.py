@@ -39,6 +39,8 @@ class TrainResult:
     best_dice: float
     best_epoch: int
     gate: dict | None = None  # with or without pseudo-labels / synthetic copies, and both scores (compare_without)
+    kept: str = ""  # which round was kept and what chose it, for the log and the stats
+    judged_on: str = "held-out"  # the images `best_dice` is measured on: "held-out" or "training"
     options: dict = dataclasses.field(default_factory=dict)  # what the options say of the run (`TrainingOption.stats`)
 
     @property
@@ -77,7 +79,6 @@ def selection_items(val_items: list[Item], train_items: list[Item]) -> list[Item
     labels, seed 0). Never a pseudo-labeled or healthy-by-label image (`origin`): selection is on real masks only."""
     if any(item["label"].any() for item in val_items):
         return val_items
-    logger.info("no validation image with foreground (%d held out): selecting on the training images", len(val_items))
     return [item for item in train_items if "origin" not in item] or train_items
 
 
@@ -121,16 +122,24 @@ def train_head(
     windows = windows_of(train_items, model.image_size)
     for option in options:
         windows = option.windows(windows)
-    selection = validation_windows(selection_items(windows_of(val_items, model.image_size), windows), cfg)
+    held_out = windows_of(val_items, model.image_size)
+    selection = validation_windows(selection_items(held_out, windows), cfg)
+    judge = "held-out" if any(item["label"].any() for item in held_out) else "training"
+    keep_last = cfg.checkpoint == "last" or (cfg.checkpoint == "auto" and judge == "training")
+    if judge == "training":
+        logger.info("no held-out image with foreground (%d held out): %s", len(held_out),
+                    "keeping the last round" if keep_last else "choosing the round on the training images")
     loop.cache.fill(selection + [item for option in options for item in option.cached()], progress=progress)
-    result = _fit(model, loop, windows, selection, checkpoint, progress)
+    result = _fit(model, loop, windows, (selection, judge), keep_last, checkpoint, progress)
     return dataclasses.replace(result, options={k: v for option in options for k, v in option.stats().items()})
 
 
-def _fit(model: TextDiffModel, loop: "_Loop", train_items: list[Item], selection: list[Item],
-         checkpoint: str | Path | None, progress: bool) -> TrainResult:
-    """A run's rounds: optimizer steps, then validation on `selection` and the checkpoint choice; `model` ends with the
-    best round's weights."""
+def _fit(model: TextDiffModel, loop: "_Loop", train_items: list[Item], selection: tuple[list[Item], str],
+         keep_last: bool, checkpoint: str | Path | None, progress: bool) -> TrainResult:
+    """A run's rounds: optimizer steps, then the Dice on the selection windows (of the "held-out" or the "training"
+    images, as `selection` says) and the checkpoint choice; `model` ends with the best round's weights, or with
+    `keep_last` the last round's (then only the last round is scored)."""
+    selection, judge = selection
     cfg = loop.cfg
     rounds = training_rounds(len(train_items), cfg)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -147,15 +156,15 @@ def _fit(model: TextDiffModel, loop: "_Loop", train_items: list[Item], selection
         if not per_step:
             scheduler.step()
         seconds, done = time.perf_counter() - start, done + steps
-        dice = dice_per_image(predict_logits(model, selection, loop.cache),
-                              torch.stack([it["label"] for it in selection]), model.cfg.head.num_classes).mean().item()
+        last = number == len(rounds)
+        dice = None if keep_last and not last else _selection_dice(model, selection, loop.cache)
         history.append({"epoch": number, "step": done, "loss": loss, "val_dice": dice, "seconds": seconds})
         bar.update(steps)
-        bar.set_postfix(loss=f"{loss:.3f}", val_dice=f"{dice:.3f}")
+        bar.set_postfix(loss=f"{loss:.3f}", **({} if dice is None else {"dice": f"{dice:.3f}"}))
         # one line per round for logs (server jobs, -v), where a progress bar does not show
-        logger.info("round %d/%d (step %d/%d): loss %.4f, validation Dice %.4f", number, len(rounds), done,
-                    sum(rounds), loss, dice)
-        if choice.is_best(dice):
+        logger.info("round %d/%d (step %d/%d): loss %.4f%s", number, len(rounds), done, sum(rounds), loss,
+                    "" if dice is None else f", Dice {dice:.4f} on {len(selection)} windows of the {judge} images")
+        if (last if keep_last else choice.is_best(dice)):
             best = TrainResult(history, dice, number)
             best_state = {k: v.detach().clone() for k, v in model.head.state_dict().items()}
             if checkpoint:
@@ -163,7 +172,15 @@ def _fit(model: TextDiffModel, loop: "_Loop", train_items: list[Item], selection
     bar.close()
     model.head.load_state_dict(best_state)
     model.eval()
-    return TrainResult(history, best.best_dice, best.best_epoch)
+    return TrainResult(history, best.best_dice, best.best_epoch, kept=f"round {best.best_epoch} of {len(rounds)}, " + (
+        "the last" if keep_last else f"the best on the {judge} images"), judged_on=judge)
+
+
+@torch.no_grad()
+def _selection_dice(model: TextDiffModel, selection: list[Item], cache: FeatureCache) -> float:
+    """Mean per-image Dice of `model` on the selection windows."""
+    return dice_per_image(predict_logits(model, selection, cache), torch.stack([it["label"] for it in selection]),
+                          model.cfg.head.num_classes).mean().item()
 
 
 def training_rounds(windows: int, cfg: TrainConfig) -> list[int]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from textdiff.config import CHECKPOINT_CHOICES
 from textdiff.errors import DataError
 
 from .params import parse_value, trusted_networks
@@ -26,6 +27,9 @@ class AppSettings:
     # run); `epochs` above 0 trains that many passes over every training window instead (the `max_epochs` param)
     steps: int = 100
     epochs: int = 0
+    # The round of steps a head run keeps (the `checkpoint` train param): "auto" the best on its held-out images, or
+    # the last when nothing is held out (fewer than 8 labels); "best" chooses on the training images then; "last"
+    checkpoint: str = "auto"
     # With fewer labels than a validation split needs, a run is judged against the model in service on the labels
     # that model never saw, each left out of one extra run of the new recipe (textdiff.training.comparison): at most
     # this many extra runs, each as long as the run itself (0: judge both on the labeled images, which both may have
@@ -113,6 +117,8 @@ class AppSettings:
                   for f in dataclasses.fields(cls) if f.name in conf}
         settings = cls(**values)
         trusted_networks(settings.trusted_networks)  # a network that does not parse stops the start, named
+        if settings.checkpoint not in CHECKPOINT_CHOICES:
+            raise DataError(f"--conf checkpoint must be one of {list(CHECKPOINT_CHOICES)}, got {settings.checkpoint!r}")
         if not settings.model_dir:
             settings.model_dir = str(Path(app_dir) / "model")
         if not settings.viewer_dir:

@@ -20,7 +20,7 @@ import torch
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.others.generic import name_to_device
-from textdiff.config import VOLUME_SLICES
+from textdiff.config import CHECKPOINT_CHOICES, VOLUME_SLICES
 from textdiff.errors import DataError
 
 from ..configs.params import MAX_TEXT_CHARS, parse_value
@@ -85,7 +85,7 @@ CLIENT_KEYS = {"client_id", "model", "name", "pretrained", "val_batch_size", "mu
 BOUNDS = {"max_epochs": (0, 100_000), "max_steps": (1, 1_000_000), "max_minutes": (0.01, 100_000), "train_batch_size": (1, 4096), "val_split": (0.0, 0.9),
           "learning_rate": (1e-9, 10.0), "embedding_learning_rate": (1e-9, 10.0), "intensity_copies": (0, 16)}
 # Text params that take one of a few values.
-CHOICES = {"volume_slices": VOLUME_SLICES}
+CHOICES = {"volume_slices": VOLUME_SLICES, "checkpoint": CHECKPOINT_CHOICES}
 
 
 def _checked(name: str, value: object, default: object) -> object:

@@ -3,7 +3,10 @@
 Pseudo-labels (e.g. the CDM's pre-annotations) and images labeled healthy (an empty mask) join the training split
 only, so the checkpoint is still chosen on real masks; an image with a real mask never uses its pseudo-label. With
 the gate (`compare_without`), a run that uses pseudo-labels or synthetic copies also trains without them on the same
-split from the same initial weights, and whichever scores the higher validation Dice is kept.
+split from the same initial weights, and whichever scores the higher validation Dice is kept. With too few labels
+to hold any out (about 8), both last rounds are scored on the training images, which both learned; the gate says so
+(`compared_on`), and publishing is still judged on images the new model did not train on
+(`textdiff.training.comparison`).
 """
 
 from __future__ import annotations
@@ -77,9 +80,13 @@ def keep_better(model: TextDiffModel, result: TrainResult, extras: list[str], pl
                               progress=progress, unlabeled=plain.unlabeled)
     keep_extras = result.best_dice > plain_result.best_dice
     gate = {"extras": extras, "kept": f"with {extras}" if keep_extras else f"without {extras}",
-            "dice_with": round(result.best_dice, 4), "dice_without": round(plain_result.best_dice, 4)}
-    logger.info("kept the run %s: validation Dice %.4f with them, %.4f without", gate["kept"], result.best_dice,
-                plain_result.best_dice)
+            "dice_with": round(result.best_dice, 4), "dice_without": round(plain_result.best_dice, 4),
+            "compared_on": f"{result.judged_on} images"}
+    logger.info("kept the run %s: Dice %.4f with them, %.4f without, on the %s images", gate["kept"],
+                result.best_dice, plain_result.best_dice, result.judged_on)
+    if result.judged_on == "training":
+        logger.warning("nothing held out: the runs with and without %s were compared on the training images, which "
+                       "both learned", extras)
     if keep_extras:
         plain_path.unlink(missing_ok=True)
         return model, dataclasses.replace(result, gate=gate)
