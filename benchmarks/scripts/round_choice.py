@@ -50,8 +50,8 @@ def main() -> None:
     print(f"{'seed':>4}  " + "  ".join(f"{c + ': round, test Dice':>26}" for c in args.choices))
     for seed in args.seeds:
         mine = {row["checkpoint"]: row for row in rows if row["seed"] == seed}
-        print(f"{seed:>4}  " + "  ".join(f"{mine[c]['round']:>5}/{mine[c]['rounds']}, {mine[c]['test_dice']:.4f}".rjust(26)
-                                         for c in args.choices))
+        cells = [f"{mine[c]['round']:>5}/{mine[c]['rounds']}, {mine[c]['test_dice']:.4f}" for c in args.choices]
+        print(f"{seed:>4}  " + "  ".join(cell.rjust(26) for cell in cells))
     write_rows(args, rows)
 
 

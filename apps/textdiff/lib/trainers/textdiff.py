@@ -140,7 +140,8 @@ class TextDiffTrain(StatsTrainTask):
         decision = self.publish(model, cfg, request, data, initial)
         return {**decision, "total_time": round(time.time() - start, 1), "steps": result.history[-1]["step"],
                 "epochs": cfg.train.epochs, "continued_from_current": initial is not None,
-                "best_metric": result.best_dice, "best_step": best["step"], "checkpoint": result.kept, "labeled_images": len(data["labeled"]),
+                "best_metric": result.best_dice, "best_step": best["step"], "checkpoint": result.kept,
+                "labeled_images": len(data["labeled"]),
                 "pseudo_labeled_images": len(data["pseudo"]), "healthy_images": len(data["healthy"]),
                 "synthetic_ratio": cfg.train.synthetic_ratio, "report_weight": cfg.train.report_weight,
                 "report_images": result.report_images, "obey_report": cfg.head.obey_report,
@@ -183,7 +184,8 @@ class TextDiffTrain(StatsTrainTask):
             base = load_checkpoint_config(self.checkpoint) if self.checkpoint.is_file() else self.cfg
         train = dataclasses.replace(
             base.train, steps=request["max_steps"], epochs=request["max_epochs"] or None,
-            checkpoint=request["checkpoint"], val_fraction=request["val_split"], batch_size=request["train_batch_size"], lr=request["learning_rate"],
+            checkpoint=request["checkpoint"], val_fraction=request["val_split"],
+            batch_size=request["train_batch_size"], lr=request["learning_rate"],
             synthetic_ratio=request["synthetic_ratio"], healthy_label=request["healthy_label"] or None,
             report_weight=request["report_weight"], volume_slices=request["volume_slices"],
             intensity_copies=request["intensity_copies"], max_feature_cache_gb=self.settings.max_feature_cache_gb,
