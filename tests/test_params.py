@@ -44,6 +44,17 @@ def test_conf_values_go_through_the_same_parser(tmp_path):
         AppSettings.from_conf({"checkpoint": "first"}, str(tmp_path))
 
 
+def test_the_head_entry_conf_reaches_the_library_config(tmp_path):
+    from lib.configs.textdiff import TextDiffTaskConfig
+
+    app_dir = Path(__file__).parents[1] / "apps" / "textdiff"
+    for value, expected in (("false", False), ("true", True)):
+        config = TextDiffTaskConfig()
+        config.init("textdiff", str(tmp_path / value), {"model_dir": str(tmp_path / value), "demo_weights": "false",
+                                                        "per_scale_entry": value}, None, app_dir=str(app_dir))
+        assert config.cfg.head.per_scale_entry is expected
+
+
 def test_only_bad_input_becomes_a_client_error():
     with pytest.raises(HTTPException) as answer, client_errors():
         raise DataError("mask 'a.png' is 3x3 but its image is 4x4")

@@ -20,7 +20,7 @@ def test_profile_splits_a_head_run_and_a_pretraining_epoch_into_phases(sample_di
                          out=tmp_path / "profile.json")
     head, pretraining = result["head"], result["pretraining"]
     assert head["steps"] == 4 and head["rounds"] == 2 and head["images"] == 3
-    for phase in ("feature extraction (backbone)", "fusion forward (reductions, cross-attention, upsampling)",
+    for phase in ("feature extraction (backbone)", "fusion forward (reductions, cross-attention)",
                   "classifier backward", "loss forward and backward", "optimizer step",
                   "validation (after each round), checkpoint choice"):
         assert head["seconds"][phase] > 0, phase
@@ -28,7 +28,7 @@ def test_profile_splits_a_head_run_and_a_pretraining_epoch_into_phases(sample_di
     assert pretraining["seconds"]["UNet backward, gradient clipping"] > 0
     assert json.loads((tmp_path / "profile.json").read_text()).keys() == {"head", "pretraining"}
     printed = capsys.readouterr().out
-    assert "| classifier forward |" in printed and "Pretraining:" in printed
+    assert "| classifier forward (upsampling the scales, convolutions) |" in printed and "Pretraining:" in printed
 
 
 def test_profile_pretraining_reads_every_window_of_an_epoch(sample_dir, h):

@@ -182,15 +182,29 @@ def test_attention_size_must_be_positive():
         HeadConfig(attention_size=0)
 
 
+@pytest.mark.parametrize("per_scale_entry", [True, False])
 @pytest.mark.parametrize("full_resolution", [False, True])
-def test_the_classifier_runs_at_the_finest_scale_or_at_the_window_size(h, full_resolution):
+def test_the_classifier_runs_at_the_finest_scale_or_at_the_window_size(h, full_resolution, per_scale_entry):
     import dataclasses
 
-    cfg = dataclasses.replace(h.tiny_config().head, full_resolution=full_resolution)
+    cfg = dataclasses.replace(h.tiny_config().head, full_resolution=full_resolution, per_scale_entry=per_scale_entry)
     head = TextDiffHead([48, 24], 8, cfg, out_size=32).eval()
     seen = []
-    head.classifier.register_forward_pre_hook(lambda _module, args: seen.append(tuple(args[0].shape[-2:])))
+    head.classifier.register_forward_pre_hook(lambda _module, args: seen.append(args[1]))
     features = [torch.randn(2, 48, 8, 8), torch.randn(2, 24, 16, 16)]
     logits = head(features, torch.randn(2, 4, 8), torch.ones(2, 4, dtype=torch.bool))
     assert logits.shape == (2, 2, 32, 32)
-    assert seen == [(32, 32) if full_resolution else (16, 16)]
+    assert seen == [32 if full_resolution else 16]
+
+
+def test_the_per_scale_entry_convolves_each_scale_at_its_own_resolution(h):
+    """Each scale's first convolution runs where the scale has its pixels (the coarse one at 8², not upsampled to 16²
+    first), and the classifier's later layers see their sum at the classifier's grid."""
+    head = TextDiffHead([48, 24], 8, h.tiny_config().head, out_size=32).eval()
+    assert head.cfg.per_scale_entry
+    seen = []
+    for conv in head.classifier.entry:
+        conv.register_forward_hook(lambda _m, inputs, _o: seen.append(tuple(inputs[0].shape[-2:])))
+    head.classifier.layers.register_forward_hook(lambda _m, inputs, _o: seen.append(tuple(inputs[0].shape[1:])))
+    head([torch.randn(2, 48, 8, 8), torch.randn(2, 24, 16, 16)], torch.randn(2, 4, 8), torch.ones(2, 4, dtype=torch.bool))
+    assert seen == [(8, 8), (16, 16), (head.cfg.head_channels[0], 16, 16)]

@@ -125,6 +125,25 @@ def test_checkpoint_stores_backbone_path_relative_to_itself(make_model, tmp_path
         assert torch.equal(loaded.head.state_dict()[key], value)
 
 
+def test_a_checkpoint_from_before_the_per_scale_entry_loads_as_the_head_it_was(make_model, tmp_path):
+    """Heads saved before `head.per_scale_entry` existed upsampled and concatenated their scales: their config has no
+    such key, and they must load as that head, with the same weights and logits."""
+    from textdiff.model.backbone import build_scheduler, save_diffusion
+
+    model = make_model(per_scale_entry=False).eval()
+    backbone = save_diffusion(model.extractor.unet, build_scheduler(model.cfg.backbone), tmp_path / "backbone")
+    model.cfg = dataclasses.replace(model.cfg, backbone=dataclasses.replace(model.cfg.backbone, pretrained=str(backbone)))
+    path = save_checkpoint(model, tmp_path / "model.pt")
+    state = torch.load(path, weights_only=True)
+    del state["config"]["head"]["per_scale_entry"]
+    torch.save(state, path)
+    loaded = load_checkpoint(path)
+    assert not loaded.cfg.head.per_scale_entry and make_model().cfg.head.per_scale_entry
+    images = torch.rand(2, 1, model.image_size, model.image_size) * 2 - 1
+    with torch.no_grad():
+        assert torch.allclose(loaded(images, ["a", "b"]), model(images, ["a", "b"]), atol=1e-5)
+
+
 def test_load_checkpoint_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="textdiff train"):
         load_checkpoint(tmp_path / "absent.pt")

@@ -161,7 +161,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400, help="optimizer steps per seed (the tables: 400)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    cfg = TextDiffConfig.from_dict({"backbone": {"pretrained": args.backbone},
+    cfg = TextDiffConfig.from_dict({"backbone": {"pretrained": args.backbone},  # the head the tables were measured with
+                                    "head": {"per_scale_entry": False},
                                     "train": {"text_dropout": 0.5, "healthy_label": "normal"}})
     cache, text = FeatureCache(make_extractor(cfg.backbone)), TextEncoder(cfg.text)
     size = TextDiffModel(cfg, cache.extractor, text).image_size

@@ -17,12 +17,12 @@ import json
 import time
 from pathlib import Path
 
-from textdiff.config import TextDiffConfig, with_overrides
+from textdiff.config import with_overrides
 from textdiff.evaluation import dice_on_cases
 from textdiff.model.segmenter import read_head_weights
 from textdiff.training.comparison import left_out_dice
 from textdiff.training.runs import train_on_cases
-from textdiff_bench.seeded import draw, run_folder, seeded_parser, write_rows
+from textdiff_bench.seeded import base_config, draw, run_folder, seeded_parser, write_rows
 
 DEFAULT_VARIANTS = {"default": {}, "10 steps": {"train.steps": 10, "train.val_every": 10},
                     "learning rate x30": {"train.lr": 0.03}}
@@ -35,7 +35,7 @@ def timed(function, *args, **kwargs):
 
 def one_seed(args, seed: int, variants: dict, out: Path) -> list[dict]:
     drawn, test = draw(args.data, args.labels, seed)
-    base = with_overrides(TextDiffConfig(), {"backbone.pretrained": str(args.backbone), "train.seed": seed})
+    base = base_config(args, seed)
     cache = out / "feature-cache"
     service, _ = train_on_cases(drawn[:-1], base, out / f"service-{seed}.pt", progress=False, cache_folder=cache)
     head = read_head_weights(out / f"service-{seed}.pt")

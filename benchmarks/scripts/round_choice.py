@@ -15,16 +15,15 @@ import json
 import time
 from pathlib import Path
 
-from textdiff.config import TextDiffConfig, with_overrides
+from textdiff.config import with_overrides
 from textdiff.evaluation import dice_on_cases
 from textdiff.training.runs import train_on_cases
-from textdiff_bench.seeded import draw, run_folder, seeded_parser, write_rows
+from textdiff_bench.seeded import base_config, draw, run_folder, seeded_parser, write_rows
 
 
 def one_seed(args, seed: int, folder: Path) -> list[dict]:
     drawn, test = draw(args.data, args.labels, seed)
-    base = with_overrides(TextDiffConfig(), {"backbone.pretrained": str(args.backbone), "train.seed": seed,
-                                             **args.set})
+    base = base_config(args, seed)
     rows = []
     for choice in args.choices:
         cfg = with_overrides(base, {"train.checkpoint": choice})
@@ -42,8 +41,6 @@ def one_seed(args, seed: int, folder: Path) -> list[dict]:
 def main() -> None:
     parser = seeded_parser(__doc__.split("\n")[0])
     parser.add_argument("--choices", nargs="+", default=["best", "last"], help="train.checkpoint values to compare")
-    parser.add_argument("--set", type=json.loads, default={}, help="JSON: overrides for every run, e.g. "
-                        '\'{"train.steps": 400}\'')
     args = parser.parse_args()
     folder = run_folder(args)
     rows = [row for seed in args.seeds for row in one_seed(args, seed, folder)]

@@ -31,8 +31,9 @@ from textdiff.training.train import train_head
 # The phase that ends at each mark, in the order marks come within one optimizer step.
 ASSEMBLY = "batch assembly (augmentation, stacking)"
 HEAD_PHASES = {"text_start": ASSEMBLY, "text_end": "text encoding",
-               "classifier_start": "fusion forward (reductions, cross-attention, upsampling)",
-               "classifier_end": "classifier forward", "logits_grad": "loss forward and backward",
+               "classifier_start": "fusion forward (reductions, cross-attention)",
+               "classifier_end": "classifier forward (upsampling the scales, convolutions)",
+               "logits_grad": "loss forward and backward",
                "classifier_grad": "classifier backward", "step_start": "fusion backward", "step_end": "optimizer step"}
 
 
@@ -61,6 +62,20 @@ def _hook_head(model: TextDiffModel, marks: Marks) -> list:
         if output.requires_grad:
             output.register_hook(lambda grad: marks.mark("logits_grad"))
 
+    def classifier_inputs(_module, args):
+        """The classifier's backward ends when the gradient of the first of its fused scales arrives: autograd runs
+        later-created nodes first, so every classifier node before any of the fusion's."""
+        arrived = []
+
+        def first(_grad):
+            if not arrived:
+                arrived.append(True)
+                marks.mark("classifier_grad")
+
+        for fused in args[0]:
+            if fused.requires_grad:
+                fused.register_hook(first)
+
     def train_mode(mode: bool = True):  # a round begins: its first step starts now, after the last validation
         if mode:
             marks.restart()
@@ -72,7 +87,7 @@ def _hook_head(model: TextDiffModel, marks: Marks) -> list:
             classifier.register_forward_pre_hook(lambda *_: marks.mark("classifier_start")),
             classifier.register_forward_hook(lambda *_: marks.mark("classifier_end")),
             model.head.register_forward_hook(logits_done),
-            classifier.register_full_backward_hook(lambda *_: marks.mark("classifier_grad")),
+            classifier.register_forward_pre_hook(classifier_inputs),
             register_optimizer_step_pre_hook(lambda *_: marks.mark("step_start")),
             register_optimizer_step_post_hook(lambda *_: marks.mark("step_end"))]
 

@@ -8,18 +8,26 @@ import json
 import random
 from pathlib import Path
 
+from textdiff.config import TextDiffConfig, with_overrides
 from textdiff.data.studies import Case, read_studies
 
 
 def seeded_parser(description: str, labels_help: str = "labeled images drawn from the pool") -> argparse.ArgumentParser:
-    """--data, --backbone, --labels, --seeds and --out; a script adds its own."""
+    """--data, --backbone, --labels, --seeds, --set and --out; a script adds its own."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--data", type=Path, required=True, help="train/ (the labeled pool) and test/")
     parser.add_argument("--backbone", type=Path, required=True)
     parser.add_argument("--labels", type=int, default=5, help=labels_help)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--set", type=json.loads, default={}, help="JSON: config overrides for every run, e.g. "
+                        '\'{"train.steps": 400}\'')
     parser.add_argument("--out", type=Path, required=True, help="JSON file; its folder keeps models and features")
     return parser
+
+
+def base_config(args: argparse.Namespace, seed: int) -> TextDiffConfig:
+    """The default config on --backbone with the seed and the --set overrides."""
+    return with_overrides(TextDiffConfig(), {"backbone.pretrained": str(args.backbone), "train.seed": seed, **args.set})
 
 
 def draw(data: Path, labels: int, seed: int) -> tuple[list[Case], list[Case]]:

@@ -371,7 +371,7 @@ def _training_commands(command) -> None:
                 [parent(model_options)])
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True, help="checkpoint file (.pt)")
-    p.add_argument("--steps", dest="train_steps", type=int, help="optimizer steps (default: train.steps, 100)")
+    p.add_argument("--steps", dest="train_steps", type=int, help="optimizer steps (default: train.steps, 150)")
     p.add_argument("--epochs", type=int, help="passes over every training window instead of --steps")
     p.add_argument("--limit", type=int, help="use only the first N labeled images")
     p.add_argument("--healthy-label", default="normal", help="images with this image-level label (reports.csv) and no "

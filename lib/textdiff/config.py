@@ -86,6 +86,10 @@ class HeadConfig:
     # step than None (docs/results/mri.md); pooling finer scales lowered Dice (docs/results/sample-data.md).
     attention_size: int | None = 64
     head_channels: tuple[int, ...] = (32, 16)
+    # The classifier's first 3x3 convolution: True gives each scale its own, at the scale's resolution, and sums them
+    # upsampled (a step in two thirds of the time, docs/results/speed.md); False upsamples and concatenates the
+    # scales first, as the papers do (checkpoints from before this setting read so).
+    per_scale_entry: bool = True
     # The classifier runs at the finest hooked scale and its logits are upsampled to the window; with the default
     # feature layers that scale is the window's own. True upsamples the fused scales to the window first, as DDPM-Seg
     # and the TextDiff code do, for feature layers that stop short of it (4x the CPU time per step with three
@@ -119,7 +123,7 @@ class TrainConfig:
     # with the number of labeled images and a retrain after one more label takes as long as the last. With `epochs`
     # set, that many passes over every training window instead, each ended by validation on every held-out window
     # (the recipe of the results that give `--epochs` or `textdiff-bench benchmark --steps`).
-    steps: int = 100
+    steps: int = 150
     val_every: int = 20
     val_windows: int | None = 32
     epochs: int | None = None

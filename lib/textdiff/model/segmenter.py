@@ -142,6 +142,8 @@ def _read_checkpoint(path: str | Path) -> tuple[dict, TextDiffConfig]:
     if not path.is_file():
         raise FileNotFoundError(f"no TextDiff checkpoint at '{path}': train one with `textdiff train`")
     state = torch.load(path, map_location="cpu", weights_only=True)
+    # a head saved before head.per_scale_entry existed concatenated its scales
+    state["config"].setdefault("head", {}).setdefault("per_scale_entry", False)
     cfg = TextDiffConfig.from_dict(state["config"])
     backbone = cfg.backbone.pretrained
     if backbone and not Path(backbone).is_absolute() and (path.parent / backbone).exists():

@@ -25,7 +25,7 @@ class AppSettings:
     demo_weights: bool = True  # start from the shipped sample-data weights when the model folder is empty
     # Head training: `steps` optimizer steps whatever the number of labels (the `max_steps` a client can change per
     # run); `epochs` above 0 trains that many passes over every training window instead (the `max_epochs` param)
-    steps: int = 100
+    steps: int = 150
     epochs: int = 0
     # The round of steps a head run keeps (the `checkpoint` train param): "auto" the best on its held-out images, or
     # the last when nothing is held out (fewer than 8 labels); "best" chooses on the training images then; "last"
@@ -63,6 +63,10 @@ class AppSettings:
     # pulmonary infection.", the most likely area in a named lung left empty); a wrong report then hides or invents
     # a finding. Per run: the `obey_report` train param
     obey_report: bool = False
+    # The head's first convolution per feature scale at the scale's own resolution (a training step in 0.6 of the
+    # time on a CPU, docs/results/speed.md); false: the papers' classifier, which upsamples and concatenates the
+    # scales first. A model in service keeps the head it has.
+    per_scale_entry: bool = True
     image_size: int = 128  # window size of a backbone pretrained from scratch
     # How a backbone pretrained from scratch reads images larger than its window (recorded with it; training and
     # infer then read images the same way): patch_scale working pixels per image pixel (0: automatic), at most

@@ -42,6 +42,7 @@ class TextDiffTaskConfig(TaskConfig):
             sources.resolve(self.settings.text_encoder, "--conf text_encoder")
         self.cfg = TextDiffConfig()
         self.cfg.head.label_names = self.settings.label_names
+        self.cfg.head.per_scale_entry = self.settings.per_scale_entry
         if self.settings.text_encoder:
             self.cfg.text.encoder = self.settings.text_encoder
         demo = DEMO_DIR / CHECKPOINT
