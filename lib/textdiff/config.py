@@ -87,7 +87,7 @@ class HeadConfig:
     attention_size: int | None = 64
     head_channels: tuple[int, ...] = (32, 16)
     # The classifier's first 3x3 convolution: True gives each scale its own, at the scale's resolution, and sums them
-    # upsampled (a step in two thirds of the time, docs/results/speed.md); False upsamples and concatenates the
+    # upsampled (a CPU training step in 0.6 of the time, docs/results/speed.md); False upsamples and concatenates the
     # scales first, as the papers do (checkpoints from before this setting read so).
     per_scale_entry: bool = True
     # The classifier runs at the finest hooked scale and its logits are upsampled to the window; with the default
