@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_BACKBONE = ROOT / "apps" / "textdiff" / "demo" / "backbones" / "sample-data"
@@ -59,10 +60,15 @@ def test_every_benchmark_command_states_its_options():
 def test_publish_gate_runs_on_a_tiny_input(sample_dir, tmp_path):
     variants = {"tiny": {"train.steps": 2, "train.val_every": 2}}
     done = _run("publish_gate.py", "--data", str(sample_dir), "--backbone", str(DEMO_BACKBONE), "--labels", "3",
-                "--seeds", "0", "--variants", json.dumps(variants), "--out", str(tmp_path / "gate.json"))
+                "--seeds", "0", "--variants", json.dumps(variants), "--out", str(tmp_path / "gate.json"),
+                "--set", json.dumps({"head.per_scale_entry": False, "train.steps": 2, "train.val_every": 2}))
     assert done.returncode == 0, done.stderr[-2000:]
-    (row,) = json.loads((tmp_path / "gate.json").read_text())["rows"]
+    written = json.loads((tmp_path / "gate.json").read_text())
+    (row,) = written["rows"]
     assert set(row["publish"]) == {"labeled", "left-out", "test"} and row["left_out_seconds"] > 0
+    # the settings a documented row pins reach the model in service too
+    assert written["command"]["set"] == {"head.per_scale_entry": False, "train.steps": 2, "train.val_every": 2}
+    assert torch.load(tmp_path / "gate" / "service-0.pt", weights_only=True)["config"]["head"]["per_scale_entry"] is False
 
 
 def test_round_choice_runs_on_a_tiny_input(sample_dir, tmp_path):
