@@ -79,3 +79,20 @@ def test_round_choice_runs_on_a_tiny_input(sample_dir, tmp_path):
     best, last = json.loads((tmp_path / "rounds.json").read_text())["rows"]
     assert (best["checkpoint"], last["checkpoint"]) == ("best", "last") and last["round"] == last["rounds"] == 2
     assert 0 <= best["test_dice"] <= 1 and best["labeled"] == last["labeled"]
+
+
+def test_pool_folds_score_every_pool_image_once_and_train_on_the_rest(sample_dir, tmp_path):
+    from textdiff.data.studies import read_studies
+
+    done = _run("pool_folds.py", str(sample_dir / "train"), "--folds", "3", "--out", str(tmp_path / "cv"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    pool = {case.id: case for case in read_studies(sample_dir / "train")}
+    scored = []
+    for fold in range(3):
+        train, test = (read_studies(tmp_path / "cv" / f"fold-{fold}" / split) for split in ("train", "test"))
+        train_ids, test_ids = {c.id for c in train}, {c.id for c in test}
+        assert train_ids | test_ids == set(pool) and not train_ids & test_ids
+        assert all(c.report == pool[c.id].report and (c.label is None) == (pool[c.id].label is None)
+                   for c in train + test)
+        scored += [c.id for c in test]
+    assert sorted(scored) == sorted(pool)
