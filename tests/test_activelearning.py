@@ -73,10 +73,48 @@ def test_al_summary_merges_runs_of_different_seeds(tmp_path, capsys):
     from textdiff_bench.cli import main
 
     for seed, dice in ((0, 0.5), (1, 0.7)):
-        rows = [{"strategy": "random", "seed": seed, "round": 0, "labels": 5, "dice": dice, "picked": []}]
+        rows = [{"strategy": "random", "seed": seed, "round": 0, "labels": 5, "dice": dice, "picked": []},
+                {"strategy": "random", "continued": True, "seed": seed, "round": 0, "labels": 5, "dice": dice + 0.1,
+                 "picked": []}]
         (tmp_path / f"run{seed}").mkdir()
         (tmp_path / f"run{seed}" / "al_results.json").write_text(json.dumps({"rows": rows}))
     main(["al-summary", str(tmp_path / "run0"), str(tmp_path / "run1"), "--out", str(tmp_path / "all")])
     printed = capsys.readouterr().out
     assert "| random | 0.600 ± 0.100 |" in printed and "seeds: [0, 1]" in printed
+    assert "| random, continued | 0.700 ± 0.100 |" in printed
     assert (tmp_path / "all" / "al_dice_per_round.png").is_file()
+
+
+def test_a_continued_round_starts_from_the_last_rounds_head(tmp_path, h):
+    """`continued` (the app's continue_from_current): with a learning rate of 0 the trained head keeps the weights
+    it was given, so a round trained from a given head ends with exactly those weights; a new head does not."""
+    import dataclasses
+
+    import torch
+
+    from textdiff.data.sample_data import make_sample_data
+    from textdiff.data.studies import read_studies
+    from textdiff_bench.benchmark import BenchmarkSettings, _masks, _Models, _pool, _split
+
+    make_sample_data(tmp_path / "data", n_train=4, n_test=1, n_labeled=2, size=64)
+    cfg = h.tiny_config()
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=0.0, epochs=None, steps=2, val_every=1))
+    models = _Models(cfg, None, torch.device("cpu"))
+    probe = models.model("textdiff")
+    pool = [probe.load(c) for c in _pool(tmp_path / "data")]
+    test = [probe.load(c) for c in read_studies(tmp_path / "data" / "test")]
+    settings = BenchmarkSettings(steps=None, methods=("textdiff",), timing=False)
+    split = _split(pool, set(), pool[:2], 0, models.cfg, settings, {})
+    given = {k: torch.full_like(v, 0.01) if v.is_floating_point() else v for k, v in probe.head.state_dict().items()}
+
+    _masks("textdiff", split, test, models, settings, 0, given)
+    assert all(torch.equal(p, given[name]) for name, p in models.last["textdiff"].head.named_parameters())
+    _masks("textdiff", split, test, models, settings, 0)
+    assert not all(torch.equal(p, given[name]) for name, p in models.last["textdiff"].head.named_parameters())
+
+
+def test_al_benchmark_continues_only_when_asked():
+    from textdiff_bench.cli import build_parser
+
+    assert build_parser().parse_args(["al-benchmark", "--continued"]).continued is True
+    assert build_parser().parse_args(["al-benchmark"]).continued is False

@@ -3,7 +3,8 @@
 Every strategy starts from the same seeded `start` labeled images, trains TextDiff as `textdiff-bench benchmark` does (the
 app's reading of each image and, unless `steps` is given, its step budget), scores the test split, then "asks the
 clinician" for `step` more masks (from train-groundtruth/, else the pool's own masks) chosen by the strategy, for
-`rounds` rounds. Images known to be normal (image-level label `train.healthy_label`) are never asked for: they join
+`rounds` rounds. Each round trains a new head, or with `continued` starts from the last round's head, as the app's
+retrains do after new labels (`continue_from_current`). Images known to be normal (image-level label `train.healthy_label`) are never asked for: they join
 training with an empty mask, as in the app. Prints a table of test Dice per round and writes al_results.json and
 al_dice_per_round.png. Seeds can run as separate processes (or machines) and be summarised together afterwards
 (`textdiff-bench al-summary`).
@@ -44,6 +45,9 @@ class LabelingSettings:
     # app's step budget (train.steps)
     steps: int | None = None
     strategies: tuple[str, ...] = STRATEGIES
+    # Each round's training starts from the last round's head, as the app's retrains do (`continue_from_current`);
+    # False: every round trains a new head
+    continued: bool = False
 
 
 def choose(strategy: str, model: TextDiffModel, cache: FeatureCache, labeled: list[dict], unlabeled: list[dict],
@@ -75,10 +79,12 @@ def run_labeling_benchmark(data: Path, backbone: str | None, out: Path, settings
     test = [probe.load(c) for c in read_studies(data / "test")]
     bench = BenchmarkSettings(steps=settings.steps, methods=("textdiff",), timing=False)
 
-    def train_and_score(labeled: list[dict], seed: int) -> tuple[TextDiffModel, float, float]:
+    def train_and_score(labeled: list[dict], seed: int, last: TextDiffModel | None = None
+                        ) -> tuple[TextDiffModel, float, float]:
         start = time.perf_counter()
         split = _split(pool, healthy, labeled, seed, models.cfg, bench, {})
-        masks = _masks("textdiff", split, test, models, bench, seed)
+        initial = last.head.state_dict() if settings.continued and last is not None else None
+        masks = _masks("textdiff", split, test, models, bench, seed, initial)
         dice = score_masks(masks, test, probe.cfg.head.num_classes)["mean"]["dice"]
         return models.last["textdiff"], dice, time.perf_counter() - start
 
@@ -91,9 +97,10 @@ def run_labeling_benchmark(data: Path, backbone: str | None, out: Path, settings
             labeled, (model, dice, seconds) = start, first
             for round_ in range(settings.rounds + 1):
                 if round_ > 0:
-                    model, dice, seconds = train_and_score(labeled, seed)
-                rows.append({"strategy": strategy, "seed": seed, "round": round_, "labels": len(labeled), "dice": dice,
-                             "seconds": seconds, "picked": [item["id"] for item in labeled]})
+                    model, dice, seconds = train_and_score(labeled, seed, model)
+                rows.append({"strategy": strategy, "continued": settings.continued, "seed": seed, "round": round_,
+                             "labels": len(labeled), "dice": dice, "seconds": seconds,
+                             "picked": [item["id"] for item in labeled]})
                 print(f"{strategy:<12} seed={seed} round={round_} labels={len(labeled):<3} dice={dice:.4f} "
                       f"({seconds:.0f} s)", flush=True)
                 if round_ < settings.rounds:
@@ -106,10 +113,12 @@ def run_labeling_benchmark(data: Path, backbone: str | None, out: Path, settings
 
 
 def summarise_labeling(rows: list[dict], out: Path) -> dict:
-    """Mean ± std of test Dice per strategy and label count over seeds: print a table, write the plot."""
+    """Mean ± std of test Dice per strategy (and whether its rounds continued) and label count over seeds: print a
+    table, write the plot."""
     summary: dict[str, dict[int, list[float]]] = {}
     for row in rows:
-        summary.setdefault(row["strategy"], {}).setdefault(row["labels"], []).append(row["dice"])
+        name = row["strategy"] + (", continued" if row.get("continued") else "")
+        summary.setdefault(name, {}).setdefault(row["labels"], []).append(row["dice"])
     curves = {s: {n: (statistics.mean(v), statistics.pstdev(v)) for n, v in by.items()} for s, by in summary.items()}
     out.mkdir(parents=True, exist_ok=True)
     plot_curves(curves, out / "al_dice_per_round.png", "labeled training images",

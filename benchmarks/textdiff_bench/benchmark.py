@@ -223,8 +223,9 @@ def _split(pool: list[dict], healthy: set[str], labeled: list[dict], seed: int, 
 
 
 def _masks(method: str, split: _Split, test: list[dict], models: _Models, settings: BenchmarkSettings,
-           seed: int) -> list[torch.Tensor]:
-    """Train one method on one split and segment the test images with it."""
+           seed: int, initial_head: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """Train one method on one split and segment the test images with it; a TextDiff method starts from
+    `initial_head` when given (as the app's `continue_from_current` does), else from a new head."""
     cfg, window = models.cfg, models.cfg.backbone.image_size
     train_cfg = dataclasses.replace(cfg.train, epochs=split.epochs, seed=seed)
     if method in ("unet", "unet_synthetic"):
@@ -235,6 +236,8 @@ def _masks(method: str, split: _Split, test: list[dict], models: _Models, settin
         return _unet_masks(net, test, models.device, window, cfg.backbone.window_overlap)
     torch.manual_seed(seed)  # the head's initial weights, whatever ran before in this process
     model, cache = models.model(method), models.cache(method)
+    if initial_head is not None:
+        model.head.load_state_dict(initial_head)
     strip = _without_text if method == "empty_text" else (lambda items: items)
     if method == "textdiff_synthetic":
         train_cfg = dataclasses.replace(train_cfg, synthetic_ratio=settings.synthetic_ratio)

@@ -73,7 +73,7 @@ def cmd_al_benchmark(args) -> None:
     from textdiff_bench.al_benchmark import LabelingSettings, run_labeling_benchmark
 
     settings = LabelingSettings(start=args.start, step=args.step, rounds=args.rounds, seeds=tuple(args.seeds),
-                                steps=args.steps, strategies=tuple(args.strategies))
+                                steps=args.steps, strategies=tuple(args.strategies), continued=args.continued)
     run_labeling_benchmark(Path(args.data), args.backbone, Path(args.out), settings, config_from_args(args))
 
 
@@ -174,6 +174,8 @@ def _benchmark_commands(command) -> None:
     p.add_argument("--steps", type=int, help="optimizer steps per training, in passes over the training windows each "
                    "ended by validation (default: the app's step budget, train.steps)")
     p.add_argument("--strategies", nargs="+", default=["random", "uncertainty", "diverse"])
+    p.add_argument("--continued", action="store_true", help="each round's training starts from the last round's "
+                   "head, as the app's retrains do (continue_from_current); default: a new head every round")
 
 
 def _analysis_commands(command) -> None:
