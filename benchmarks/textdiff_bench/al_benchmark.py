@@ -4,10 +4,10 @@ Every strategy starts from the same seeded `start` labeled images, trains TextDi
 app's reading of each image and, unless `steps` is given, its step budget), scores the test split, then "asks the
 clinician" for `step` more masks (from train-groundtruth/, else the pool's own masks) chosen by the strategy, for
 `rounds` rounds. Each round trains a new head, or with `continued` starts from the last round's head, as the app's
-retrains do after new labels (`continue_from_current`). Images known to be normal (image-level label `train.healthy_label`) are never asked for: they join
-training with an empty mask, as in the app. Prints a table of test Dice per round and writes al_results.json and
-al_dice_per_round.png. Seeds can run as separate processes (or machines) and be summarised together afterwards
-(`textdiff-bench al-summary`).
+retrains do after new labels (`continue_from_current`). Images known to be normal (image-level label
+`train.healthy_label`) are never asked for: they join training with an empty mask, as in the app. Prints a table
+of test Dice per round and writes al_results.json and al_dice_per_round.png. Seeds can run as separate processes (or
+machines) and be summarised together afterwards (`textdiff-bench al-summary`).
 """
 
 from __future__ import annotations
