@@ -118,3 +118,62 @@ def test_al_benchmark_continues_only_when_asked():
 
     assert build_parser().parse_args(["al-benchmark", "--continued"]).continued is True
     assert build_parser().parse_args(["al-benchmark"]).continued is False
+
+
+def test_the_replayed_gate_keeps_the_model_in_service_when_the_new_one_scores_lower(tmp_path, h):
+    """`--gate` replays the app's publish gate: a new model that marks nothing loses to one that marks everything
+    on the held-out images (kept out), the other way round it is published."""
+    import torch
+
+    from textdiff.data.sample_data import make_sample_data
+    from textdiff.model.features import FeatureCache
+    from textdiff_bench.al_benchmark import publish_gate
+    from textdiff_bench.benchmark import _Models, _pool
+
+    make_sample_data(tmp_path / "data", n_train=4, n_test=1, n_labeled=4, size=64, normal_fraction=0.0)
+    models = _Models(h.tiny_config(), None, torch.device("cpu"))
+    cases = [c for c in _pool(tmp_path / "data") if c.label is not None]
+
+    def marking(everything: bool):
+        model = models.model("textdiff")
+        last = [m for m in model.head.classifier.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+        torch.nn.init.zeros_(last.weight)
+        last.bias.data = torch.tensor([-5.0, 5.0] if everything else [5.0, -5.0])
+        return model
+
+    cache = FeatureCache(models.model("textdiff").extractor)
+    gate = dict(labeled=cases, held_out=cases[:2], seen={c.id for c in cases[2:]}, cfg=models.cfg, cache=cache,
+                device=torch.device("cpu"))
+    kept = publish_gate(marking(False), marking(True), **gate)
+    assert kept["compared_on"] == "held-out" and not kept["published"]
+    assert kept["gate_dice"] == 0.0 < kept["service_gate_dice"]
+    assert publish_gate(marking(True), marking(False), **gate)["published"]
+
+
+def test_a_gated_round_that_is_not_published_reports_and_continues_from_the_last_model(tmp_path, h, monkeypatch):
+    """A round the gate keeps out reports the model in service's test Dice, and the next round starts from it."""
+    import dataclasses
+
+    from textdiff.data.sample_data import make_sample_data
+    from textdiff_bench import al_benchmark
+
+    make_sample_data(tmp_path / "data", n_train=8, n_test=2, n_labeled=2, size=64)
+    continued_from = []
+    real_masks = al_benchmark._masks
+
+    def masks(method, split, test, models, bench, seed, initial_head=None):
+        continued_from.append(initial_head)
+        return real_masks(method, split, test, models, bench, seed, initial_head)
+
+    monkeypatch.setattr(al_benchmark, "_masks", masks)
+    monkeypatch.setattr(al_benchmark, "publish_gate", lambda *args: {"published": False, "compared_on": "held-out"})
+    settings = al_benchmark.LabelingSettings(start=2, step=2, rounds=2, seeds=(0,), steps=2, strategies=("random",),
+                                             continued=True, gate=True)
+    cfg = h.tiny_config()
+    rows = al_benchmark.run_labeling_benchmark(tmp_path / "data", None, tmp_path / "out", settings, cfg)["rows"]
+    assert [r["labels"] for r in rows] == [2, 4, 6] and [r.get("published") for r in rows] == [None, False, False]
+    assert len({r["dice"] for r in rows}) == 1  # the first model stays in service
+    first_head = continued_from[1]
+    assert all(v.equal(first_head[k]) for k, v in continued_from[2].items())  # both retrains start from it
+    assert "candidate_dice" in rows[1] and rows[1]["gate"] is True
+    assert dataclasses.asdict(settings)["gate"] is True

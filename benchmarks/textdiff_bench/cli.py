@@ -73,7 +73,8 @@ def cmd_al_benchmark(args) -> None:
     from textdiff_bench.al_benchmark import LabelingSettings, run_labeling_benchmark
 
     settings = LabelingSettings(start=args.start, step=args.step, rounds=args.rounds, seeds=tuple(args.seeds),
-                                steps=args.steps, strategies=tuple(args.strategies), continued=args.continued)
+                                steps=args.steps, strategies=tuple(args.strategies), continued=args.continued,
+                                gate=args.gate)
     run_labeling_benchmark(Path(args.data), args.backbone, Path(args.out), settings, config_from_args(args))
 
 
@@ -176,6 +177,9 @@ def _benchmark_commands(command) -> None:
     p.add_argument("--strategies", nargs="+", default=["random", "uncertainty", "diverse"])
     p.add_argument("--continued", action="store_true", help="each round's training starts from the last round's "
                    "head, as the app's retrains do (continue_from_current); default: a new head every round")
+    p.add_argument("--gate", action="store_true", help="a round's model replaces the last one only where the app's "
+                   "publish gate would publish it (its Dice on the run's held-out images, or on a new label left out "
+                   "of one more run, not lower); the next round continues from the model kept")
 
 
 def _analysis_commands(command) -> None:
