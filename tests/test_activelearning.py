@@ -118,6 +118,8 @@ def test_al_benchmark_continues_only_when_asked():
 
     assert build_parser().parse_args(["al-benchmark", "--continued"]).continued is True
     assert build_parser().parse_args(["al-benchmark"]).continued is False
+    assert build_parser().parse_args(["al-benchmark", "--continued", "--gate"]).gate is True
+    assert build_parser().parse_args(["al-benchmark"]).gate is False
 
 
 def test_the_replayed_gate_keeps_the_model_in_service_when_the_new_one_scores_lower(tmp_path, h):
