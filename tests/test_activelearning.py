@@ -120,6 +120,7 @@ def test_al_benchmark_continues_only_when_asked():
     assert build_parser().parse_args(["al-benchmark"]).continued is False
     assert build_parser().parse_args(["al-benchmark", "--continued", "--gate"]).gate is True
     assert build_parser().parse_args(["al-benchmark"]).gate is False
+    assert build_parser().parse_args(["al-benchmark", "--gate", "--left-out-runs", "3"]).left_out_runs == 3
 
 
 def test_the_replayed_gate_keeps_the_model_in_service_when_the_new_one_scores_lower(tmp_path, h):

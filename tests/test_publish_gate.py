@@ -38,6 +38,21 @@ def test_the_basis_is_held_out_images_else_labels_new_to_the_model_in_service_el
     assert unknown.kind == "seen" and unknown.cases == labeled and "nothing is recorded" in unknown.says
 
 
+def test_both_models_are_scored_on_the_same_images_and_a_left_out_run_stands_for_the_new_recipe():
+    labeled, runs = _cases(3), []
+    new = lambda cases: 0.9  # noqa: E731 - the new model as trained
+    old = lambda cases: 0.5 + 0.1 * len(cases)  # noqa: E731 - the model in service, by how many images it is scored on
+    left_out = lambda: runs.append(1) or {"case_2": 0.4}  # noqa: E731 - case_1 could not be left out
+    basis = comparison_basis(labeled, [], {"case_0"}, 2)
+    verdict = comparison.compare_on_basis(basis, new, old, left_out)
+    assert [c.id for c in verdict.cases] == ["case_2"] and verdict.by_left_out_runs
+    assert (verdict.new, verdict.old, verdict.better) == (0.4, pytest.approx(0.6), False)
+    held = comparison.compare_on_basis(comparison_basis(labeled, labeled[:1], {"case_0"}, 2), new, old, left_out)
+    assert (held.new, held.better, held.by_left_out_runs) == (0.9, True, False) and len(runs) == 1
+    nothing_in_service = comparison.compare_on_basis(basis, new, lambda cases: None, left_out)
+    assert nothing_in_service.better and nothing_in_service.new == 0.9 and len(runs) == 1  # no extra run to beat none
+
+
 class _Memorizer:
     """A deliberately worse model: perfect on the images it trained on, poor on any other (what a run that
     overfits its few labels looks like); the model in service scores 0.7 on every image."""

@@ -21,6 +21,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -32,7 +33,7 @@ from textdiff.model.segmenter import TextDiffModel
 from textdiff.plots import plot_curves
 from textdiff_bench.benchmark import BenchmarkSettings, _masks, _Models, _pool, _split, _subset
 from textdiff.evaluation import score_masks, segment_items
-from textdiff.training.comparison import comparison_basis, left_out_dice
+from textdiff.training.comparison import compare_on_basis, comparison_basis, left_out_dice
 from textdiff.training.options.extra_labels import healthy_cases
 
 STRATEGIES = ("random", "uncertainty", "diverse")
@@ -54,6 +55,8 @@ class LabelingSettings:
     # The app's publish gate between rounds (publish_gate): a round it would not publish keeps the last round's model,
     # whose test Dice the round reports
     gate: bool = False
+    # New labels the gate may leave out of one more run each when nothing is held out (the app's `left_out_runs`)
+    left_out_runs: int = 1
 
 
 def choose(strategy: str, model: TextDiffModel, cache: FeatureCache, labeled: list[dict], unlabeled: list[dict],
@@ -72,24 +75,24 @@ def choose(strategy: str, model: TextDiffModel, cache: FeatureCache, labeled: li
 
 
 def publish_gate(candidate: TextDiffModel, service: TextDiffModel, labeled: list[Case], held_out: list[Case],
-                 seen: set[str], cfg: TextDiffConfig, cache: FeatureCache, device: torch.device) -> dict:
+                 seen: set[str], cfg: TextDiffConfig, cache: FeatureCache, device: torch.device,
+                 left_out_runs: int = 1) -> dict:
     """What the app's publish gate decides between a retrained model and the one in service: both scored on the
-    images `comparison_basis` picks (the run's held-out images, else a new label left out of one more run of the
-    recipe, else the labeled images), the new one published when it is not worse."""
-    basis = comparison_basis(labeled, held_out, seen, max_left_out=1, seed=cfg.train.seed)
-    cases, new = basis.cases, None
-    if basis.kind == "left-out":
-        scores = left_out_dice(cfg, labeled, cases, device, None, initial_head=service.head.state_dict())
-        cases = [case for case in cases if case.id in scores] or cases
-        new = statistics.mean(scores.values()) if scores else None
+    images `comparison_basis` picks (the run's held-out images, else new labels each left out of one more run of the
+    recipe, at most `left_out_runs` of them, else the labeled images), the new one published when it is not worse
+    (`compare_on_basis`, as the app decides)."""
+    basis = comparison_basis(labeled, held_out, seen, max_left_out=left_out_runs, seed=cfg.train.seed)
 
-    def dice(model: TextDiffModel) -> float:
-        items = [model.load(case) for case in cases]
-        return score_masks(segment_items(model, items, cache=cache), items, cfg.head.num_classes)["mean"]["dice"]
+    def dice(model: TextDiffModel) -> Callable[[list[Case]], float]:
+        def on(cases: list[Case]) -> float:
+            items = [model.load(case) for case in cases]
+            return score_masks(segment_items(model, items, cache=cache), items, cfg.head.num_classes)["mean"]["dice"]
+        return on
 
-    new, old = dice(candidate) if new is None else new, dice(service)
-    return {"published": new >= old, "gate_dice": round(new, 4), "service_gate_dice": round(old, 4),
-            "compared_on": basis.kind}
+    verdict = compare_on_basis(basis, dice(candidate), dice(service), lambda: left_out_dice(
+        cfg, labeled, basis.cases, device, None, initial_head=service.head.state_dict()))
+    return {"published": verdict.better, "gate_dice": round(verdict.new, 4),
+            "service_gate_dice": round(verdict.old, 4), "compared_on": basis.kind}
 
 
 def run_labeling_benchmark(data: Path, backbone: str | None, out: Path, settings: LabelingSettings,
@@ -119,7 +122,8 @@ def run_labeling_benchmark(data: Path, backbone: str | None, out: Path, settings
             run_cfg = dataclasses.replace(models.cfg, train=dataclasses.replace(models.cfg.train, epochs=split.epochs,
                                                                                 seed=seed))
             decision = publish_gate(served.model, last.model, [by_id[it["id"]] for it in labeled],
-                                    [by_id[it["id"]] for it in split.val], last.seen, run_cfg, cache, models.device)
+                                    [by_id[it["id"]] for it in split.val], last.seen, run_cfg, cache, models.device,
+                                    settings.left_out_runs)
             decision["candidate_dice"] = served.dice
             served = served if decision["published"] else last
         return served, time.perf_counter() - start, decision

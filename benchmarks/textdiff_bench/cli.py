@@ -74,7 +74,7 @@ def cmd_al_benchmark(args) -> None:
 
     settings = LabelingSettings(start=args.start, step=args.step, rounds=args.rounds, seeds=tuple(args.seeds),
                                 steps=args.steps, strategies=tuple(args.strategies), continued=args.continued,
-                                gate=args.gate)
+                                gate=args.gate, left_out_runs=args.left_out_runs)
     run_labeling_benchmark(Path(args.data), args.backbone, Path(args.out), settings, config_from_args(args))
 
 
@@ -180,6 +180,8 @@ def _benchmark_commands(command) -> None:
     p.add_argument("--gate", action="store_true", help="a round's model replaces the last one only where the app's "
                    "publish gate would publish it (its Dice on the run's held-out images, or on a new label left out "
                    "of one more run, not lower); the next round continues from the model kept")
+    p.add_argument("--left-out-runs", type=int, default=1, help="with --gate: new labels left out of one more run "
+                   "each when a round holds nothing out (the app's left_out_runs)")
 
 
 def _analysis_commands(command) -> None:

@@ -19,7 +19,7 @@ from typing import Callable
 from textdiff.data.studies import Case
 from textdiff.evaluation import dice_on_cases
 from textdiff.model.segmenter import TextDiffModel, load_checkpoint
-from textdiff.training.comparison import Basis
+from textdiff.training.comparison import Basis, compare_on_basis
 
 logger = logging.getLogger(__name__)
 
@@ -55,16 +55,15 @@ def publish_if_better(model: TextDiffModel, current: Path, basis: Basis, device:
     A left-out basis scores the new recipe by `left_out_dice` (extra runs, image id -> Dice), only when there is a
     model to beat; without any left-out score the new model is scored as trained."""
     volume_slices = model.cfg.train.volume_slices  # both models are judged on the slices this run trained on
-    start, cases, says = time.perf_counter(), basis.cases, basis.says
-    old = current_dice(current, cases, device, model.cfg.head.label_names, volume_slices)
-    scores = left_out_dice() if basis.kind == "left-out" and old is not None and not force and left_out_dice else {}
-    if scores:
-        cases = [case for case in cases if case.id in scores]
-        old, new = current_dice(current, cases, device, model.cfg.head.label_names, volume_slices), _mean(scores)
-    else:
-        says = says if basis.kind != "left-out" else "labels new to the model in service, the new model as trained"
-        new = dice_on_cases(model, cases, volume_slices)
-    published = force or old is None or new >= old
+    start = time.perf_counter()
+    verdict = compare_on_basis(
+        basis, lambda cases: dice_on_cases(model, cases, volume_slices),
+        lambda cases: current_dice(current, cases, device, model.cfg.head.label_names, volume_slices),
+        None if force else left_out_dice)
+    new, old, cases, says = verdict.new, verdict.old, verdict.cases, basis.says
+    if basis.kind == "left-out" and not verdict.by_left_out_runs:
+        says = "labels new to the model in service, the new model as trained"
+    published = force or verdict.better
     if old is None:
         says = f"no model in service to compare with (the new one scored on {len(cases)} images)"
     decision = {"published": published, "validation_dice": round(new, 4),
@@ -79,10 +78,6 @@ def publish_if_better(model: TextDiffModel, current: Path, basis: Basis, device:
         logger.warning("kept the model in service: its Dice %.4f beats the new one's %.4f on %s (the new one stays in "
                        "%s; train with force=true to publish it anyway)", old, new, says, candidate_path(current))
     return decision
-
-
-def _mean(scores: dict[str, float]) -> float:
-    return sum(scores.values()) / len(scores)
 
 
 def replace(new: Path, current: Path) -> None:

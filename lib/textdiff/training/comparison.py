@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import logging
 import random
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from textdiff.config import TextDiffConfig
 from textdiff.data.studies import Case, DataError
@@ -53,6 +55,36 @@ def comparison_basis(labeled: list[Case], held_out: list[Case], seen: set[str] |
         return Basis("left-out", chosen, SAYS["left-out"])
     why = "nothing is recorded of what the model in service saw" if seen is None else "no label is new to it"
     return Basis("seen", labeled, SAYS["seen"].format(why=why))
+
+
+@dataclass
+class Verdict:
+    """A new model against the one in service on a basis: both Dice on the same images."""
+
+    new: float
+    old: float | None  # None: no model in service to beat
+    cases: list[Case]  # the images both were scored on
+    by_left_out_runs: bool  # the new recipe was scored by left-out runs, not the new model as trained
+
+    @property
+    def better(self) -> bool:
+        """The new model is not worse than the one in service (or there is none)."""
+        return self.old is None or self.new >= self.old
+
+
+def compare_on_basis(basis: Basis, new_dice: Callable[[list[Case]], float],
+                     old_dice: Callable[[list[Case]], float | None],
+                     left_out: Callable[[], dict[str, float]] | None = None) -> Verdict:
+    """Score the new model and the one in service on `basis`. A left-out basis scores the new recipe by `left_out`
+    (its extra runs, image id -> Dice; only when there is a model to beat) on the images it could leave out; without
+    any left-out score, the new model as trained is scored on the basis's images."""
+    cases = basis.cases
+    old = old_dice(cases)
+    scores = left_out() if basis.kind == "left-out" and old is not None and left_out else {}
+    if scores:
+        cases = [case for case in cases if case.id in scores]
+        return Verdict(statistics.mean(scores.values()), old_dice(cases), cases, True)
+    return Verdict(new_dice(cases), old, cases, False)
 
 
 def left_out_dice(cfg: TextDiffConfig, labeled: list[Case], left_out: list[Case], device: str,
