@@ -118,6 +118,7 @@ def test_end_to_end_pretrain_train_predict_evaluate(sample_dir, tmp_path, capsys
                  "--epochs", "2", "--device", "cpu", "--set", *TINY_SET, *TINY_HEAD]) == 0
     out = capsys.readouterr().out
     assert "kept round 2 of 2" in out
+    assert "a longer run" not in out  # two passes read every training window
     assert model.is_file() and model.with_suffix(".png").is_file()
     state = torch.load(model, weights_only=True)
     assert state["config"]["backbone"]["pretrained"] == "backbone"  # stored relative to the checkpoint

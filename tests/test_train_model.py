@@ -9,8 +9,8 @@ from textdiff.config import TrainConfig
 from textdiff.model.features import FeatureCache
 from textdiff.model.segmenter import load_checkpoint, predict_logits, save_checkpoint
 from textdiff.training.runs import split_train_val
-from textdiff.training.train import (CheckpointChoice, dice_per_image, selection_items, train_head, training_rounds,
-                                     validation_windows)
+from textdiff.training.train import (CheckpointChoice, dice_per_image, longer_run_hint, selection_items, train_head,
+                                     training_rounds, validation_windows)
 
 
 def _snapshot(module):
@@ -395,6 +395,20 @@ def test_a_step_budget_trains_that_many_steps_in_rounds_each_ended_by_validation
     assert [row["step"] for row in result.history] == [2, 4, 5]
     assert [row["epoch"] for row in result.history] == [1, 2, 3]
     assert result.best_dice == max(row["val_dice"] for row in result.history)
+    assert result.passes == 5 * 2 / 4 and not result.short_on_labels  # 10 windows drawn of 4
+
+
+def test_a_run_that_draws_fewer_windows_than_its_labels_hold_says_how_long_a_run_would_read_them(make_model,
+                                                                                               labeled_items):
+    model = make_model()
+    cfg = dataclasses.replace(model.cfg.train, epochs=None, steps=2, val_every=2, batch_size=2)
+    result = train_head(model, labeled_items[:6], labeled_items[6:7], cfg, progress=False)
+    assert result.passes == 2 * 2 / 6 and result.short_on_labels
+    hint = longer_run_hint(result, batch_size=2)
+    assert "each of the 6 training windows 0.7 times" in hint and "--steps 18" in hint  # 6 passes of 6 windows by 2
+    by_epochs = train_head(make_model(), labeled_items[:6], labeled_items[6:7],
+                           dataclasses.replace(cfg, epochs=2), progress=False)
+    assert by_epochs.passes == 2 and not by_epochs.short_on_labels
 
 
 def test_training_rounds_are_steps_or_passes_over_the_windows():

@@ -159,6 +159,7 @@ def cmd_train(args) -> None:
     from textdiff.plots import plot_training
     from textdiff.training.options.extra_labels import healthy_cases
     from textdiff.training.runs import train_on_cases
+    from textdiff.training.train import longer_run_hint
 
     cfg = config_from_args(args)  # bad settings fail before any data is read
     studies = read_studies(args.data)
@@ -186,6 +187,8 @@ def cmd_train(args) -> None:
     kept = result.history[result.best_epoch - 1]
     print(f"kept {result.kept}: Dice {result.best_dice:.4f} after {kept['step']} steps; model {args.out}; "
           f"curves {plot}")
+    if result.short_on_labels:
+        print(longer_run_hint(result, cfg.train.batch_size))
 
 
 def cmd_synth_train(args) -> None:

@@ -14,6 +14,7 @@ from textdiff.model.segmenter import load_checkpoint_config, read_head_weights, 
 from textdiff.synthesis.synthetic import read_synthetic
 from textdiff.training.comparison import comparison_basis, left_out_dice
 from textdiff.training.runs import held_out_cases, train_on_cases
+from textdiff.training.train import longer_run_hint
 
 from ..configs.settings import AppSettings
 from ..publish import candidate_path, publish_if_better
@@ -137,9 +138,12 @@ class TextDiffTrain(StatsTrainTask):
                                        initial_head=initial)
         best = result.history[result.best_epoch - 1]
         logger.info("kept %s: Dice %.4f after %d steps", result.kept, result.best_dice, best["step"])
+        if result.short_on_labels:
+            logger.info(longer_run_hint(result, cfg.train.batch_size))
         decision = self.publish(model, cfg, request, data, initial)
         return {**decision, "total_time": round(time.time() - start, 1), "steps": result.history[-1]["step"],
-                "epochs": cfg.train.epochs, "continued_from_current": initial is not None,
+                "epochs": cfg.train.epochs, "passes": round(result.passes, 2),
+                "continued_from_current": initial is not None,
                 "best_metric": result.best_dice, "best_step": best["step"], "checkpoint": result.kept,
                 "labeled_images": len(data["labeled"]),
                 "pseudo_labeled_images": len(data["pseudo"]), "healthy_images": len(data["healthy"]),
