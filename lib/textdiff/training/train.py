@@ -42,7 +42,13 @@ class TrainResult:
     kept: str = ""  # which round was kept and what chose it, for the log and the stats
     judged_on: str = "held-out"  # the images `best_dice` is measured on: "held-out" or "training"
     options: dict = dataclasses.field(default_factory=dict)  # what the options say of the run (`TrainingOption.stats`)
-    passes: float = 0.0  # windows drawn over training windows: below 1, some labeled windows were never read
+    windows_drawn: int = 0  # training windows the run's batches read, counting repeats
+    training_windows: int = 0
+
+    @property
+    def passes(self) -> float:
+        """How often the run read each training window on average: below 1, some labeled windows were never read."""
+        return self.windows_drawn / self.training_windows if self.training_windows else 0.0
 
     @property
     def short_on_labels(self) -> bool:
@@ -180,13 +186,12 @@ def _fit(model: TextDiffModel, loop: "_Loop", train_items: list[Item], selection
     model.eval()
     return TrainResult(history, best.best_dice, best.best_epoch, kept=f"round {best.best_epoch} of {len(rounds)}, " + (
         "the last" if keep_last else f"the best on the {judge} images"), judged_on=judge,
-        passes=sum(rounds) * cfg.batch_size / len(train_items))
+        windows_drawn=sum(rounds) * cfg.batch_size, training_windows=len(train_items))
 
 
 def longer_run_hint(result: TrainResult, batch_size: int, passes: int = 6) -> str:
     """What a user with more labeled windows than the run read can do about it, with the measured gain."""
-    steps = result.history[-1]["step"]
-    windows = round(steps * batch_size / result.passes)
+    steps, windows = result.history[-1]["step"], result.training_windows
     return (f"{steps} steps of {batch_size} read each of the {windows} training windows {result.passes:.1f} times on "
             f"average; with many labels a longer run can score higher: about {passes} passes (--steps "
             f"{math.ceil(passes * windows / batch_size)}, the app's max_steps) scored 0.018 Dice more on 24 labeled "
