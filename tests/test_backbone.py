@@ -63,6 +63,29 @@ def test_all_timesteps_of_an_image_go_through_one_unet_forward(extractor, h):
     assert calls == [len(h.timesteps)] * 2
 
 
+def test_the_unet_reads_channels_last_and_gives_the_features_of_a_contiguous_read(h):
+    """Channels-last convolutions are the faster CPU kernels (docs/results/speed.md); the features may change by
+    rounding only. Three channels: a one-channel image is contiguous both ways."""
+    extractor = make_extractor(h.tiny_backbone(in_channels=3))
+    images = torch.rand(2, 3, h.size, h.size, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    read = []
+    handle = extractor.unet.register_forward_pre_hook(
+        lambda _module, args: read.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    try:
+        fast = extractor(images)
+    finally:
+        handle.remove()
+    assert read == [True, True] and not images.is_contiguous(memory_format=torch.channels_last)
+    handle = extractor.unet.register_forward_pre_hook(lambda _module, args: (args[0].contiguous(), *args[1:]))
+    try:
+        plain = extractor(images)
+    finally:
+        handle.remove()
+    for f, p in zip(fast, plain):
+        assert f.is_contiguous()  # as cached, whatever the kernels' layout
+        torch.testing.assert_close(f, p, rtol=1e-4, atol=1e-5)
+
+
 def test_extractor_stays_frozen_and_in_eval_mode(extractor):
     extractor.train()
     assert not extractor.training and not extractor.unet.training

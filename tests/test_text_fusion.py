@@ -94,6 +94,25 @@ def test_forward_equals_features_then_logits(make_model, h):
         torch.testing.assert_close(model(images, [h.normal]), model.logits_from_features(model.features(images), [h.normal]))
 
 
+def test_the_head_reads_features_channels_last_with_the_logits_of_a_contiguous_read(make_model, h):
+    """Channels-last features make a CPU training step about a quarter faster (docs/results/speed.md); the logits
+    may change by rounding only, and the cached features are left as they are."""
+    model = make_model().eval()
+    features = [torch.rand(2, 48, h.size // 2, h.size // 2), torch.rand(2, 24, h.size, h.size)]
+    read = []
+    handle = model.head.register_forward_pre_hook(
+        lambda _module, args: read.append([f.is_contiguous(memory_format=torch.channels_last) for f in args[0]]))
+    with torch.no_grad():
+        try:
+            fast = model.logits_from_features(features, [h.normal, h.infected])
+        finally:
+            handle.remove()
+        tokens, mask = model.text_encoder([h.normal, h.infected])
+        plain = model.head([f.contiguous() for f in features], tokens, mask)
+    assert read == [[True, True]] and all(f.is_contiguous() for f in features)
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
+
+
 def test_text_head_without_text_raises(h):
     head = TextDiffHead([48, 24], 384, h.tiny_config().head, h.size)
     features = [torch.zeros(1, 48, 16, 16), torch.zeros(1, 24, 32, 32)]

