@@ -150,6 +150,25 @@ def test_end_to_end_pretrain_train_predict_evaluate(sample_dir, tmp_path, capsys
     assert all(0.0 <= row["dice"] <= 1.0 and 0.0 <= row["iou"] <= 1.0 for row in scores["images"])
 
 
+def test_a_feature_cache_spares_the_next_run_the_backbone_and_gives_the_same_model(sample_dir, tmp_path,
+                                                                                    monkeypatch, capsys):
+    from textdiff.model import features
+
+    computed, compute = [], features.FeatureCache._compute
+    monkeypatch.setattr(features.FeatureCache, "_compute",
+                        lambda self, images, reports: computed.append(len(images)) or compute(self, images, reports))
+    argv = ["train", "--data", str(sample_dir / "train"), "--epochs", "1", "--device", "cpu",
+            "--feature-cache", str(tmp_path / "features"), "--set", *TINY_SET, *TINY_HEAD]
+    assert main([*argv, "--out", str(tmp_path / "first.pt")]) == 0
+    assert sum(computed) > 0 and any((tmp_path / "features").rglob("*.pt"))
+    computed.clear()
+    assert main([*argv, "--out", str(tmp_path / "again.pt")]) == 0
+    assert computed == []  # every window read back from the folder
+    first, again = (torch.load(tmp_path / name, weights_only=True)["head"] for name in ("first.pt", "again.pt"))
+    assert all(torch.equal(first[key], again[key]) for key in first)
+    capsys.readouterr()
+
+
 def test_cdm_train_predict_and_pseudo_labels_from_the_command_line(sample_dir, tmp_path, capsys):
     import itk
     import numpy as np

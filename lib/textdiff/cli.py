@@ -177,7 +177,7 @@ def cmd_train(args) -> None:
 
         synthetic = read_synthetic(args.synthetic)
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, synthetic_ratio=args.synthetic_ratio))
-    _, result = train_on_cases(cases, cfg, args.out, args.device, pseudo_cases=pseudo,
+    _, result = train_on_cases(cases, cfg, args.out, args.device, cache_folder=args.feature_cache, pseudo_cases=pseudo,
                                healthy=healthy_cases(studies, cfg.train.healthy_label), synthetic=synthetic,
                                unlabeled=[c for c in studies if c.label is None], compare_without=args.compare_without)
     plot = plot_training(result.history, Path(args.out).with_suffix(".png"))
@@ -377,6 +377,11 @@ def _training_commands(command) -> None:
     p.add_argument("--steps", dest="train_steps", type=int, help="optimizer steps (default: train.steps, 150)")
     p.add_argument("--epochs", type=int, help="passes over every training window instead of --steps")
     p.add_argument("--limit", type=int, help="use only the first N labeled images")
+    p.add_argument("--feature-cache", help="folder that keeps the diffusion features of every window a run reads, by "
+                   "image name and backbone, as the app does: a later run on the same images and backbone (a longer "
+                   "run, other head settings) skips those backbone passes, half of a run on many labels "
+                   "(docs/results/speed.md); about 3 MB a 128² window; use a new folder if images change under the "
+                   "same names")
     p.add_argument("--healthy-label", default="normal", help="images with this image-level label (reports.csv) and no "
                    "mask also train, with an empty mask, as the app does by default (\"\": off)")
     p.add_argument("--pseudo-labels", help="folder of masks (e.g. from cdm-predict) for images with no final mask; "
