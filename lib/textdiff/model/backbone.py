@@ -215,7 +215,7 @@ class DiffusionFeatureExtractor(torch.nn.Module):
         autocast = torch.autocast("cuda", dtype=torch.float16, enabled=image.is_cuda)
         try:
             with autocast:
-                if self.latent is None:  # channels-last input: a CPU forward in 4/5 of the time
+                if self.latent is None:  # channels-last input: a window's CPU features in 0.9 of the time
                     self.unet(noisy.to(self.noise.dtype, memory_format=torch.channels_last), t)
                 else:
                     self.latent.denoise(noisy, t, self.latent.context([report]) if self.text_conditioned else None)
