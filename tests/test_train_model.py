@@ -144,6 +144,28 @@ def test_a_checkpoint_from_before_the_per_scale_entry_loads_as_the_head_it_was(m
         assert torch.allclose(loaded(images, ["a", "b"]), model(images, ["a", "b"]), atol=1e-5)
 
 
+def test_a_model_trained_at_one_noise_step_is_served_at_one(text_encoder, h, tmp_path):
+    """`--set backbone.timesteps=[50]` trades a little Dice for a third of the backbone's time
+    (docs/results/speed.md): its checkpoint must keep that read-out, or the head would meet three steps' features."""
+    from textdiff.model.segmenter import TextDiffModel
+
+    one_step = (h.timesteps[1],)
+    cfg = dataclasses.replace(h.tiny_config(), backbone=h.tiny_backbone(timesteps=one_step))
+    model = TextDiffModel(cfg, text_encoder=text_encoder).eval()
+    loaded = load_checkpoint(save_checkpoint(model, tmp_path / "model.pt"))
+    assert loaded.cfg.backbone.timesteps == one_step
+    images = torch.rand(2, 1, h.size, h.size) * 2 - 1
+    calls, handle = h.count_calls(loaded.extractor.unet)
+    try:
+        with torch.no_grad():
+            logits = loaded(images, ["a", "b"])
+    finally:
+        handle.remove()
+    assert calls == [1, 1]  # each image noised once, one UNet pass
+    with torch.no_grad():
+        assert torch.allclose(logits, model(images, ["a", "b"]), atol=1e-5)
+
+
 def test_load_checkpoint_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="textdiff train"):
         load_checkpoint(tmp_path / "absent.pt")
