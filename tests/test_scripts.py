@@ -81,6 +81,21 @@ def test_round_choice_runs_on_a_tiny_input(sample_dir, tmp_path):
     assert 0 <= best["test_dice"] <= 1 and best["labeled"] == last["labeled"]
 
 
+def test_feature_probe_fits_every_probe_and_scores_the_test_images(sample_dir, tmp_path):
+    done = _run("feature_probe.py", "--data", str(sample_dir), "--backbone", str(DEMO_BACKBONE), "--labels", "3",
+                "--iterations", "2", "--out", str(tmp_path / "probe.json"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    written = json.loads((tmp_path / "probe.json").read_text())
+    assert [row["probe"] for row in written["rows"]] == ["MLP, every scale", "linear, every scale",
+                                                        "MLP, finest scale", "MLP, pixel values"]
+    # the images `textdiff-bench benchmark` draws for the seed, so a probe pairs with the head's runs
+    from textdiff_bench.benchmark import _pool, _subset
+    assert written["rows"][0]["labeled"] == [c.id for c in _subset(_pool(sample_dir), 3, 0)]
+    for row in written["rows"]:
+        for split in ("fit", "test"):
+            assert 0 <= row[split]["dice"] <= 1 and len(row[split]["class_dice"]) == 1
+
+
 def test_pool_folds_score_every_pool_image_once_and_train_on_the_rest(sample_dir, tmp_path):
     from textdiff.data.studies import read_studies
 
