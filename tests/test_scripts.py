@@ -94,6 +94,12 @@ def test_feature_probe_fits_every_probe_and_scores_the_test_images(sample_dir, t
     for row in written["rows"]:
         for split in ("fit", "test"):
             assert 0 <= row[split]["dice"] <= 1 and len(row[split]["class_dice"]) == 1
+    # drawn as the head draws (whole windows a step), unweighted
+    done = _run("feature_probe.py", "--data", str(sample_dir), "--backbone", str(DEMO_BACKBONE), "--labels", "3",
+                "--iterations", "2", "--probes", "MLP, every scale", "--windows-per-step", "1",
+                "--class-weight-power", "0", "--out", str(tmp_path / "windows.json"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((tmp_path / "windows.json").read_text())["command"]["windows_per_step"] == 1
 
 
 def test_pool_folds_score_every_pool_image_once_and_train_on_the_rest(sample_dir, tmp_path):
@@ -111,3 +117,46 @@ def test_pool_folds_score_every_pool_image_once_and_train_on_the_rest(sample_dir
                    for c in train + test)
         scored += [c.id for c in test]
     assert sorted(scored) == sorted(pool)
+
+
+def test_probe_recipe_head_swaps_in_what_it_is_asked_and_runs_time_to_model(sample_dir, tmp_path, monkeypatch):
+    import importlib.util
+
+    from textdiff.config import HeadConfig
+    from textdiff.model import fusion
+    from textdiff.training import train
+    from textdiff_bench import time_to_model
+
+    spec = importlib.util.spec_from_file_location("probe_recipe_head", SCRIPTS["probe_recipe_head.py"])
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for owner, name in ((fusion.TextDiffHead, "__init__"), (time_to_model, "train_head"), (train, "segmentation_loss")):
+        monkeypatch.setattr(owner, name, getattr(owner, name))  # put back after the test
+    script.patch_head({"standardise", "pixel-mlp"})
+    head = fusion.TextDiffHead([8, 4], 16, HeadConfig(dim=8, heads=2), 16)
+    assert isinstance(head.classifier, script.PixelMLP)
+    assert all(isinstance(reduce[0], torch.nn.BatchNorm2d) for reduce in head.reduce)
+    logits = head([torch.randn(2, 8, 8, 8), torch.randn(2, 4, 16, 16)], torch.randn(2, 3, 16), torch.ones(2, 3))
+    assert logits.shape == (2, 2, 16, 16)
+    # cross-entropy alone, weighted by class frequency^-0.5 over the training pixels
+    loss = script.ProbeLoss(torch.tensor([0.5, 1.5]), dice=False, over_batch=False)
+    labels = (torch.rand(2, 1, 16, 16) > 0.8).long()
+    expected = torch.nn.functional.cross_entropy(logits, labels[:, 0], weight=torch.tensor([0.5, 1.5]))
+    assert torch.allclose(loss(logits, labels), expected)
+
+    # a window holding the one small structure is drawn for half the slots (class 1 or background), not 1 in 10
+    import random
+
+    items = [{"id": i, "label": torch.zeros(1, 4, 4, dtype=torch.long)} for i in range(10)]
+    items[3]["label"][0, 0, 0] = 1
+    batches = script.class_window_batches(items, 4, random.Random(0))
+    drawn = [item["id"] for _ in range(200) for item in next(batches)]
+    assert 0.45 < drawn.count(3) / len(drawn) < 0.6
+
+    done = _run("probe_recipe_head.py", "--change", "standardise", "class-weights", "no-dice", "pixel-mlp",
+                "class-windows", "--",
+                "time-to-model", "--data", str(sample_dir), "--backbone", str(DEMO_BACKBONE), "--labels", "3",
+                "--seeds", "0", "--head-steps", "2", "--methods", "head", "--out", str(tmp_path / "ttm"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "ttm" / "results.json").read_text())["rows"]
+    assert [row["method"] for row in rows] == ["TextDiff head"] and 0 <= rows[0]["dice"] <= 1

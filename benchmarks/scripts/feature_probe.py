@@ -7,7 +7,8 @@
 A head that cannot fit its own training images may lack features or training. This separates the two: per seed, the
 `--labels` images `textdiff-bench benchmark` and `time-to-model` draw from <data>/train fit each probe pixel by pixel
 (read in the head's training windows, the backbone's features of every scale upsampled to the window), with
-cross-entropy weighted by class frequency^-0.5 and Adam on random pixels from all windows at once; each probe is then
+cross-entropy weighted by class frequency^-0.5 (--class-weight-power) and Adam on random pixels from all windows at
+once (or, with --windows-per-step, on every pixel of a few random windows a step, as the head draws); each probe is then
 scored as evaluation scores (Dice per image and class on the working grid; a class absent from image and prediction
 counts 1) on those images (the fit) and on <data>/test (validation images, never the test split). Probes: an MLP and a
 linear layer on every scale, an MLP on the finest scale alone, and an MLP on the pixel values (no backbone). Prints a
@@ -52,20 +53,26 @@ def pixel_inputs(window: dict, cache: FeatureCache, source: str) -> torch.Tensor
     return stacked.reshape(stacked.shape[0], -1).T
 
 
-def fit_probe(inputs: torch.Tensor, labels: torch.Tensor, classes: int, hidden: int, iterations: int,
+def fit_probe(inputs: torch.Tensor, labels: torch.Tensor, classes: int, hidden: int, args,
               seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """A linear layer (hidden 0) or two-layer MLP on standardised inputs, fitted on random pixels of all windows at
-    once; returns (pixels, channels) -> (pixels, classes) logits."""
+    once (or on every pixel of `args.windows_per_step` random windows, as the head draws them); returns (pixels,
+    channels) -> (pixels, classes) logits."""
     torch.manual_seed(seed)
     mean, std = inputs.mean(0), inputs.std(0) + 1e-6
     layers = [torch.nn.Linear(inputs.shape[1], classes)] if not hidden else [
         torch.nn.Linear(inputs.shape[1], hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, hidden), torch.nn.ReLU(),
         torch.nn.Linear(hidden, classes)]
     probe = torch.nn.Sequential(*layers)
-    weight = (torch.bincount(labels, minlength=classes).float() + 1) ** -0.5
+    weight = (torch.bincount(labels, minlength=classes).float() + 1) ** -args.class_weight_power
     optimizer = torch.optim.Adam(probe.parameters(), lr=3e-3 if hidden else 1e-2)
-    for _ in range(iterations):
-        pick = torch.randint(0, len(inputs), (min(65536, len(inputs)),))
+    window = args.window_pixels
+    for _ in range(args.iterations):
+        if args.windows_per_step:
+            starts = torch.randperm(len(inputs) // window)[:args.windows_per_step] * window
+            pick = (starts[:, None] + torch.arange(window)).flatten()
+        else:
+            pick = torch.randint(0, len(inputs), (min(65536, len(inputs)),))
         loss = F.cross_entropy(probe((inputs[pick] - mean) / std), labels[pick], weight=weight / weight.mean())
         optimizer.zero_grad()
         loss.backward()
@@ -98,8 +105,9 @@ def probe_seed(cache: FeatureCache, backbone, classes: int, train: list[dict], t
     for name in args.probes:
         source, hidden = PROBES[name]
         start = time.perf_counter()
+        args.window_pixels = backbone.image_size ** 2
         probe = fit_probe(torch.cat([pixel_inputs(w, cache, source) for w in windows]), labels, classes, hidden,
-                          args.iterations, seed)
+                          args, seed)
         predict = lambda w: probe(pixel_inputs(w, cache, source))  # noqa: E731
         rows.append({"seed": seed, "probe": name, "labeled": [item["id"] for item in train], "windows": len(windows),
                      "fit": image_dice(train, predict, backbone.image_size, classes),
@@ -117,6 +125,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--set", type=json.loads, default={}, help="JSON: config overrides (label names, read-out)")
     parser.add_argument("--iterations", type=int, default=300, help="Adam steps of 65536 random pixels")
+    parser.add_argument("--class-weight-power", type=float, default=0.5,
+                        help="cross-entropy weighted by class frequency^-power (0: unweighted)")
+    parser.add_argument("--windows-per-step", type=int,
+                        help="every pixel of this many random windows a step (default: 65536 pixels of all windows)")
     parser.add_argument("--probes", nargs="+", choices=list(PROBES), default=list(PROBES), help="which probes to fit")
     parser.add_argument("--out", type=Path, required=True, help="JSON file")
     args = parser.parse_args()
