@@ -53,11 +53,11 @@ def pixel_inputs(window: dict, cache: FeatureCache, source: str) -> torch.Tensor
     return stacked.reshape(stacked.shape[0], -1).T
 
 
-def fit_probe(inputs: torch.Tensor, labels: torch.Tensor, classes: int, hidden: int, args,
-              seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
+def fit_probe(inputs: torch.Tensor, labels: torch.Tensor, classes: int, hidden: int, args, seed: int,
+              window_pixels: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """A linear layer (hidden 0) or two-layer MLP on standardised inputs, fitted on random pixels of all windows at
-    once (or on every pixel of `args.windows_per_step` random windows, as the head draws them); returns (pixels,
-    channels) -> (pixels, classes) logits."""
+    once (or on every pixel of `args.windows_per_step` random windows of `window_pixels` rows each, as the head draws
+    them); returns (pixels, channels) -> (pixels, classes) logits."""
     torch.manual_seed(seed)
     mean, std = inputs.mean(0), inputs.std(0) + 1e-6
     layers = [torch.nn.Linear(inputs.shape[1], classes)] if not hidden else [
@@ -66,11 +66,10 @@ def fit_probe(inputs: torch.Tensor, labels: torch.Tensor, classes: int, hidden: 
     probe = torch.nn.Sequential(*layers)
     weight = (torch.bincount(labels, minlength=classes).float() + 1) ** -args.class_weight_power
     optimizer = torch.optim.Adam(probe.parameters(), lr=3e-3 if hidden else 1e-2)
-    window = args.window_pixels
     for _ in range(args.iterations):
         if args.windows_per_step:
-            starts = torch.randperm(len(inputs) // window)[:args.windows_per_step] * window
-            pick = (starts[:, None] + torch.arange(window)).flatten()
+            starts = torch.randperm(len(inputs) // window_pixels)[:args.windows_per_step] * window_pixels
+            pick = (starts[:, None] + torch.arange(window_pixels)).flatten()
         else:
             pick = torch.randint(0, len(inputs), (min(65536, len(inputs)),))
         loss = F.cross_entropy(probe((inputs[pick] - mean) / std), labels[pick], weight=weight / weight.mean())
@@ -105,9 +104,8 @@ def probe_seed(cache: FeatureCache, backbone, classes: int, train: list[dict], t
     for name in args.probes:
         source, hidden = PROBES[name]
         start = time.perf_counter()
-        args.window_pixels = backbone.image_size ** 2
         probe = fit_probe(torch.cat([pixel_inputs(w, cache, source) for w in windows]), labels, classes, hidden,
-                          args, seed)
+                          args, seed, backbone.image_size ** 2)
         predict = lambda w: probe(pixel_inputs(w, cache, source))  # noqa: E731
         rows.append({"seed": seed, "probe": name, "labeled": [item["id"] for item in train], "windows": len(windows),
                      "fit": image_dice(train, predict, backbone.image_size, classes),
