@@ -291,3 +291,15 @@ def test_colour_tiff_study_with_three_named_classes_end_to_end(tmp_path, capsys)
     assert main(["train", "--data", str(studies), "--out", str(tmp_path / "grey.pt"), "--epochs", "1", "--device", "cpu",
                  "--set", *windows, *TINY_HEAD, "backbone.in_channels=1"]) == 2
     assert "is in colour but the backbone reads grey" in capsys.readouterr().err
+
+
+def test_the_small_structures_settings_are_what_the_readme_passes_to_set():
+    """The README's `--set` line for several small structures is textdiff.config.SMALL_STRUCTURES, and applies."""
+    from textdiff.config import SMALL_STRUCTURES, TextDiffConfig, with_overrides
+
+    given = cli.parse_set(["head.classifier=pixel_mlp", "head.head_channels=[128,128]", "train.dice_weight=0",
+                           "train.lr=0.003", "train.steps=300"])
+    assert given == SMALL_STRUCTURES
+    cfg = with_overrides(TextDiffConfig(), given)
+    assert (cfg.head.classifier, cfg.head.head_channels, cfg.train.dice_weight, cfg.train.steps) == \
+        ("pixel_mlp", (128, 128), 0.0, 300)

@@ -55,6 +55,25 @@ def test_the_head_entry_conf_reaches_the_library_config(tmp_path):
         assert config.cfg.head.per_scale_entry is expected
 
 
+def test_the_small_structures_conf_gives_a_new_model_the_measured_head_recipe(tmp_path):
+    """`--conf small_structures true`: the per-pixel MLP head on cross-entropy alone, and the run's defaults
+    (300 steps at 3e-3) unless the conf gives its own steps."""
+    from lib.configs.textdiff import TextDiffTaskConfig
+
+    app_dir = Path(__file__).parents[1] / "apps" / "textdiff"
+    for conf, steps in (({}, 300), ({"steps": "120"}, 120)):
+        config = TextDiffTaskConfig()
+        config.init("textdiff", str(tmp_path), {"model_dir": str(tmp_path / str(steps)), "demo_weights": "false",
+                                                "small_structures": "true", **conf}, None, app_dir=str(app_dir))
+        head, train = config.cfg.head, config.cfg.train
+        assert (head.classifier, head.head_channels, train.dice_weight) == ("pixel_mlp", (128, 128), 0.0)
+        assert (config.trainer().config()["max_steps"], config.trainer().config()["learning_rate"]) == (steps, 0.003)
+    plain = TextDiffTaskConfig()
+    plain.init("textdiff", str(tmp_path), {"model_dir": str(tmp_path / "plain"), "demo_weights": "false"}, None,
+               app_dir=str(app_dir))
+    assert (plain.cfg.head.classifier, plain.trainer().config()["max_steps"]) == ("conv", 150)
+
+
 def test_only_bad_input_becomes_a_client_error():
     with pytest.raises(HTTPException) as answer, client_errors():
         raise DataError("mask 'a.png' is 3x3 but its image is 4x4")

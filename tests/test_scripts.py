@@ -134,7 +134,7 @@ def test_probe_recipe_head_swaps_in_what_it_is_asked_and_runs_time_to_model(samp
         monkeypatch.setattr(owner, name, getattr(owner, name))  # put back after the test
     script.patch_head({"standardise", "pixel-mlp"})
     head = fusion.TextDiffHead([8, 4], 16, HeadConfig(dim=8, heads=2), 16)
-    assert isinstance(head.classifier, script.PixelMLP)
+    assert isinstance(head.classifier, fusion.PixelMLPClassifier)
     assert all(isinstance(reduce[0], torch.nn.BatchNorm2d) for reduce in head.reduce)
     logits = head([torch.randn(2, 8, 8, 8), torch.randn(2, 4, 16, 16)], torch.randn(2, 3, 16), torch.ones(2, 3))
     assert logits.shape == (2, 2, 16, 16)

@@ -227,3 +227,33 @@ def test_the_per_scale_entry_convolves_each_scale_at_its_own_resolution(h):
     head.classifier.layers.register_forward_hook(lambda _m, inputs, _o: seen.append(tuple(inputs[0].shape[1:])))
     head([torch.randn(2, 48, 8, 8), torch.randn(2, 24, 16, 16)], torch.randn(2, 4, 8), torch.ones(2, 4, dtype=torch.bool))
     assert seen == [(8, 8), (16, 16), (head.cfg.head_channels[0], 16, 16)]
+
+
+def test_the_pixel_mlp_classifier_reads_each_pixel_alone_as_the_concatenated_scales_would(h):
+    """head.classifier "pixel_mlp": its first layer on each scale at the scale's own resolution equals one 1x1
+    convolution over the upsampled, concatenated scales; a pixel's logits do not move when another pixel's do."""
+    import dataclasses
+
+    from textdiff.model.fusion import PixelMLPClassifier, _upsampled
+
+    cfg = dataclasses.replace(h.tiny_config().head, classifier="pixel_mlp", head_channels=(12, 10))
+    head = TextDiffHead([48, 24], 8, cfg, out_size=32).eval()
+    mlp = head.classifier
+    assert isinstance(mlp, PixelMLPClassifier)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in mlp.modules())
+    fused = [torch.randn(2, cfg.dim, 8, 8), torch.randn(2, cfg.dim, 16, 16)]
+    concatenated = mlp.layers(mlp.entry(torch.cat([_upsampled(x, 16) for x in fused], dim=1)))
+    assert torch.allclose(mlp(fused, 16), concatenated, atol=1e-5)
+    changed = [fused[0], fused[1].clone()]
+    changed[1][:, :, 3, 3] += 5.0
+    moved = (mlp(changed, 16) - mlp(fused, 16)).abs().sum(dim=(0, 1)) > 0
+    assert moved[3, 3] and moved.sum() == 1
+
+
+def test_a_classifier_must_be_one_the_head_knows():
+    from textdiff.config import HeadConfig, TrainConfig
+
+    with pytest.raises(ValueError, match="head.classifier"):
+        HeadConfig(classifier="unet")
+    with pytest.raises(ValueError, match="dice_weight"):
+        TrainConfig(dice_weight=-1.0)

@@ -476,3 +476,28 @@ def test_dice_over_the_batch_does_not_push_a_class_to_zero_in_windows_that_lack_
     model = make_model()
     cfg = dataclasses.replace(model.cfg.train, epochs=None, steps=2, val_every=2, dice_over_batch=True)
     assert train_head(model, labeled_items[:3], [], cfg, progress=False).history[-1]["step"] == 2
+
+
+def test_the_pixel_mlp_head_on_cross_entropy_alone_trains_and_loads_back(make_model, labeled_items, tmp_path):
+    """The recipe for several small structures (head.classifier "pixel_mlp", train.dice_weight 0) trains, and its
+    checkpoint rebuilds the same head."""
+    from textdiff.model.backbone import build_scheduler, save_diffusion
+    from textdiff.model.fusion import PixelMLPClassifier
+    from textdiff.training.train import segmentation_loss
+
+    labels = torch.zeros(2, 1, 8, 8, dtype=torch.long)
+    logits = torch.randn(2, 2, 8, 8)
+    ce = torch.nn.functional.cross_entropy(logits, labels[:, 0])
+    assert torch.allclose(segmentation_loss(dice_weight=0.0)(logits, labels), ce)
+    model = make_model(classifier="pixel_mlp", head_channels=(16, 16))
+    backbone = save_diffusion(model.extractor.unet, build_scheduler(model.cfg.backbone), tmp_path / "backbone")
+    model.cfg = dataclasses.replace(model.cfg, backbone=dataclasses.replace(model.cfg.backbone, pretrained=str(backbone)),
+                                    train=dataclasses.replace(model.cfg.train, dice_weight=0.0))
+    cfg = dataclasses.replace(model.cfg.train, epochs=None, steps=2, val_every=2)
+    result = train_head(model, labeled_items[:3], [], cfg, checkpoint=tmp_path / "mlp.pt", progress=False)
+    assert result.history[-1]["step"] == 2
+    loaded = load_checkpoint(tmp_path / "mlp.pt")
+    assert isinstance(loaded.head.classifier, PixelMLPClassifier) and loaded.cfg.train.dice_weight == 0.0
+    images = torch.rand(2, 1, model.image_size, model.image_size) * 2 - 1
+    with torch.no_grad():
+        assert torch.allclose(loaded(images, ["a", "b"]), model.eval()(images, ["a", "b"]), atol=1e-5)

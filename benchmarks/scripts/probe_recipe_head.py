@@ -13,7 +13,8 @@ together, in this process only, so that one `time-to-model` run measures them on
   probe's weights);
 - no-dice: cross-entropy alone, without the Dice term (the probe has none);
 - pixel-mlp: the classifier is a per-pixel two-layer MLP (1x1 convolutions, 128 wide, no BatchNorm) on the fused
-  scales upsampled to the finest and concatenated (the probe's classifier, after the head's reductions and fusion);
+  scales upsampled to the finest and concatenated (the probe's classifier, after the head's reductions and fusion),
+  built after the default classifier (the product's setting, `head.classifier=pixel_mlp`, builds it instead);
 - class-windows: each window of a batch holds a class drawn at random, background included (the head's batches are
   otherwise a few windows of a seeded shuffle, which may hold no small structure at all; the probe sees pixels of
   every window at each step).
@@ -37,18 +38,6 @@ from textdiff.training import train
 from textdiff_bench import time_to_model
 
 CHANGES = ("standardise", "class-weights", "no-dice", "pixel-mlp", "class-windows")
-
-
-class PixelMLP(nn.Module):
-    """The probe's classifier on the head's fused scales: upsampled, concatenated, a two-layer MLP per pixel."""
-
-    def __init__(self, scales: int, dim: int, num_classes: int, hidden: int = 128):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Conv2d(scales * dim, hidden, 1), nn.ReLU(), nn.Conv2d(hidden, hidden, 1),
-                                 nn.ReLU(), nn.Conv2d(hidden, num_classes, 1))
-
-    def forward(self, fused: list[torch.Tensor], size: int) -> torch.Tensor:
-        return self.mlp(torch.cat([fusion._upsampled(x, size) for x in fused], dim=1))
 
 
 class ProbeLoss:
@@ -84,7 +73,7 @@ def patch_head(changes: set[str]) -> None:
             head.reduce = nn.ModuleList(nn.Sequential(nn.BatchNorm2d(c, affine=False), reduce)
                                         for c, reduce in zip(feature_channels, head.reduce))
         if "pixel-mlp" in changes:
-            head.classifier = PixelMLP(len(feature_channels), cfg.dim, cfg.num_classes)
+            head.classifier = fusion.PixelMLPClassifier(len(feature_channels), cfg.dim, (128, 128), cfg.num_classes)
 
     fusion.TextDiffHead.__init__ = changed
 
@@ -99,7 +88,8 @@ def patch_loss(changes: set[str]) -> None:
             labels = torch.cat([w["label"].flatten().long() for w in windows_of(train_items, model.image_size)])
             weights = (torch.bincount(labels, minlength=model.cfg.head.num_classes).float() + 1) ** -0.5
             weights = weights / weights.mean()
-        train.segmentation_loss = lambda over_batch=False: ProbeLoss(weights, "no-dice" not in changes, over_batch)
+        dice = "no-dice" not in changes
+        train.segmentation_loss = lambda over_batch=False, dice_weight=1.5: ProbeLoss(weights, dice, over_batch)
         return run(model, train_items, val_items, cfg, *args, **kwargs)
 
     time_to_model.train_head = weighted_run

@@ -113,6 +113,26 @@ class ScaleSumClassifier(nn.Module):
         return self.layers(sum(_upsampled(conv(x), size) for conv, x in zip(self.entry, fused)))
 
 
+class PixelMLPClassifier(nn.Module):
+    """A per-pixel MLP on the fused scales: 1x1 convolutions with ReLUs between, no BatchNorm, as a probe of frozen
+    features reads them. Its first layer is one weight over the concatenated scales, applied to each scale at the
+    scale's own resolution and the results upsampled and summed: the same function as concatenating the upsampled
+    scales first (a 1x1 convolution and bilinear upsampling commute), each coarse scale multiplied where it has its
+    pixels."""
+
+    def __init__(self, scales: int, dim: int, widths: tuple[int, ...], num_classes: int):
+        super().__init__()
+        self.dim = dim
+        self.entry = nn.Conv2d(scales * dim, widths[0], 1)
+        layers = [nn.Conv2d(a, b, 1) for a, b in zip(widths, (*widths[1:], num_classes))]
+        self.layers = nn.Sequential(*(m for conv in layers[:-1] for m in (nn.ReLU(), conv)), nn.ReLU(), layers[-1])
+
+    def forward(self, fused: list[torch.Tensor], size: int) -> torch.Tensor:
+        weights = self.entry.weight.split(self.dim, dim=1)
+        x = sum(_upsampled(F.conv2d(scale, weight), size) for scale, weight in zip(fused, weights))
+        return self.layers(x + self.entry.bias[:, None, None])
+
+
 class TextDiffHead(nn.Module):
     """Reduce each diffusion scale to `dim` channels, fuse it with the report tokens, classify the fused scales.
 
@@ -120,7 +140,8 @@ class TextDiffHead(nn.Module):
 
     The classifier merges the fused scales at `out_size` (the window size), or with `cfg.full_resolution` False at
     the finest feature scale, its logits then upsampled to `out_size`; `cfg.per_scale_entry` says how it merges them
-    (`ScaleSumClassifier`, or the papers' `ConcatClassifier`).
+    (`ScaleSumClassifier`, or the papers' `ConcatClassifier`); `cfg.classifier` "pixel_mlp" reads each pixel alone
+    (`PixelMLPClassifier`).
 
     With `cfg.use_text` False the cross-attention is skipped, which gives the "diffusion features only" ablation.
     """
@@ -134,7 +155,8 @@ class TextDiffHead(nn.Module):
             self.text_proj = nn.Linear(text_dim, cfg.dim)
             self.fusion = CrossAttentionBlock(cfg.dim, cfg.heads, cfg.cross_attention_layers, cfg.ff_mult,
                                               cfg.positional_queries, cfg.gated_text)
-        classifier = ScaleSumClassifier if cfg.per_scale_entry else ConcatClassifier
+        classifier = PixelMLPClassifier if cfg.classifier == "pixel_mlp" else \
+            ScaleSumClassifier if cfg.per_scale_entry else ConcatClassifier
         self.classifier = classifier(len(feature_channels), cfg.dim, cfg.head_channels, cfg.num_classes)
 
     def forward(

@@ -104,10 +104,11 @@ class _Batch:
     extra: dict[str, torch.Tensor]  # what options added to each sample ("synthetic0", ...), stacked
 
 
-def segmentation_loss(over_batch: bool = False) -> DiceCELoss:
+def segmentation_loss(over_batch: bool = False, dice_weight: float = 1.5) -> DiceCELoss:
     """Cross-entropy + 1.5 x Dice, as in the paper; the same for the head and the benchmark's UNet baseline. Dice per
-    class over the whole batch with `over_batch` (`TrainConfig.dice_over_batch`)."""
-    return DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=1.0, lambda_dice=1.5, batch=over_batch)
+    class over the whole batch with `over_batch` (`TrainConfig.dice_over_batch`), weighted by `dice_weight`
+    (`TrainConfig.dice_weight`)."""
+    return DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=1.0, lambda_dice=dice_weight, batch=over_batch)
 
 
 def train_head(
@@ -278,7 +279,7 @@ class _Loop:
         if logits is None:
             logits = self.model.logits_from_features([f.to(self.device) for f in batch.features], batch.reports,
                                                      batch.boxes)
-        loss = segmentation_loss(self.cfg.dice_over_batch)(logits, batch.labels.to(self.device))
+        loss = segmentation_loss(self.cfg.dice_over_batch, self.cfg.dice_weight)(logits, batch.labels.to(self.device))
         for option in self.options:
             if (term := option.loss(self)) is not None:
                 loss = loss + term

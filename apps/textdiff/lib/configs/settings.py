@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from textdiff.config import CHECKPOINT_CHOICES
+from textdiff.config import CHECKPOINT_CHOICES, SMALL_STRUCTURES
 from textdiff.errors import DataError
 
 from .params import parse_value, trusted_networks
@@ -67,6 +67,11 @@ class AppSettings:
     # time on a CPU, docs/results/speed.md); false: the papers' classifier, which upsamples and concatenates the
     # scales first. A model in service keeps the head it has.
     per_scale_entry: bool = True
+    # A new model's head for several small structures of similar intensity (left and right of one tissue, a few
+    # nuclei of the brain): textdiff.config.SMALL_STRUCTURES, a per-pixel MLP classifier trained 300 steps at 3e-3 on
+    # cross-entropy alone (`steps` unless given). On large or many-instance targets it scores the same or lower in
+    # about twice the time (docs/results/mri.md). A model in service keeps the head it has.
+    small_structures: bool = False
     image_size: int = 128  # window size of a backbone pretrained from scratch
     # How a backbone pretrained from scratch reads images larger than its window (recorded with it; training and
     # infer then read images the same way): patch_scale working pixels per image pixel (0: automatic), at most
@@ -123,6 +128,8 @@ class AppSettings:
         trusted_networks(settings.trusted_networks)  # a network that does not parse stops the start, named
         if settings.checkpoint not in CHECKPOINT_CHOICES:
             raise DataError(f"--conf checkpoint must be one of {list(CHECKPOINT_CHOICES)}, got {settings.checkpoint!r}")
+        if settings.small_structures and "steps" not in conf:
+            settings.steps = SMALL_STRUCTURES["train.steps"]
         if not settings.model_dir:
             settings.model_dir = str(Path(app_dir) / "model")
         if not settings.viewer_dir:

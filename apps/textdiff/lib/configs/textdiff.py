@@ -8,7 +8,7 @@ from pathlib import Path
 
 from monailabel.interfaces.config import TaskConfig
 from textdiff import sources
-from textdiff.config import TextDiffConfig
+from textdiff.config import SMALL_STRUCTURES, TextDiffConfig, with_overrides
 from textdiff.errors import DataError
 from textdiff.model.cost import check_backbone
 from textdiff.model.segmenter import load_checkpoint_config
@@ -40,7 +40,7 @@ class TextDiffTaskConfig(TaskConfig):
             check_backbone(self.settings.backbone, "--conf backbone", self.settings.device)
         if self.settings.text_encoder:
             sources.resolve(self.settings.text_encoder, "--conf text_encoder")
-        self.cfg = TextDiffConfig()
+        self.cfg = with_overrides(TextDiffConfig(), SMALL_STRUCTURES) if self.settings.small_structures else TextDiffConfig()
         self.cfg.head.label_names = self.settings.label_names
         self.cfg.head.per_scale_entry = self.settings.per_scale_entry
         if self.settings.text_encoder:
