@@ -101,7 +101,7 @@ class HeadConfig:
     full_resolution: bool = False
     # The classifier on the fused scales: "conv", 3x3 convolutions that also read each pixel's neighbours (the
     # papers'); "pixel_mlp", a two-layer MLP that reads each pixel's fused features alone (1x1 convolutions, no
-    # BatchNorm), which finds several small structures of similar intensity that the convolutions leave empty, with
+    # BatchNorm), which draws several small structures of similar intensity that the convolutions leave empty, with
     # the rest of SMALL_STRUCTURES (docs/results/mri.md). head_channels are the widths of either; per_scale_entry
     # concerns "conv" only.
     classifier: str = "conv"
