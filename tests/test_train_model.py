@@ -478,6 +478,19 @@ def test_dice_over_the_batch_does_not_push_a_class_to_zero_in_windows_that_lack_
     assert train_head(model, labeled_items[:3], [], cfg, progress=False).history[-1]["step"] == 2
 
 
+def test_the_training_loop_weighs_the_dice_term_as_train_dice_weight_says(make_model, labeled_items, monkeypatch):
+    """Every step's loss is built with the run's `train.dice_weight` and `train.dice_over_batch`."""
+    from textdiff.training import train
+
+    built, real = [], train.segmentation_loss
+    monkeypatch.setattr(train, "segmentation_loss", lambda *args: built.append(args) or real(*args))
+    model = make_model()
+    for weight in (0.0, 2.0):
+        cfg = dataclasses.replace(model.cfg.train, epochs=None, steps=2, val_every=2, dice_weight=weight)
+        train_head(model, labeled_items[:3], [], cfg, progress=False)
+    assert built == [(False, 0.0)] * 2 + [(False, 2.0)] * 2
+
+
 def test_the_pixel_mlp_head_on_cross_entropy_alone_trains_and_loads_back(make_model, labeled_items, tmp_path):
     """The recipe for several small structures (head.classifier "pixel_mlp", train.dice_weight 0) trains, and its
     checkpoint rebuilds the same head."""
