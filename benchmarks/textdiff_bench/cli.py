@@ -92,6 +92,7 @@ def cmd_backbone_speed(args) -> None:
 
 
 def _benchmark_commands(command) -> None:
+    """Dice against the number of labeled images."""
     model = parent(model_options)
     p = command("benchmark", cmd_benchmark, "Dice vs number of labeled images for TextDiff, its ablations and a UNet",
                 [model])
@@ -108,6 +109,10 @@ def _benchmark_commands(command) -> None:
     p.add_argument("--synthetic-ratio", type=int, default=4, help="synthetic copies used per real image")
     p.add_argument("--skip-timing", action="store_true", help="skip timing the feature cache, latency and memory")
 
+
+def _speed_commands(command) -> None:
+    """Where the time goes, and Dice against the minutes it takes."""
+    model = parent(model_options)
     p = command("profile", cmd_profile, "where the seconds of head training and of pretraining go on this machine: "
                 "a table per phase (feature extraction, cache reads, fusion, head, loss, validation, ...); the head trains as "
                 "train.* says (--set train.steps=20 for a shorter run)", [model])
@@ -151,6 +156,11 @@ def _benchmark_commands(command) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (float16 there)")
     p.add_argument("--out", help="JSON file for the table")
 
+
+
+def _supervision_commands(command) -> None:
+    """Fewer masks: CDM's masks from image-level labels, and which image to label next."""
+    model = parent(model_options)
     p = command("cdm-benchmark", cmd_cdm_benchmark, "CDM vs Grad-CAM vs reconstruction masks, and CDM pseudo-labels",
                 [model])
     p.add_argument("--data", default="sample-data")
@@ -208,7 +218,8 @@ def _analysis_commands(command) -> None:
 
 
 def build_parser():
-    return command_line("textdiff-bench", __doc__, (_benchmark_commands, _analysis_commands))
+    return command_line("textdiff-bench", __doc__, (_benchmark_commands, _speed_commands, _supervision_commands,
+                                                          _analysis_commands))
 
 
 def main(argv: list[str] | None = None) -> int:
