@@ -42,6 +42,30 @@ def test_features_of_an_image_do_not_depend_on_its_batch(extractor, h):
             assert torch.equal(b[i : i + 1], s)
 
 
+def test_passes_side_by_side_keep_the_callers_bfloat16_and_threads_reading_at_once_get_their_own(extractor, h):
+    """On the CPU a batch's passes run in threads: each keeps the caller's autocast, and two callers at once (a
+    volume's slices) each get their own images' features, bit for bit as read alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = torch.rand(4, 1, h.size, h.size, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        batched = extractor(images)
+        alone = [extractor(images[i : i + 1]) for i in range(4)]
+    for i in range(4):
+        assert all(torch.equal(b[i : i + 1], a) for b, a in zip(batched, alone[i]))
+    assert not torch.equal(batched[0], extractor(images)[0])  # bfloat16 was read, not float32
+    with ThreadPoolExecutor(2) as pool:
+        at_once = list(pool.map(extractor, [images[:2], images[2:]]))
+    expected = extractor(images)
+    for half, part in enumerate(at_once):
+        assert all(torch.equal(p, e[2 * half : 2 * half + 2]) for p, e in zip(part, expected))
+
+
+def test_the_unet_run_for_anything_but_its_features_runs_whole(extractor, h):
+    noisy = torch.zeros(1, 1, h.size, h.size)
+    assert extractor.unet(noisy, torch.tensor([10])).sample.shape == noisy.shape
+
+
 def test_each_timestep_is_a_separate_block_of_channels(extractor, h):
     """The channels of one timestep equal the layer output for that timestep alone."""
     image = torch.rand(1, 1, h.size, h.size, generator=torch.Generator().manual_seed(3)) * 2 - 1

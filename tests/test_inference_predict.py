@@ -252,6 +252,19 @@ def test_fast_reading_is_bfloat16_only_where_the_cpu_computes_it(make_model, h, 
     assert fast.shape == reference.shape and (fast != reference).float().mean() < 0.1
 
 
+def test_a_volumes_slices_read_side_by_side_give_the_mask_of_one_at_a_time(make_model, h, monkeypatch):
+    """Slices (and their windows) read two at a time on the CPU, each in the caller's precision: the same mask as one
+    at a time, voxel for voxel."""
+    from textdiff.model import backbone
+
+    model, volume = make_model(), torch.rand(1, 40, 48, 5)
+    volume[..., 2] = 0.0
+    side_by_side = [segment_image(model, volume, h.infected, fast=fast) for fast in (False, True)]
+    monkeypatch.setattr(backbone, "SIDE_BY_SIDE", 1)
+    for fast, mask in zip((False, True), side_by_side):
+        assert torch.equal(segment_image(model, volume, h.infected, fast=fast), mask)
+
+
 def test_fast_reading_reads_a_volumes_slices_in_windows_side_by_side(make_model, h, monkeypatch):
     """A volume served fast: windows side by side (half the passes of a 256² slice); a 2D image, and every image in
     the float32 reading, keeps the model's overlap."""

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from textdiff.model import backbone
 from textdiff.model.backbone import build_scheduler, build_unet, save_diffusion
 from textdiff_bench.profile import profile_pretraining, run_profile
 from textdiff_bench.time_to_model import TimeToModelSettings, run_time_to_model
@@ -145,12 +146,15 @@ def test_infer_speed_times_each_reading_of_images_and_a_volume(make_model, sampl
     volume = tmp_path / "volume.nii.gz"
     nib.save(nib.Nifti1Image(np.random.default_rng(0).random((30, 36, 4)).astype(np.float32), np.eye(4)), volume)
     main(["infer-speed", "--model", str(checkpoint), "--data", str(sample_dir / "test"), "--volume", str(volume),
-          "--volume-shape", "40", "48", "3", "--overlaps", "0.25", "0", "--out", str(tmp_path / "speed.json")])
+          "--volume-shape", "40", "48", "3", "--overlaps", "0.25", "0", "--side-by-side", "1", "2",
+          "--out", str(tmp_path / "speed.json")])
     rows = json.loads((tmp_path / "speed.json").read_text())["rows"]
-    assert [row["reading"] for row in rows] == ["float32, overlap 0.25", "fast, overlap 0.25",
-                                                "float32, overlap 0", "fast, overlap 0"]
+    assert [row["reading"] for row in rows] == [f"{reading}, overlap {overlap}, {side} at a time" for overlap in ("0.25", "0")
+                                                for side in (1, 2) for reading in ("float32", "fast")]
     assert all(row["seconds_per_image"] > 0 and 0 <= row["dice"] <= 1 and row["volume_seconds"] > 0 for row in rows)
     assert rows[0]["pixels_changed"] == 0 and "volume 40x48x3" in capsys.readouterr().out
+    assert rows[2]["pixels_changed"] == 0  # two images at a time: the same masks as one at a time
+    assert backbone.SIDE_BY_SIDE == 2  # the product's setting back after the benchmark
 
 
 def test_backbone_speed_says_what_each_backbone_costs(h, tmp_path, capsys):

@@ -40,7 +40,8 @@ def cmd_time_to_model(args) -> None:
 def cmd_infer_speed(args) -> None:
     from textdiff_bench.infer_speed import Reading, run_infer_speed
 
-    readings = [Reading(fast, overlap) for overlap in args.overlaps for fast in (False, True)]
+    readings = [Reading(fast, overlap, side) for overlap in args.overlaps for side in args.side_by_side
+                for fast in (False, True)]
     run_infer_speed(Path(args.model), [Path(d) for d in args.data], readings, Path(args.volume) if args.volume else None,
                     tuple(args.volume_shape), Path(args.out) if args.out else None)
 
@@ -147,6 +148,8 @@ def _speed_commands(command) -> None:
     p.add_argument("--volume", help="a NIfTI volume, resampled to --volume-shape and segmented whole")
     p.add_argument("--volume-shape", nargs=3, type=int, default=[256, 256, 100])
     p.add_argument("--overlaps", nargs="+", type=float, default=[0.25], help="window overlaps to read at")
+    p.add_argument("--side-by-side", nargs="+", type=int, default=[2],
+                   help="images (windows, a volume's slices) read at a time on the CPU, each in a thread")
     p.add_argument("--out", help="JSON file for the table")
 
     p = command("backbone-speed", cmd_backbone_speed, "parameters, feature channels and seconds of diffusion features "

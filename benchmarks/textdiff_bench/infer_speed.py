@@ -1,5 +1,6 @@
 """`textdiff-bench infer-speed`: seconds per image and per volume of a trained model's inference, and the Dice it gives,
-for each reading asked for (float32 or the fast path of `segment_image`; window overlaps).
+for each reading asked for (float32 or the fast path of `segment_image`; window overlaps; images read at a time on
+the CPU, `textdiff.model.backbone.SIDE_BY_SIDE`).
 
 Every reading segments the same labeled images (2D studies folders) with `segment_image` (the app infer task's
 pre_transforms, inferer and post_transforms, `textdiff.inference`), one image at a time after one warm-up; a volume (any NIfTI, resampled to `volume_shape`) is segmented
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from textdiff.data.studies import DataError, read_2d, read_image, read_studies
+from textdiff.model import backbone
 from textdiff.model.segmenter import TextDiffModel, load_checkpoint
 from textdiff.evaluation import score_masks
 from textdiff.inference import native_bfloat16, segment_image
@@ -27,10 +29,11 @@ from textdiff.inference import native_bfloat16, segment_image
 class Reading:
     fast: bool
     overlap: float
+    side_by_side: int = backbone.SIDE_BY_SIDE
 
     @property
     def name(self) -> str:
-        return f"{'fast' if self.fast else 'float32'}, overlap {self.overlap:g}"
+        return f"{'fast' if self.fast else 'float32'}, overlap {self.overlap:g}, {self.side_by_side} at a time"
 
 
 def _channel_first(tensor: torch.Tensor) -> torch.Tensor:
@@ -66,27 +69,40 @@ def run_infer_speed(checkpoint: Path, folders: list[Path], readings: list[Readin
     model = load_checkpoint(checkpoint)
     images, reports, truths = _images(folders)
     stack = volume_of(volume, volume_shape) if volume else None
-    rows, reference = [], None
-    for reading in readings:
-        model.cfg = dataclasses.replace(model.cfg, backbone=dataclasses.replace(model.cfg.backbone,
-                                                                                window_overlap=reading.overlap))
-        row = {"reading": reading.name, "threads": torch.get_num_threads(), "native_bfloat16": native_bfloat16()}
-        if images:
-            masks, seconds = _timed_masks(model, images, reports, reading.fast)
-            row.update(images=len(images), seconds_per_image=seconds,
-                       dice=score_masks(masks, truths, model.cfg.head.num_classes)["mean"]["dice"])
-            reference = reference or masks
-            row["pixels_changed"] = sum(float((m != r).float().mean()) for m, r in zip(masks, reference)) / len(masks)
-        if stack is not None:
-            start = time.perf_counter()
-            segment_image(model, stack, "", fast=reading.fast)
-            row.update(volume_shape=list(volume_shape), volume_seconds=time.perf_counter() - start)
-        rows.append(row)
-        print(_line(row), flush=True)
+    rows, reference, chosen = [], None, backbone.SIDE_BY_SIDE
+    try:
+        for reading in readings:
+            backbone.SIDE_BY_SIDE = reading.side_by_side
+            row, reference = _reading_row(model, reading, images, reports, truths, stack, volume_shape, reference)
+            rows.append(row)
+            print(_line(row), flush=True)
+    finally:
+        backbone.SIDE_BY_SIDE = chosen
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"model": str(checkpoint), "rows": rows}, indent=1))
     return rows
+
+
+def _reading_row(model: TextDiffModel, reading: Reading, images: list[torch.Tensor], reports: list[str],
+                 truths: list[dict], stack: torch.Tensor | None, volume_shape: tuple[int, int, int],
+                 reference: list[torch.Tensor] | None) -> tuple[dict, list[torch.Tensor] | None]:
+    """One reading's row (seconds, Dice, pixels changed against the first reading's masks, the volume's seconds)."""
+    model.cfg = dataclasses.replace(model.cfg, backbone=dataclasses.replace(model.cfg.backbone,
+                                                                            window_overlap=reading.overlap))
+    row = {"reading": reading.name, "side_by_side": reading.side_by_side, "threads": torch.get_num_threads(),
+           "native_bfloat16": native_bfloat16()}
+    if images:
+        masks, seconds = _timed_masks(model, images, reports, reading.fast)
+        row.update(images=len(images), seconds_per_image=seconds,
+                   dice=score_masks(masks, truths, model.cfg.head.num_classes)["mean"]["dice"])
+        reference = reference or masks
+        row["pixels_changed"] = sum(float((m != r).float().mean()) for m, r in zip(masks, reference)) / len(masks)
+    if stack is not None:
+        start = time.perf_counter()
+        segment_image(model, stack, "", fast=reading.fast)
+        row.update(volume_shape=list(volume_shape), volume_seconds=time.perf_counter() - start)
+    return row, reference
 
 
 def _line(row: dict) -> str:

@@ -112,9 +112,9 @@ class _TimedCache(FeatureCache):
         self.extract_seconds += time.perf_counter() - start
         return features
 
-    def get(self, item):
+    def get_many(self, items):
         start, extracting = time.perf_counter(), self.extract_seconds
-        features = super().get(item)
+        features = super().get_many(items)
         if self.training():  # a training step's read (and maybe its first extraction), not validation's
             self.step_extract_seconds += self.extract_seconds - extracting
             self.read_seconds += time.perf_counter() - start - (self.extract_seconds - extracting)

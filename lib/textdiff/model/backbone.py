@@ -15,6 +15,8 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -27,6 +29,16 @@ from textdiff.model.guided_diffusion import load_guided_diffusion
 from textdiff.model.latent import LatentBackbone, decoder_read_out, find_latent, is_latent_source
 
 logger = logging.getLogger(__name__)
+
+# Images read at a time on the CPU, each in a thread of its own (`side_by_side`).
+SIDE_BY_SIDE = 2
+
+
+def side_by_side(count: int, device: torch.device) -> int:
+    """How many of `count` images to read at a time: on the CPU `SIDE_BY_SIDE`, as one image's small convolutions
+    leave the cores idle between them; elsewhere one. A batch's windows (`DiffusionFeatureExtractor`) and a volume's
+    slices (`textdiff.inference.ReportInferer`) are read so."""
+    return max(1, min(SIDE_BY_SIDE, count)) if device.type == "cpu" else 1
 
 
 def build_unet(cfg: BackboneConfig) -> UNet2DModel:
@@ -126,9 +138,10 @@ class _Captured(Exception):
 class DiffusionFeatureExtractor(torch.nn.Module):
     """Frozen UNet whose decoder activations at several noise steps become per-scale feature maps.
 
-    All timesteps of an image go through the UNet in one batched forward, one image at a time: a convolution's
-    arithmetic depends on the batch size, so batching images together would make an image's features depend (in the
-    last bits, enough to change a checkpoint choice) on which images it was batched with. For a batch of B images, the
+    All timesteps of an image go through the UNet in one batched forward, a forward of its own for each image: a
+    convolution's arithmetic depends on the batch size, so batching images together would make an image's features
+    depend (in the last bits, enough to change a checkpoint choice) on which images it was batched with. On the CPU
+    those forwards run `SIDE_BY_SIDE` at a time, in threads (`_each_image`). For a batch of B images, the
     output is one tensor per hooked layer of shape (B, len(timesteps) * C_layer, h_layer, w_layer).
 
     A `latent` backbone (`textdiff.model.latent`) encodes the image first and noises its latents; a text-conditioned
@@ -157,14 +170,17 @@ class DiffusionFeatureExtractor(torch.nn.Module):
             decoder = [n for n in modules if n.startswith("up_blocks.") and n.count(".") <= 2]
             raise DataError(f"feature layer(s) {missing} not in the UNet; decoder modules: {decoder}")
         self._order = list(cfg.feature_layers)
-        self._store: dict[str, torch.Tensor] = {}
+        self._stores: dict[int, dict[str, torch.Tensor]] = {}  # per thread (`_each_image`, a volume's slices)
         for name in self._order:
             modules[name].register_forward_hook(self._hook(name))
 
     def _hook(self, name: str):
         def capture(_module, _inputs, output):
-            self._store[name] = output[0] if isinstance(output, tuple) else output
-            if len(self._store) == len(self._order):
+            store = self._stores.get(threading.get_ident())
+            if store is None:  # the UNet run for anything but its features
+                return
+            store[name] = output[0] if isinstance(output, tuple) else output
+            if len(store) == len(self._order):
                 raise _Captured
 
         return capture
@@ -205,14 +221,30 @@ class DiffusionFeatureExtractor(torch.nn.Module):
             raise ValueError(f"backbone expects images of shape (B, {self.cfg.in_channels}, {size}, {size}), "
                              f"got {tuple(images.shape)}")
         reports = reports if reports is not None else [""] * len(images)
-        per_image = [self._image_features(image[None], report) for image, report in zip(images, reports)]
+        per_image = self._each_image(images, reports)
         return [torch.cat(layer) for layer in zip(*per_image)]
+
+    def _each_image(self, images: torch.Tensor, reports: list[str]) -> list[list[torch.Tensor]]:
+        """`_image_features` of every image, `side_by_side` at a time, each in a thread that keeps the caller's
+        autocast; each image's arithmetic stays what it is alone. A latent model (its own autoencoder and text encoder)
+        reads one image at a time."""
+        readers = side_by_side(len(images), images.device) if self.latent is None else 1
+        if readers == 1:
+            return [self._image_features(image[None], report) for image, report in zip(images, reports)]
+        autocast = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
+
+        def one(image: torch.Tensor, report: str) -> list[torch.Tensor]:
+            with torch.no_grad(), torch.autocast("cpu", dtype=autocast[1], enabled=autocast[0]):
+                return self._image_features(image[None], report)
+
+        with ThreadPoolExecutor(readers, thread_name_prefix="backbone") as pool:
+            return list(pool.map(one, images, reports))
 
     def _image_features(self, image: torch.Tensor, report: str) -> list[torch.Tensor]:
         """The hooked features of one (1, C, H, W) image, all its timesteps in one forward."""
-        self._store = {}
         noisy, t = self.noised(image)  # a latent model's autoencoder in float32: in float16 some overflow
         autocast = torch.autocast("cuda", dtype=torch.float16, enabled=image.is_cuda)
+        store = self._stores[threading.get_ident()] = {}
         try:
             with autocast:
                 if self.latent is None:  # channels-last input: a window's CPU features in 0.9 of the time
@@ -221,8 +253,9 @@ class DiffusionFeatureExtractor(torch.nn.Module):
                     self.latent.denoise(noisy, t, self.latent.context([report]) if self.text_conditioned else None)
         except _Captured:
             pass
-        features = [self._store[name].float() for name in self._order]
-        self._store = {}
+        finally:
+            del self._stores[threading.get_ident()]
+        features = [store[name].float() for name in self._order]
         return [f.reshape(1, -1, *f.shape[2:]) for f in features]
 
 

@@ -178,9 +178,17 @@ class FeatureCache:
         bar.close()
 
     def get(self, item: dict) -> list[torch.Tensor]:
-        cached = self._lookup(self._key(item)) if self.enabled else None
-        if cached is None:
-            cached = self._compute(item["image"][None], [item.get("report", "")])[0]
-            if self.enabled:
-                self._store(self._key(item), cached)
-        return cached
+        return self.get_many([item])[0]
+
+    def get_many(self, items: list[dict]) -> list[list[torch.Tensor]]:
+        """Each item's features; those not cached are computed in one backbone call (its passes side by side)."""
+        found = [self._lookup(self._key(item)) if self.enabled else None for item in items]
+        missing = [i for i, features in enumerate(found) if features is None]
+        if missing:
+            computed = self._compute(torch.stack([items[i]["image"] for i in missing]),
+                                     [items[i].get("report", "") for i in missing])
+            for i, features in zip(missing, computed):
+                found[i] = features
+                if self.enabled:
+                    self._store(self._key(items[i]), features)
+        return found

@@ -119,7 +119,7 @@ def predict_logits(model: TextDiffModel, items: list[Item], cache: FeatureCache,
         chunk = items[start : start + batch_size]
         # float16 as cached, widened before stacking (CPU autocast has no float16 stack)
         features = [torch.stack([f.float() for f in scale]).to(device)
-                    for scale in zip(*(cache.get(item) for item in chunk))]
+                    for scale in zip(*cache.get_many(chunk))]
         outputs.append(model.logits_from_features(features, [item["report"] for item in chunk],
                                                   [item.get("box") for item in chunk]).float().cpu())
     return torch.cat(outputs)

@@ -289,8 +289,7 @@ class _Loop:
         """Features, masks and reports of a batch, augmented, with what `options` (the run's, unless given) add to
         each sample; text dropout last."""
         samples, added = [], set()
-        for item in chunk:
-            features = self.cache.get(item)
+        for item, features in zip(chunk, self.cache.get_many(chunk)):
             sample = dict(zip(feature_keys(len(features)), (f.float() for f in features)), report=item["report"],
                           box=item.get("box"))
             if item["label"] is not None:
