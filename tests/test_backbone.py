@@ -47,6 +47,7 @@ def test_passes_side_by_side_keep_the_callers_bfloat16_and_threads_reading_at_on
     volume's slices) each get their own images' features, bit for bit as read alone."""
     from concurrent.futures import ThreadPoolExecutor
 
+    assert (extractor.side_by_side(4), extractor.side_by_side(1)) == (2, 1)
     images = torch.rand(4, 1, h.size, h.size, generator=torch.Generator().manual_seed(4)) * 2 - 1
     with torch.autocast("cpu", dtype=torch.bfloat16):
         batched = extractor(images)

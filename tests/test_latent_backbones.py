@@ -100,6 +100,7 @@ def test_a_pipeline_reads_the_report_as_its_condition(pipeline_folder):
     assert [tuple(f.shape[1:]) for f in left] == [(2 * 64, 8, 8), (2 * 32, 16, 16)]
     assert all(torch.equal(a, b) for a, b in zip(left, again))
     assert not torch.allclose(left[0], right[0]) and not torch.allclose(left[1], right[1])  # they follow the report
+    assert extractor.side_by_side(4) == 1  # its own text encoder reads one image at a time
 
 
 def test_features_of_another_report_are_not_taken_from_the_cache(pipeline_folder):

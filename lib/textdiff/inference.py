@@ -27,7 +27,6 @@ from textdiff.config import BackboneConfig
 from textdiff.data.items import Item
 from textdiff.data.studies import DataError, is_blank, plane_on_grid, read_image
 from textdiff.data.tiling import describe, sliding_logits
-from textdiff.model.backbone import side_by_side
 from textdiff.model.features import FeatureCache
 from textdiff.model.segmenter import TextDiffModel, predict_logits
 from textdiff.progress import VolumeProgress
@@ -81,8 +80,9 @@ class ReportInferer(Inferer):
 
     `fast` reads in bfloat16 where the CPU computes it natively (`serving_precision`), and a volume's slices in windows
     side by side (4 windows a 256² slice instead of 9: a 100-slice volume in half the time, the same Dice on MRI
-    validation slices; docs/results/speed.md, "Volumes"). A 2D image keeps the model's overlap. On the CPU a volume's
-    slices are read `side_by_side` at a time (docs/results/speed.md, "Two images at a time").
+    validation slices; docs/results/speed.md, "Volumes"). A 2D image keeps the model's overlap. A volume's slices are
+    read as many at a time as the backbone reads images (`side_by_side`: two on the CPU; docs/results/speed.md, "Two
+    images at a time").
     """
 
     def __init__(self, report: str, blank: list[bool], fast: bool = True, progress: bool = False):
@@ -105,7 +105,7 @@ class ReportInferer(Inferer):
                 bar.update()
             return logits
 
-        readers = side_by_side(len(planes), next(network.head.parameters()).device)
+        readers = network.extractor.side_by_side(len(planes))
         if readers > 1:
             network.text_encoder([self.report])  # encoded once, before the readers share its cache
             with ThreadPoolExecutor(readers, thread_name_prefix="slice-reader") as pool:

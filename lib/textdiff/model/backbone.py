@@ -30,15 +30,8 @@ from textdiff.model.latent import LatentBackbone, decoder_read_out, find_latent,
 
 logger = logging.getLogger(__name__)
 
-# Images read at a time on the CPU, each in a thread of its own (`side_by_side`).
+# Images read at a time on the CPU, each in a thread of its own (`DiffusionFeatureExtractor.side_by_side`).
 SIDE_BY_SIDE = 2
-
-
-def side_by_side(count: int, device: torch.device) -> int:
-    """How many of `count` images to read at a time: on the CPU `SIDE_BY_SIDE`, as one image's small convolutions
-    leave the cores idle between them; elsewhere one. A batch's windows (`DiffusionFeatureExtractor`) and a volume's
-    slices (`textdiff.inference.ReportInferer`) are read so."""
-    return max(1, min(SIDE_BY_SIDE, count)) if device.type == "cpu" else 1
 
 
 def build_unet(cfg: BackboneConfig) -> UNet2DModel:
@@ -224,11 +217,18 @@ class DiffusionFeatureExtractor(torch.nn.Module):
         per_image = self._each_image(images, reports)
         return [torch.cat(layer) for layer in zip(*per_image)]
 
+    def side_by_side(self, count: int) -> int:
+        """How many of `count` images to read at a time: on the CPU `SIDE_BY_SIDE`, as one image's small convolutions
+        leave the cores idle between them; on a GPU, and for a latent model (its own autoencoder and text encoder), one.
+        A batch's windows (`_each_image`) and a volume's slices (`textdiff.inference.ReportInferer`) are read so."""
+        if self.latent is not None or self.noise.device.type != "cpu":
+            return 1
+        return max(1, min(SIDE_BY_SIDE, count))
+
     def _each_image(self, images: torch.Tensor, reports: list[str]) -> list[list[torch.Tensor]]:
         """`_image_features` of every image, `side_by_side` at a time, each in a thread that keeps the caller's
-        autocast; each image's arithmetic stays what it is alone. A latent model (its own autoencoder and text encoder)
-        reads one image at a time."""
-        readers = side_by_side(len(images), images.device) if self.latent is None else 1
+        autocast; each image's arithmetic stays what it is alone."""
+        readers = self.side_by_side(len(images))
         if readers == 1:
             return [self._image_features(image[None], report) for image, report in zip(images, reports)]
         autocast = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
