@@ -160,7 +160,6 @@ def _speed_commands(command) -> None:
     p.add_argument("--out", help="JSON file for the table")
 
 
-
 def _supervision_commands(command) -> None:
     """Fewer masks: CDM's masks from image-level labels, and which image to label next."""
     model = parent(model_options)
