@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from textdiff.config import TextConfig
-from textdiff.model.fusion import TextDiffHead
+from textdiff.model.fusion import TextDiffHead, position_features
 from textdiff.model.text import TextEncoder
 from textdiff.errors import DataError
 
@@ -111,6 +111,31 @@ def test_the_head_reads_features_channels_last_with_the_logits_of_a_contiguous_r
         plain = model.head([f.contiguous() for f in features], tokens, mask)
     assert read == [[True, True]] and all(f.is_contiguous() for f in features)
     torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_the_fusion_projects_its_queries_in_one_matmul_under_cpu_bfloat16_autocast():
+    """Batch-first attention transposes its queries; projected from that transposed memory under bfloat16 autocast,
+    they went through a batched matmul over one copy of the weight per token, which made the served head slower in
+    bfloat16 than in float32 (docs/results/speed.md, "Volumes"). The float32 result is that of the plain block."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from textdiff.model.fusion import CrossAttentionBlock
+
+    torch.manual_seed(0)
+    block = CrossAttentionBlock(16, 2, 2, 2).eval()
+    tokens, text, mask = torch.randn(2, 256, 16), torch.randn(2, 5, 16), torch.ones(2, 5, dtype=torch.bool)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as trace, \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        block(tokens, text, mask, 16, 16)
+    per_token = [event.input_shapes for event in trace.events()
+                 if event.name == "aten::bmm" and event.input_shapes[0][0] == 256]
+    assert per_token == []
+    with torch.no_grad():
+        plain = tokens
+        for norm, attention in zip(block.norms, block.attentions):
+            query = norm(plain) + block.position(position_features(16, 16))[None]
+            plain = plain + attention(query, text, text, need_weights=False)[0]
+        assert torch.equal(block(tokens, text, mask, 16, 16), plain + block.ff(plain))
 
 
 def test_text_head_without_text_raises(h):

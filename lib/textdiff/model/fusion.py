@@ -45,6 +45,10 @@ class CrossAttentionBlock(nn.Module):
 
     With `positional` the queries also carry the pixel's relative position (a learned projection of fixed sine
     features), so that a report naming a side or zone can raise the evidence there; the paper's queries carry none.
+
+    The queries are laid out in memory sequence first (`_sequence_first`): PyTorch's batch-first attention transposes
+    them, and under CPU bfloat16 autocast its input projection of a transposed tensor became a batched matmul over
+    one copy of the weight per token, which made the served head slower in bfloat16 than in float32.
     """
 
     def __init__(self, dim: int, heads: int, layers: int, ff_mult: int, positional: bool = True, gated: bool = False):
@@ -62,10 +66,15 @@ class CrossAttentionBlock(nn.Module):
         x = image_tokens
         where = self.position(batch_positions(height, width, boxes).to(x)) if self.position is not None else 0
         for index, (norm, attention) in enumerate(zip(self.norms, self.attentions)):
-            query = norm(x) + where
+            query = _sequence_first(norm(x) + where)
             attended, _ = attention(query, text_tokens, text_tokens, key_padding_mask=ignore, need_weights=False)
             x = x + (attended if self.gates is None else torch.tanh(self.gates[index]) * attended)
         return x + self.ff(x)
+
+
+def _sequence_first(tokens: torch.Tensor) -> torch.Tensor:
+    """The same (B, L, C) tensor, its memory (L, B, C): contiguous once batch-first attention transposes it."""
+    return tokens.transpose(0, 1).contiguous().transpose(0, 1)
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
