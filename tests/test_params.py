@@ -111,3 +111,18 @@ def test_a_run_reads_its_params_at_their_types_even_when_a_job_passes_them_as_te
     with pytest.raises(HTTPException) as answer:
         task({"continue_from_current": "perhaps"}, None)
     assert answer.value.status_code == 422 and "continue_from_current" in answer.value.detail
+
+
+@pytest.mark.parametrize("value, expected", [("true", True), (None, False)])
+def test_the_pretrain_bfloat16_conf_reaches_the_pretraining_run(tmp_path, monkeypatch, value, expected):
+    from textdiff.config import BackboneConfig
+    from lib.trainers import pretrain as task
+
+    given = []
+    monkeypatch.setattr(task, "pretrain", lambda folders, out, cfg, settings, **kwargs: (
+        given.append(settings), [{"epoch": 1, "loss": 0.1, "seconds": 1.0, "stopped": "epochs"}])[1])
+    settings = AppSettings.from_conf({} if value is None else {"pretrain_bfloat16": value}, str(tmp_path))
+    trainer = task.DiffusionPretrain(settings, BackboneConfig(), head_trainer=None, description="pretrain")
+    request = {**trainer.config(), "run_id": "run", "continue_from_current": False, "device": "cpu"}
+    trainer.train(request, {"studies": str(tmp_path), "labeled": []})
+    assert [s.bfloat16 for s in given] == [expected]

@@ -97,7 +97,8 @@ def cmd_pretrain(args) -> None:
     if args.init and (Path(args.init) / "history.json").exists():
         history = json.loads((Path(args.init) / "history.json").read_text())
     settings = PretrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                                history=history, save_half=args.half, max_minutes=args.minutes, patience=args.patience)
+                                history=history, save_half=args.half, max_minutes=args.minutes, patience=args.patience,
+                                bfloat16=args.bfloat16)
     result = pretrain(args.data, args.out, cfg.backbone, settings, init=args.init)
     print(f"backbone written to {args.out} (last loss {result[-1]['loss']:.4f} after {len(result)} epochs; "
           f"{STOP_REASONS[result[-1]['stopped']]})")
@@ -368,6 +369,8 @@ def _training_commands(command) -> None:
     p.add_argument("--minutes", type=float, help="stop after this much wall-clock time (the model is saved then)")
     p.add_argument("--patience", type=int, help="stop once the denoising loss has not improved by 1%% in this many "
                    "epochs")
+    p.add_argument("--bfloat16", action="store_true", help="compute in bfloat16 on a CPU that does so natively "
+                   "(AVX512-BF16, AMX): an epoch in about 4/5 of the time")
     _set_option(p, "SECTION", "backbone.image_size=64")
 
     p = command("train", cmd_train, "train the cross-attention and head on the labeled images of a studies folder",

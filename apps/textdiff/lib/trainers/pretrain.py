@@ -51,7 +51,7 @@ class DiffusionPretrain(StatsTrainTask):
         current = self.head_trainer.backbone_for_training() if request["continue_from_current"] else None
         settings = PretrainSettings(epochs=max(1, request["max_epochs"]), batch_size=request["train_batch_size"],
                                     lr=request["learning_rate"], max_minutes=request["max_minutes"],
-                                    patience=request["patience"] or None)
+                                    patience=request["patience"] or None, bfloat16=self.settings.pretrain_bfloat16)
         cfg = dataclasses.replace(self.backbone, image_size=self.settings.image_size,
                                   patch_scale=self.settings.patch_scale or None, max_windows=self.settings.max_windows)
         logger.info("pretraining the diffusion backbone on %s for at most %g min (%d epochs) -> %s (from %s)",
