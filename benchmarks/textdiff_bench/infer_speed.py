@@ -22,7 +22,8 @@ from textdiff.data.studies import DataError, read_2d, read_image, read_studies
 from textdiff.model import backbone
 from textdiff.model.segmenter import TextDiffModel, load_checkpoint
 from textdiff.evaluation import score_masks
-from textdiff.inference import native_bfloat16, segment_image
+from textdiff.cpu import native_bfloat16
+from textdiff.inference import segment_image
 
 
 @dataclass

@@ -11,9 +11,7 @@ The app's infer task returns these three lists to MONAI Label; `textdiff predict
 
 from __future__ import annotations
 
-import functools
 import logging
-import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +22,7 @@ from monai.transforms import Activationsd, AsDiscreted, CastToTyped, MapTransfor
 from tqdm.auto import tqdm
 
 from textdiff.config import BackboneConfig
+from textdiff.cpu import native_bfloat16
 from textdiff.data.items import Item
 from textdiff.data.studies import DataError, is_blank, plane_on_grid, read_image
 from textdiff.data.tiling import describe, sliding_logits
@@ -156,16 +155,6 @@ def segment_image(model: TextDiffModel, image: torch.Tensor, report: str, progre
     """Label map (1, *spatial) of a channel-first 2D image or 3D volume at its own shape (`segment`)."""
     pred = segment(model, {"image": image, "report": report}, fast, progress)["pred"]
     return pred.as_subclass(torch.Tensor).reshape(1, *image.shape[1:])
-
-
-@functools.cache
-def native_bfloat16() -> bool:
-    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX); elsewhere bfloat16 is emulated and slow."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
 
 
 def serving_precision(model: TextDiffModel, enabled: bool = True):

@@ -28,9 +28,9 @@ from tqdm.auto import tqdm
 
 from textdiff.model.backbone import build_scheduler, build_unet, load_diffusion, save_diffusion
 from textdiff.config import BackboneConfig
+from textdiff.cpu import native_bfloat16
 from textdiff.data.studies import DataError, is_blank, is_colour, preprocess_image, read_planes, read_studies
 from textdiff.data.tiling import PAD_VALUE, TILING_FILE, describe, resolve_tiling, tiling_record, to_working_grid
-from textdiff.inference import native_bfloat16
 
 logger = logging.getLogger(__name__)
 
